@@ -1,0 +1,179 @@
+"""One typed configuration, validated once at start with every error reported together.
+
+Every option can also come from an environment variable ``NANOIOT_<NAME>`` (dashes become underscores), so that
+containers and systemd units need no command line.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping
+
+from nanoiot.errors import ConfigError
+from nanoiot.rpc.model import SubmitStrategy
+
+
+def _port(value: str) -> int:
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError("must be between 0 and 65535")
+    return port
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be a positive whole number")
+    return number
+
+
+def _non_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be zero or more")
+    return number
+
+
+def _bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _strategy(value: str) -> SubmitStrategy:
+    try:
+        return SubmitStrategy(value.strip().upper())
+    except ValueError:
+        names = ", ".join(s.value for s in SubmitStrategy)
+        raise ValueError(f"must be one of {names}") from None
+
+
+def _log_level(value: str) -> str:
+    lowered = value.strip().lower()
+    if lowered not in ("debug", "info", "warn", "error", "critical"):
+        raise ValueError("must be one of debug, info, warn, error, critical")
+    return lowered
+
+
+def _log_format(value: str) -> str:
+    lowered = value.strip().lower()
+    if lowered not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return lowered
+
+
+def _database(value: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(value)  # raises ArgumentError on garbage
+    if url.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ValueError("only sqlite and postgresql URLs are supported")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: its flag, default, parser and help text (the twistd plugin and the docs read these)."""
+
+    name: str
+    default: Any
+    parse: Callable[[Any], Any]
+    help: str
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", "0.0.0.0", str, "interface to listen on"),
+    Option("http-port", 8080, _port, "REST API and HTTP device API port"),
+    Option("mqtt-port", 1883, _port, "MQTT port"),
+    Option("coap-port", 5683, _port, "CoAP (UDP) port"),
+    Option("database", "sqlite:///nanoiot.db", _database, "SQLAlchemy URL (sqlite:///file.db or postgresql://...)"),
+    Option("demo", False, _bool, "create demo accounts and devices on an empty database"),
+    Option("jwt-key", "", str, "JWT signing key; generated and stored in --jwt-key-file when empty"),
+    Option("jwt-key-file", "nanoiot.key", str, "where a generated JWT signing key is kept"),
+    Option("jwt-expiration", 9000, _positive, "access token lifetime, seconds"),
+    Option("jwt-refresh-expiration", 604800, _positive, "refresh token lifetime, seconds"),
+    Option("rpc-strategy", SubmitStrategy.BURST, _strategy, "submit strategy for device commands"),
+    Option("rpc-max-retries", 5, _non_negative, "resends of an unacknowledged command, at most"),
+    Option("rpc-ack-timeout", 10000, _positive, "ms to wait for a device's acknowledgement"),
+    Option("rpc-response-timeout", 30000, _positive, "ms to wait for an answer (SEQUENTIAL_ON_RESPONSE)"),
+    Option("rpc-default-timeout", 10000, _positive, "ms, when a request gives none"),
+    Option("rpc-min-timeout", 5000, _non_negative, "ms, the least timeout a request may ask for"),
+    Option("rpc-max-pending", 1000, _positive, "commands queued per device, at most"),
+    Option("rpc-qos", 1, int, "MQTT QoS of commands (0 or 1)"),
+    Option("max-payload-size", 16 * 1024 * 1024, _positive, "REST request body limit, bytes"),
+    Option("mqtt-max-packet-size", 256 * 1024, _positive, "largest MQTT packet accepted, bytes"),
+    Option("mqtt-connect-timeout", 10, _positive, "seconds a new MQTT connection has to send CONNECT"),
+    Option("device-idle-timeout", 60, _positive, "seconds before an idle device actor is passivated"),
+    Option("log-level", "info", _log_level, "debug, info, warn, error"),
+    Option("log-format", "text", _log_format, "text or json"),
+)
+
+
+def _attr(name: str) -> str:
+    return name.replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "0.0.0.0"
+    http_port: int = 8080
+    mqtt_port: int = 1883
+    coap_port: int = 5683
+    database: str = "sqlite:///nanoiot.db"
+    demo: bool = False
+    jwt_key: str = ""
+    jwt_key_file: str = "nanoiot.key"
+    jwt_expiration: int = 9000
+    jwt_refresh_expiration: int = 604800
+    rpc_strategy: SubmitStrategy = SubmitStrategy.BURST
+    rpc_max_retries: int = 5
+    rpc_ack_timeout: int = 10000
+    rpc_response_timeout: int = 30000
+    rpc_default_timeout: int = 10000
+    rpc_min_timeout: int = 5000
+    rpc_max_pending: int = 1000
+    rpc_qos: int = 1
+    max_payload_size: int = 16 * 1024 * 1024
+    mqtt_max_packet_size: int = 256 * 1024
+    mqtt_connect_timeout: int = 10
+    device_idle_timeout: int = 60
+    log_level: str = "info"
+    log_format: str = "text"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_sources(cls, given: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+        """Build from explicit values (None = not given) over ``NANOIOT_*`` variables over defaults."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for option in OPTIONS:
+            raw = given.get(option.name, given.get(_attr(option.name)))
+            source = f"--{option.name}"
+            if raw is None:
+                env_name = "NANOIOT_" + _attr(option.name).upper()
+                if env_name in environ:
+                    raw, source = environ[env_name], env_name
+            if raw is None:
+                values[_attr(option.name)] = option.default
+                continue
+            try:
+                values[_attr(option.name)] = option.parse(raw)
+            except Exception as exc:  # every parser error becomes one readable line
+                problems.append(f"{source}={raw!r}: {exc}")
+        if values.get("rpc_qos") not in (0, 1):
+            problems.append(f"--rpc-qos={values.get('rpc_qos')!r}: must be 0 or 1")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Config:
+        current = {f.name: getattr(self, f.name) for f in fields(self)}
+        current.update(changes)
+        return Config(**current)

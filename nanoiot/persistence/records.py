@@ -1,0 +1,142 @@
+"""Plain, immutable records that the repository returns (never ORM rows), so that they can cross threads."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+from uuid import UUID
+
+#: ThingsBoard's "no entity" id, used for an unassigned customer and for the system administrator's tenant.
+NULL_UUID = UUID("13814000-1dd2-11b2-8080-808080808080")
+
+T = TypeVar("T")
+
+
+class Authority(str, enum.Enum):
+    SYS_ADMIN = "SYS_ADMIN"
+    TENANT_ADMIN = "TENANT_ADMIN"
+    CUSTOMER_USER = "CUSTOMER_USER"
+
+
+class RpcStatus(str, enum.Enum):
+    QUEUED = "QUEUED"
+    SENT = "SENT"
+    DELIVERED = "DELIVERED"
+    SUCCESSFUL = "SUCCESSFUL"
+    TIMEOUT = "TIMEOUT"
+    EXPIRED = "EXPIRED"
+    FAILED = "FAILED"
+    DELETED = "DELETED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({RpcStatus.SUCCESSFUL, RpcStatus.EXPIRED, RpcStatus.FAILED, RpcStatus.DELETED})
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    id: UUID
+    created_time: int
+    title: str
+
+
+@dataclass(frozen=True, slots=True)
+class Customer:
+    id: UUID
+    created_time: int
+    tenant_id: UUID
+    title: str
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: UUID
+    created_time: int
+    tenant_id: UUID
+    customer_id: UUID
+    email: str
+    authority: Authority
+    first_name: str | None
+    last_name: str | None
+    password_hash: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    id: UUID
+    created_time: int
+    tenant_id: UUID
+    customer_id: UUID
+    name: str
+    type: str
+    label: str | None
+    additional_info: Any
+    version: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceCredentials:
+    id: UUID
+    created_time: int
+    device_id: UUID
+    credentials_id: str
+    credentials_type: str = "ACCESS_TOKEN"
+    credentials_value: str | None = None
+    version: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RpcRecord:
+    """One persistent RPC as stored; ``seq`` orders a device's RPCs when created_time ties."""
+
+    id: UUID
+    created_time: int
+    tenant_id: UUID
+    device_id: UUID
+    expiration_time: int
+    oneway: bool
+    method: str
+    params: Any
+    status: RpcStatus
+    response: Any = None
+    additional_info: Any = None
+    retries: int | None = None
+    user_id: UUID | None = None
+    seq: int = 0
+
+
+class SortOrder(str, enum.Enum):
+    ASC = "ASC"
+    DESC = "DESC"
+
+
+@dataclass(frozen=True, slots=True)
+class PageLink:
+    """ThingsBoard's paging query: ``pageSize``, ``page``, ``textSearch``, ``sortProperty``, ``sortOrder``."""
+
+    page_size: int
+    page: int = 0
+    text_search: str | None = None
+    sort_property: str | None = None
+    sort_order: SortOrder = SortOrder.ASC
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    data: list[T]
+    total_elements: int
+    page_size: int
+    page: int
+
+    @property
+    def total_pages(self) -> int:
+        return math.ceil(self.total_elements / self.page_size) if self.page_size else 0
+
+    @property
+    def has_next(self) -> bool:
+        return (self.page + 1) * self.page_size < self.total_elements

@@ -1,0 +1,821 @@
+"""The only module that talks to the database.
+
+Every query runs on the repository's own thread pool (``deferToThreadPool``), never on the reactor thread, and
+returns plain records from :mod:`nanoiot.persistence.records`, never ORM rows, so results can cross threads.
+Each public method is a nested ``def thd(conn)`` run by :meth:`Repository._run` in one transaction (Buildbot's
+``db`` layer is the model).
+
+SQLite gets exactly one thread (it has one writer anyway; a second thread would only wait on the lock) and, for
+file databases, write-ahead logging so that readers in other processes do not block it. PostgreSQL gets a few
+threads (``pool_size``, default 4), one connection each.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import secrets
+import string
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from typing import Any, Final, TypeVar
+from uuid import UUID
+
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Row,
+    Table,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.pool import StaticPool
+from twisted.internet import defer, task
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from nanoiot.errors import BadRequest, ConfigError, Conflict, InvalidArguments, NotFound
+from nanoiot.persistence import schema
+from nanoiot.persistence.records import (
+    NULL_UUID,
+    Authority,
+    Customer,
+    Device,
+    DeviceCredentials,
+    Page,
+    PageLink,
+    RpcRecord,
+    RpcStatus,
+    SortOrder,
+    Tenant,
+    User,
+)
+from nanoiot.persistence.schema import customer as customers
+from nanoiot.persistence.schema import device as devices
+from nanoiot.persistence.schema import device_credentials as credentials_table
+from nanoiot.persistence.schema import rpc as rpcs
+from nanoiot.persistence.schema import tb_user as users
+from nanoiot.persistence.schema import tenant as tenants
+
+log = Logger(namespace="nanoiot.persistence")
+
+T = TypeVar("T")
+
+#: Threads (and connections) for PostgreSQL when the caller does not say.
+DEFAULT_POSTGRES_THREADS = 4
+#: How long a PostgreSQL connection attempt may take (seconds) unless the URL sets ``connect_timeout``.
+POSTGRES_CONNECT_TIMEOUT = 10
+#: How long SQLite waits for another process's write lock before reporting "database is locked" (milliseconds).
+SQLITE_BUSY_TIMEOUT_MS = 5000
+#: Attempts for a query that fails with a transient OperationalError (the first one included).
+RETRY_ATTEMPTS = 4
+#: Seconds before the first retry; doubled for each further one.
+RETRY_DELAY = 0.05
+
+TOKEN_LENGTH = 20
+_TOKEN_ALPHABET = string.ascii_letters + string.digits
+
+DUPLICATE_DEVICE_NAME = "Device with such name already exists!"
+DUPLICATE_TOKEN = "Device credentials are already assigned to another device!"
+DUPLICATE_CUSTOMER_TITLE = "Customer with such title already exists!"
+DEVICE_CHANGED = "Device was already changed by someone else; reload it and try again"
+
+DEVICE_SORTS: dict[str, ColumnElement[Any]] = {
+    "createdTime": devices.c.created_time,
+    "name": devices.c.name,
+    "label": devices.c.label,
+    "type": devices.c.type,
+}
+RPC_SORTS: dict[str, ColumnElement[Any]] = {
+    "createdTime": rpcs.c.created_time,
+    "expirationTime": rpcs.c.expiration_time,
+    "request": rpcs.c.method,
+    "response": rpcs.c.response,
+}
+
+ACTIVE_RPC_STATUSES: Final = tuple(s for s in RpcStatus if not s.is_terminal)
+TERMINAL_RPC_STATUSES: Final = tuple(s for s in RpcStatus if s.is_terminal)
+
+
+class _Unchanged(enum.Enum):
+    UNCHANGED = "UNCHANGED"
+
+
+#: In :meth:`Repository.update_rpc_statuses`, "leave the stored response as it is" (None would store no response).
+UNCHANGED: Final = _Unchanged.UNCHANGED
+
+#: (rpc id, new status, new response or UNCHANGED, new retries or None to keep them)
+RpcStatusChange = tuple[UUID, RpcStatus, Any, int | None]
+
+# Messages of OperationalErrors worth another attempt: a lock held by another process, a dropped connection.
+_TRANSIENT_MESSAGES = (
+    "database is locked",
+    "database table is locked",
+    "server closed the connection unexpectedly",
+    "terminating connection",
+    "connection already closed",
+    "connection not open",
+    "could not receive data from server",
+    "could not send data to server",
+    "ssl syscall error",
+)
+# PostgreSQL SQLSTATEs of the same kind: serialization failure, deadlock, server shutting down or starting.
+_TRANSIENT_PGCODES = frozenset({"40001", "40P01", "57P01", "57P02", "57P03"})
+
+
+class Repository:
+    """Tenants, customers, users, devices, credentials and RPCs, as Deferreds of records."""
+
+    def __init__(self, url: str, reactor: Any = None, pool_size: int | None = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.url = url
+        self._reactor = reactor
+        self._pool_size = pool_size
+        self._pool: ThreadPool | None = None
+        self._engine: Engine | None = None
+        self._shutdown_trigger: Any = None
+
+    # --- lifecycle ------------------------------------------------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        """Start the pool, connect, and create or upgrade the schema; a bad URL or database is a ConfigError."""
+        if self._pool is not None:
+            return defer.fail(RuntimeError("the repository is already started"))
+        try:
+            url = make_url(self.url)
+            backend = url.get_backend_name()
+        except (ArgumentError, ValueError) as exc:
+            return defer.fail(ConfigError(f"invalid database URL {self.url!r}: {exc}"))
+        if backend not in ("sqlite", "postgresql"):
+            return defer.fail(ConfigError(f"unsupported database {backend!r} in {self.url!r}: "
+                                          "use sqlite:///path or postgresql://user:password@host/database"))
+        threads = 1 if backend == "sqlite" else (self._pool_size or DEFAULT_POSTGRES_THREADS)
+        try:
+            engine = _create_engine(url, threads)
+        except (SQLAlchemyError, ValueError, ImportError) as exc:
+            return defer.fail(ConfigError(f"invalid database URL {self.url!r}: {_first_line(exc)}"))
+        self._engine = engine
+        self._pool = ThreadPool(minthreads=1, maxthreads=threads, name=f"nanoiot-db-{backend}")
+        self._pool.start()
+        # If the reactor stops without stop() (Ctrl-C under twistd), still join the threads so the process exits.
+        self._shutdown_trigger = self._reactor.addSystemEventTrigger("before", "shutdown", self._stop_on_shutdown)
+
+        def thd(conn: Connection) -> int:
+            return schema.upgrade(conn)
+
+        def failed(failure: Any) -> Any:
+            exc = failure.value
+            if isinstance(exc, schema.SchemaTooNew):
+                failure = ConfigError(f"{_safe_url(url)}: {exc}")
+            elif isinstance(exc, SQLAlchemyError):
+                failure = ConfigError(f"cannot reach the database {_safe_url(url)}: {_first_line(exc)}")
+            # Whatever went wrong, leave no threads behind.
+            return self.stop().addBoth(lambda _: defer.fail(failure))
+
+        def upgraded(found: int) -> None:
+            if found == 0:
+                log.info("Created the database schema (version {version}) in {url}",
+                         version=schema.SCHEMA_VERSION, url=_safe_url(url))
+            elif found < schema.SCHEMA_VERSION:
+                log.info("Upgraded the database schema from version {old} to {new}",
+                         old=found, new=schema.SCHEMA_VERSION)
+
+        # No retries: an unreachable database at start is a configuration error to report at once.
+        return self._run(thd, attempts=1).addCallbacks(upgraded, failed)
+
+    def stop(self) -> Deferred[None]:
+        """Let queued queries finish, then join the threads and close the connections, off the reactor thread."""
+        pool, engine = self._pool, self._engine
+        self._pool = self._engine = None
+        if self._shutdown_trigger is not None:
+            self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
+            self._shutdown_trigger = None
+        if pool is None:
+            return defer.succeed(None)
+
+        def shut_down() -> None:
+            pool.stop()  # joins the workers once the queue is empty: blocking, so not on the reactor thread
+            if engine is not None:
+                engine.dispose()
+
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), shut_down)
+
+    def _stop_on_shutdown(self) -> Deferred[None]:
+        self._shutdown_trigger = None
+        return self.stop()
+
+    def get_schema_version(self) -> Deferred[int | None]:
+        """The schema version recorded in the database (for diagnostics and tests)."""
+        return self._run(schema.current_version)
+
+    # --- tenants, customers, users --------------------------------------------------------------------------------
+
+    def create_tenant(self, title: str) -> Deferred[Tenant]:
+        """A tenant owns the devices, customers and users below it (the demo and the tests create them)."""
+        record = Tenant(uuid.uuid4(), self._now(), title)
+
+        def thd(conn: Connection) -> Tenant:
+            conn.execute(insert(tenants).values(id=record.id, created_time=record.created_time, title=title))
+            return record
+
+        return self._run(thd)
+
+    def get_tenant(self, tenant_id: UUID) -> Deferred[Tenant | None]:
+        """None when there is no such tenant: callers decide whether that is a 404."""
+
+        def thd(conn: Connection) -> Tenant | None:
+            row = conn.execute(select(tenants).where(tenants.c.id == tenant_id)).first()
+            return _tenant(row) if row else None
+
+        return self._run(thd)
+
+    def create_customer(self, tenant_id: UUID, title: str) -> Deferred[Customer]:
+        """A title already used in the tenant is a BadRequest, as in ThingsBoard."""
+        record = Customer(uuid.uuid4(), self._now(), tenant_id, title)
+
+        def thd(conn: Connection) -> Customer:
+            try:
+                conn.execute(insert(customers).values(id=record.id, created_time=record.created_time,
+                                                     tenant_id=tenant_id, title=title))
+            except IntegrityError as exc:
+                raise _translate(exc) from None
+            return record
+
+        return self._run(thd)
+
+    def update_customer(self, customer: Customer) -> Deferred[Customer]:
+        """Store a new title (the only field that changes); NotFound if the customer was deleted meanwhile."""
+
+        def thd(conn: Connection) -> Customer:
+            where = customers.c.id == customer.id
+            try:
+                result = conn.execute(update(customers).where(where).values(title=customer.title))
+            except IntegrityError as exc:
+                raise _translate(exc) from None
+            if result.rowcount == 0:
+                raise NotFound()
+            return _customer(conn.execute(select(customers).where(where)).one())
+
+        return self._run(thd)
+
+    def get_customer(self, customer_id: UUID) -> Deferred[Customer | None]:
+        """None when there is no such customer."""
+
+        def thd(conn: Connection) -> Customer | None:
+            row = conn.execute(select(customers).where(customers.c.id == customer_id)).first()
+            return _customer(row) if row else None
+
+        return self._run(thd)
+
+    def create_user(self, email: str, password_hash: bytes, authority: Authority, tenant_id: UUID,
+                    customer_id: UUID, first_name: str | None = None,
+                    last_name: str | None = None) -> Deferred[User]:
+        """An e-mail already present, in any letter case, is a BadRequest: logins look e-mails up ignoring case."""
+        record = User(uuid.uuid4(), self._now(), tenant_id, customer_id, email, Authority(authority), first_name,
+                      last_name, password_hash)
+
+        def thd(conn: Connection) -> User:
+            try:
+                conn.execute(insert(users).values(
+                    id=record.id, created_time=record.created_time, tenant_id=tenant_id, customer_id=customer_id,
+                    email=email, authority=record.authority.value, first_name=first_name, last_name=last_name,
+                    password_hash=password_hash))
+            except IntegrityError as exc:
+                raise _translate(exc, email=email) from None
+            return record
+
+        return self._run(thd)
+
+    def get_user(self, user_id: UUID) -> Deferred[User | None]:
+        """None when the user was deleted (a token may outlive its user)."""
+
+        def thd(conn: Connection) -> User | None:
+            row = conn.execute(select(users).where(users.c.id == user_id)).first()
+            return _user(row) if row else None
+
+        return self._run(thd)
+
+    def get_user_by_email(self, email: str) -> Deferred[User | None]:
+        """Ignoring case; the database lowers both sides, exactly as its unique index does."""
+
+        def thd(conn: Connection) -> User | None:
+            query = select(users).where(func.lower(users.c.email) == func.lower(literal(email)))
+            row = conn.execute(query).first()
+            return _user(row) if row else None
+
+        return self._run(thd)
+
+    def count_users(self) -> Deferred[int]:
+        """Zero means a first start, when the demo seeds its data."""
+
+        def thd(conn: Connection) -> int:
+            return conn.scalar(select(func.count()).select_from(users)) or 0
+
+        return self._run(thd)
+
+    # --- devices and credentials ----------------------------------------------------------------------------------
+
+    def create_device(self, tenant_id: UUID, name: str, type: str = "default", label: str | None = None,
+                      additional_info: Any = None, customer_id: UUID = NULL_UUID,
+                      access_token: str | None = None) -> Deferred[tuple[Device, DeviceCredentials]]:
+        """Device and credentials in one transaction, so that no device is ever without its token.
+
+        Without ``access_token`` a random 20-character alphanumeric one is generated, as ThingsBoard does.
+        """
+        now = self._now()
+        new_device = Device(uuid.uuid4(), now, tenant_id, customer_id, name, type, label, additional_info, 1)
+        credentials = DeviceCredentials(uuid.uuid4(), now, new_device.id, access_token or generate_token())
+
+        def thd(conn: Connection) -> tuple[Device, DeviceCredentials]:
+            try:
+                conn.execute(insert(devices).values(_device_values(new_device)))
+                conn.execute(insert(credentials_table).values(_credentials_values(credentials)))
+            except IntegrityError as exc:
+                raise _translate(exc) from None
+            return new_device, credentials
+
+        return self._run(thd)
+
+    def update_device(self, device: Device) -> Deferred[Device]:
+        """Store name, type, label, customer and additional info, and bump ``version``.
+
+        ``device.version`` must be the stored one (optimistic locking, as ThingsBoard): a stale copy is a Conflict,
+        so that two editors never silently overwrite each other. NotFound if the device was deleted.
+        """
+
+        def thd(conn: Connection) -> Device:
+            values = dict(name=device.name, type=device.type, label=device.label, customer_id=device.customer_id,
+                          additional_info=_dump(device.additional_info), version=device.version + 1)
+            try:
+                result = conn.execute(update(devices).where(devices.c.id == device.id,
+                                                            devices.c.version == device.version).values(values))
+            except IntegrityError as exc:
+                raise _translate(exc) from None
+            if result.rowcount == 0:
+                exists = conn.scalar(select(devices.c.id).where(devices.c.id == device.id))
+                raise Conflict(DEVICE_CHANGED) if exists else NotFound()
+            return _select_device(conn, device.id)
+
+        return self._run(thd)
+
+    def get_device(self, device_id: UUID) -> Deferred[Device | None]:
+        """None when there is no such device."""
+
+        def thd(conn: Connection) -> Device | None:
+            row = conn.execute(select(devices).where(devices.c.id == device_id)).first()
+            return _device(row) if row else None
+
+        return self._run(thd)
+
+    def get_tenant_device_by_name(self, tenant_id: UUID, name: str) -> Deferred[Device | None]:
+        """Names are unique per tenant and compared exactly (``/api/tenant/devices?deviceName=``)."""
+
+        def thd(conn: Connection) -> Device | None:
+            row = conn.execute(select(devices).where(devices.c.tenant_id == tenant_id, devices.c.name == name)).first()
+            return _device(row) if row else None
+
+        return self._run(thd)
+
+    def delete_device(self, device_id: UUID) -> Deferred[bool]:
+        """Its credentials and RPCs go with it, in one transaction; False when there was no such device."""
+
+        def thd(conn: Connection) -> bool:
+            conn.execute(delete(rpcs).where(rpcs.c.device_id == device_id))
+            conn.execute(delete(credentials_table).where(credentials_table.c.device_id == device_id))
+            return conn.execute(delete(devices).where(devices.c.id == device_id)).rowcount > 0
+
+        return self._run(thd)
+
+    def get_device_by_token(self, token: str) -> Deferred[Device | None]:
+        """How a connecting device is authenticated; None for an unknown token."""
+
+        def thd(conn: Connection) -> Device | None:
+            query = (select(devices)
+                     .join(credentials_table, credentials_table.c.device_id == devices.c.id)
+                     .where(credentials_table.c.credentials_id == token))
+            row = conn.execute(query).first()
+            return _device(row) if row else None
+
+        return self._run(thd)
+
+    def get_credentials(self, device_id: UUID) -> Deferred[DeviceCredentials | None]:
+        """None when there is no such device."""
+
+        def thd(conn: Connection) -> DeviceCredentials | None:
+            row = conn.execute(select(credentials_table).where(credentials_table.c.device_id == device_id)).first()
+            return _credentials(row) if row else None
+
+        return self._run(thd)
+
+    def update_credentials(self, device_id: UUID, token: str) -> Deferred[DeviceCredentials]:
+        """Replace the access token (``version`` + 1); a token of another device is a BadRequest."""
+
+        def thd(conn: Connection) -> DeviceCredentials:
+            where = credentials_table.c.device_id == device_id
+            try:
+                result = conn.execute(update(credentials_table).where(where).values(
+                    credentials_id=token, version=credentials_table.c.version + 1))
+            except IntegrityError as exc:
+                raise _translate(exc) from None
+            if result.rowcount == 0:
+                raise NotFound("Device credentials wasn't found!")
+            return _credentials(conn.execute(select(credentials_table).where(where)).one())
+
+        return self._run(thd)
+
+    def list_tenant_devices(self, tenant_id: UUID, page_link: PageLink,
+                            device_type: str | None = None) -> Deferred[Page[Device]]:
+        """A page of the tenant's devices, optionally of one type (see :func:`_order_by` for the order)."""
+        conditions = [devices.c.tenant_id == tenant_id]
+        if device_type is not None:
+            conditions.append(devices.c.type == device_type)
+        return self._device_page(conditions, page_link)
+
+    def list_customer_devices(self, tenant_id: UUID, customer_id: UUID,
+                              page_link: PageLink) -> Deferred[Page[Device]]:
+        """A page of the devices assigned to one customer; the tenant too, so no id from elsewhere can leak."""
+        return self._device_page([devices.c.tenant_id == tenant_id, devices.c.customer_id == customer_id], page_link)
+
+    def _device_page(self, conditions: list[ColumnElement[bool]], page_link: PageLink) -> Deferred[Page[Device]]:
+        def thd(conn: Connection) -> Page[Device]:
+            where = list(conditions)
+            if page_link.text_search:
+                where.append(_contains_ignoring_case(devices.c.name, page_link.text_search))
+            order = _order_by(page_link, DEVICE_SORTS, default=devices.c.created_time,
+                              tie_breakers=(devices.c.id,))
+            return _page(conn, devices, where, order, page_link, _device)
+
+        return self._run(thd)
+
+    def assign_device(self, device_id: UUID, customer_id: UUID) -> Deferred[Device]:
+        """Give the device to ``customer_id`` (NULL_UUID: to nobody), bumping ``version``; NotFound if missing."""
+
+        def thd(conn: Connection) -> Device:
+            result = conn.execute(update(devices).where(devices.c.id == device_id).values(
+                customer_id=customer_id, version=devices.c.version + 1))
+            if result.rowcount == 0:
+                raise NotFound()
+            return _select_device(conn, device_id)
+
+        return self._run(thd)
+
+    # --- RPCs -----------------------------------------------------------------------------------------------------
+
+    def insert_rpcs(self, records: list[RpcRecord]) -> Deferred[list[RpcRecord]]:
+        """Store new RPCs in one transaction (the writer batches them); returns them with ``seq`` assigned in list
+        order, which is the order a device receives them in, even across a restart."""
+        if not records:
+            return defer.succeed([])
+
+        def thd(conn: Connection) -> list[RpcRecord]:
+            numbered = [replace(r, seq=seq) for r, seq in zip(records, _next_seqs(conn, len(records)))]
+            conn.execute(insert(rpcs), [_rpc_values(r) for r in numbered])
+            return numbered
+
+        return self._run(thd)
+
+    def update_rpc_statuses(self, changes: Sequence[RpcStatusChange]) -> Deferred[None]:
+        """Apply ``(id, status, response | UNCHANGED, retries | None)`` changes in one transaction.
+
+        Several changes of one RPC fold into one in list order, then rows that change the same columns are
+        updated with one executemany: a device actor's burst of transitions costs a couple of statements.
+        """
+        folded: dict[UUID, tuple[RpcStatus, Any, int | None]] = {}
+        for rpc_id, status, response, retries in changes:
+            _, old_response, old_retries = folded.get(rpc_id, (status, UNCHANGED, None))
+            folded[rpc_id] = (RpcStatus(status), old_response if response is UNCHANGED else response,
+                              old_retries if retries is None else retries)
+        groups: dict[tuple[bool, bool], list[dict[str, Any]]] = {}
+        for rpc_id, (status, response, retries) in folded.items():
+            params: dict[str, Any] = {"b_id": rpc_id, "status": status.value}
+            if response is not UNCHANGED:
+                params["response"] = _dump(response)
+            if retries is not None:
+                params["retries"] = retries
+            groups.setdefault((response is not UNCHANGED, retries is not None), []).append(params)
+        if not groups:
+            return defer.succeed(None)
+
+        def thd(conn: Connection) -> None:
+            for (with_response, with_retries), rows in groups.items():
+                values: dict[str, Any] = {"status": bindparam("status")}
+                if with_response:
+                    values["response"] = bindparam("response")
+                if with_retries:
+                    values["retries"] = bindparam("retries")
+                conn.execute(update(rpcs).where(rpcs.c.id == bindparam("b_id")).values(values), rows)
+
+        return self._run(thd)
+
+    def get_rpc(self, rpc_id: UUID) -> Deferred[RpcRecord | None]:
+        """None when there is no such RPC (``GET /api/rpc/persistent/{id}`` answers 404)."""
+
+        def thd(conn: Connection) -> RpcRecord | None:
+            row = conn.execute(select(rpcs).where(rpcs.c.id == rpc_id)).first()
+            return _rpc(row) if row else None
+
+        return self._run(thd)
+
+    def delete_rpc(self, rpc_id: UUID) -> Deferred[bool]:
+        """False when there was no such RPC."""
+
+        def thd(conn: Connection) -> bool:
+            return conn.execute(delete(rpcs).where(rpcs.c.id == rpc_id)).rowcount > 0
+
+        return self._run(thd)
+
+    def list_device_rpcs(self, device_id: UUID, page_link: PageLink,
+                         status: RpcStatus | None = None) -> Deferred[Page[RpcRecord]]:
+        """A page of one device's RPCs, in ``seq`` order unless sorted; ``textSearch`` is ignored, as ThingsBoard
+        does."""
+
+        def thd(conn: Connection) -> Page[RpcRecord]:
+            where = [rpcs.c.device_id == device_id]
+            if status is not None:
+                where.append(rpcs.c.status == RpcStatus(status).value)
+            order = _order_by(page_link, RPC_SORTS, default=rpcs.c.seq, tie_breakers=(rpcs.c.seq, rpcs.c.id))
+            return _page(conn, rpcs, where, order, page_link, _rpc)
+
+        return self._run(thd)
+
+    def load_active_rpcs(self, statuses: Iterable[RpcStatus] = ACTIVE_RPC_STATUSES) -> Deferred[list[RpcRecord]]:
+        """The RPCs in these statuses, by device then ``seq``: each device's queue, to resume after a restart."""
+        wanted = [RpcStatus(s).value for s in statuses]
+
+        def thd(conn: Connection) -> list[RpcRecord]:
+            query = select(rpcs).where(rpcs.c.status.in_(wanted)).order_by(rpcs.c.device_id, rpcs.c.seq)
+            return [_rpc(row) for row in conn.execute(query)]
+
+        return self._run(thd)
+
+    def count_active_rpcs(self, device_id: UUID | None = None, tenant_id: UUID | None = None) -> Deferred[int]:
+        """RPCs not yet in a terminal status, of one device, one tenant, or all (for limits and metrics)."""
+
+        def thd(conn: Connection) -> int:
+            query = select(func.count()).select_from(rpcs).where(
+                rpcs.c.status.in_([s.value for s in ACTIVE_RPC_STATUSES]))
+            if device_id is not None:
+                query = query.where(rpcs.c.device_id == device_id)
+            if tenant_id is not None:
+                query = query.where(rpcs.c.tenant_id == tenant_id)
+            return conn.scalar(query) or 0
+
+        return self._run(thd)
+
+    def delete_terminal_rpcs_older_than(self, cutoff_ms: int, batch: int = 10000) -> Deferred[int]:
+        """Delete finished RPCs created before ``cutoff_ms``; returns how many.
+
+        ``batch`` rows per transaction, so that a large clean-up never holds locks for long and other queries run
+        between batches.
+        """
+        if batch < 1:
+            return defer.fail(InvalidArguments(f"batch must be at least 1, got {batch}"))
+
+        def thd(conn: Connection) -> int:
+            doomed = (select(rpcs.c.id)
+                      .where(rpcs.c.status.in_([s.value for s in TERMINAL_RPC_STATUSES]),
+                             rpcs.c.created_time < cutoff_ms)
+                      .limit(batch)
+                      .scalar_subquery())
+            return conn.execute(delete(rpcs).where(rpcs.c.id.in_(doomed))).rowcount
+
+        async def clean_up() -> int:
+            total = 0
+            while True:
+                deleted = await self._run(thd)
+                total += deleted
+                if deleted < batch:
+                    return total
+
+        return defer.ensureDeferred(clean_up())
+
+    # --- internals ------------------------------------------------------------------------------------------------
+
+    def _now(self) -> int:
+        return round(self._reactor.seconds() * 1000)
+
+    def _run(self, fn: Callable[[Connection], T], attempts: int = RETRY_ATTEMPTS) -> Deferred[T]:
+        """Run ``fn(conn)`` in one transaction on the pool, off the reactor thread.
+
+        A transient OperationalError (a lock held by another process, a dropped connection) is retried with
+        backoff, the wait scheduled on the reactor so that no worker thread sleeps; every other error is final.
+        """
+        pool, engine = self._pool, self._engine
+        if pool is None or engine is None:
+            return defer.fail(RuntimeError("the repository is not started"))
+
+        def transaction() -> T:
+            with engine.begin() as conn:
+                return fn(conn)
+
+        async def with_retries() -> T:
+            number = 1
+            while True:
+                try:
+                    return await deferToThreadPool(self._reactor, pool, transaction)
+                except OperationalError as exc:
+                    if number >= attempts or not _is_transient(exc):
+                        raise
+                    delay = RETRY_DELAY * 2 ** (number - 1)
+                    log.warn("Transient database error (attempt {number} of {attempts}), retrying in {delay}s: "
+                             "{error}", number=number, attempts=attempts, delay=delay, error=_first_line(exc))
+                    await task.deferLater(self._reactor, delay, lambda: None)
+                    number += 1
+
+        return defer.ensureDeferred(with_retries())
+
+
+def generate_token() -> str:
+    """A 20-character alphanumeric access token, as ThingsBoard's ``randomAlphanumeric(20)``."""
+    return "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(TOKEN_LENGTH))
+
+
+# --- engine -----------------------------------------------------------------------------------------------------------
+
+def _create_engine(url: URL, threads: int) -> Engine:
+    if url.get_backend_name() == "postgresql":
+        connect_args = {} if "connect_timeout" in url.query else {"connect_timeout": POSTGRES_CONNECT_TIMEOUT}
+        return create_engine(url, pool_pre_ping=True, pool_size=threads, max_overflow=0, connect_args=connect_args)
+    in_memory = url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+    options: dict[str, Any] = {"connect_args": {"check_same_thread": False}}
+    if in_memory:
+        options["poolclass"] = StaticPool  # one connection, or each new one would see an empty database
+    engine = create_engine(url, **options)
+
+    @event.listens_for(engine, "connect")
+    def configure(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the sqlite3 module, decide where transactions begin (see "begin" below).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        if not in_memory:
+            cursor.execute("PRAGMA journal_mode=WAL")  # readers in other processes do not block our writer
+            cursor.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; a power loss may only drop the last commits
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def begin(conn: Connection) -> None:
+        # sqlite3 would only BEGIN before a write, so the reads of a transaction would see no consistent snapshot.
+        conn.exec_driver_sql("BEGIN")
+
+    return engine
+
+
+def _is_transient(exc: OperationalError) -> bool:
+    if exc.connection_invalidated:
+        return True
+    if getattr(exc.orig, "pgcode", None) in _TRANSIENT_PGCODES:
+        return True
+    text = str(exc.orig).lower()
+    return any(message in text for message in _TRANSIENT_MESSAGES)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _safe_url(url: URL) -> str:
+    return url.render_as_string(hide_password=True)
+
+
+def _translate(exc: IntegrityError, email: str | None = None) -> Exception:
+    """The client-facing error for a violated unique constraint (PostgreSQL names it; SQLite lists its columns)."""
+    text = str(exc.orig)
+    if schema.DEVICE_NAME_UNIQUE in text or "device.tenant_id, device.name" in text:
+        return BadRequest(DUPLICATE_DEVICE_NAME)
+    if schema.CREDENTIALS_ID_UNIQUE in text or "device_credentials.credentials_id" in text:
+        return BadRequest(DUPLICATE_TOKEN)
+    if schema.USER_EMAIL_UNIQUE in text:
+        return BadRequest(f"User with email '{email}' already present in database!")
+    if schema.CUSTOMER_TITLE_UNIQUE in text or "customer.tenant_id, customer.title" in text:
+        return BadRequest(DUPLICATE_CUSTOMER_TITLE)
+    return exc
+
+
+def _next_seqs(conn: Connection, count: int) -> list[int]:
+    if conn.dialect.name == "postgresql":
+        query = select(schema.RPC_SEQ.next_value()).select_from(func.generate_series(1, count))
+        return sorted(conn.scalars(query))
+    # SQLite has one writer at a time, and this transaction holds it once it inserts: max + 1 cannot collide.
+    last = conn.scalar(select(func.coalesce(func.max(rpcs.c.seq), 0)))
+    return list(range(last + 1, last + 1 + count))
+
+
+# --- paging -----------------------------------------------------------------------------------------------------------
+
+def _contains_ignoring_case(column: ColumnElement[Any], text: str) -> ColumnElement[bool]:
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return func.lower(column).like(func.lower(literal(f"%{escaped}%")), escape="\\")
+
+
+def _order_by(link: PageLink, sorts: dict[str, ColumnElement[Any]], default: ColumnElement[Any],
+              tie_breakers: tuple[ColumnElement[Any], ...]) -> list[Any]:
+    """ORDER BY for a page: the requested column, then unique tie-breakers, so that pages never overlap.
+
+    NULLs sort as the largest value (PostgreSQL's default) on both databases.
+    """
+    if link.sort_property is None:
+        column, descending = default, False
+    else:
+        column = sorts.get(link.sort_property)
+        if column is None:
+            allowed = ", ".join(sorts)
+            raise InvalidArguments(f"Invalid sortProperty '{link.sort_property}': use one of {allowed}")
+        descending = SortOrder(link.sort_order) is SortOrder.DESC
+    columns = [column] + [c for c in tie_breakers if c is not column]
+    if descending:
+        return [c.desc().nulls_first() for c in columns]
+    return [c.asc().nulls_last() for c in columns]
+
+
+def _page(conn: Connection, table: Table, where: list[ColumnElement[bool]], order: list[Any], link: PageLink,
+          convert: Callable[[Row[Any]], T]) -> Page[T]:
+    if link.page_size < 1:
+        raise InvalidArguments(f"Parameter 'pageSize' must be at least 1, got {link.page_size}")
+    if link.page < 0:
+        raise InvalidArguments(f"Parameter 'page' must be at least 0, got {link.page}")
+    total = conn.scalar(select(func.count()).select_from(table).where(*where)) or 0
+    query = select(table).where(*where).order_by(*order).limit(link.page_size).offset(link.page * link.page_size)
+    return Page([convert(row) for row in conn.execute(query)], total, link.page_size, link.page)
+
+
+# --- rows <-> records (the only place that knows both) ----------------------------------------------------------------
+
+def _dump(value: Any) -> str | None:
+    """JSON text; ASCII-only so that any value (even a NUL character) survives PostgreSQL's text type."""
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def _load(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _tenant(row: Row[Any]) -> Tenant:
+    return Tenant(row.id, row.created_time, row.title)
+
+
+def _customer(row: Row[Any]) -> Customer:
+    return Customer(row.id, row.created_time, row.tenant_id, row.title)
+
+
+def _user(row: Row[Any]) -> User:
+    return User(row.id, row.created_time, row.tenant_id, row.customer_id, row.email, Authority(row.authority),
+                row.first_name, row.last_name, bytes(row.password_hash))
+
+
+def _device(row: Row[Any]) -> Device:
+    return Device(row.id, row.created_time, row.tenant_id, row.customer_id, row.name, row.type, row.label,
+                  _load(row.additional_info), row.version)
+
+
+def _device_values(record: Device) -> dict[str, Any]:
+    return dict(id=record.id, created_time=record.created_time, tenant_id=record.tenant_id,
+                customer_id=record.customer_id, name=record.name, type=record.type, label=record.label,
+                additional_info=_dump(record.additional_info), version=record.version)
+
+
+def _select_device(conn: Connection, device_id: UUID) -> Device:
+    return _device(conn.execute(select(devices).where(devices.c.id == device_id)).one())
+
+
+def _credentials(row: Row[Any]) -> DeviceCredentials:
+    return DeviceCredentials(row.id, row.created_time, row.device_id, row.credentials_id, row.credentials_type,
+                             row.credentials_value, row.version)
+
+
+def _credentials_values(record: DeviceCredentials) -> dict[str, Any]:
+    return dict(id=record.id, created_time=record.created_time, device_id=record.device_id,
+                credentials_type=record.credentials_type, credentials_id=record.credentials_id,
+                credentials_value=record.credentials_value, version=record.version)
+
+
+def _rpc(row: Row[Any]) -> RpcRecord:
+    return RpcRecord(row.id, row.created_time, row.tenant_id, row.device_id, row.expiration_time, row.oneway,
+                     row.method, _load(row.params), RpcStatus(row.status), _load(row.response),
+                     _load(row.additional_info), row.retries, row.user_id, row.seq)
+
+
+def _rpc_values(record: RpcRecord) -> dict[str, Any]:
+    return dict(id=record.id, seq=record.seq, created_time=record.created_time, tenant_id=record.tenant_id,
+                device_id=record.device_id, expiration_time=record.expiration_time, oneway=record.oneway,
+                method=record.method, params=_dump(record.params), status=RpcStatus(record.status).value,
+                response=_dump(record.response), additional_info=_dump(record.additional_info),
+                retries=record.retries, user_id=record.user_id)

@@ -1,0 +1,191 @@
+"""The database schema (SQLAlchemy Core), identical on SQLite and PostgreSQL, and how a database is brought up to it.
+
+Portability choices:
+
+* ids are ``sqlalchemy.Uuid``: a native ``uuid`` on PostgreSQL, ``CHAR(32)`` (lower-case hex) on SQLite. Both
+  compare byte-wise, so ``ORDER BY id`` (our paging tie-breaker) gives the same order on both.
+* times are epoch milliseconds in ``BigInteger`` columns, as ThingsBoard sends them.
+* JSON values (``additional_info``, RPC ``params``/``response``) are ``Text`` written with our own ``json.dumps``:
+  the value a client sent is the value it reads back, on either database, with no dialect-specific JSON type.
+* ``rpc.seq`` orders a device's RPCs even when their ``created_time`` ties. PostgreSQL draws it from the sequence
+  :data:`RPC_SEQ`; SQLite (a single writer) from ``max(seq) + 1`` inside the inserting transaction.
+
+Versioning: :func:`upgrade` creates a fresh database with ``metadata.create_all`` and records
+:data:`SCHEMA_VERSION` in the ``schema_version`` table. A later change to the schema must NOT edit an existing
+database through ``create_all`` (which only adds missing tables): bump :data:`SCHEMA_VERSION` and add a numbered
+step to :data:`MIGRATIONS` that takes a version N-1 database to version N (plain SQL or Alembic operations run on
+the given connection). :func:`upgrade` runs the missing steps in order, in the start-up transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Sequence,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    Uuid,
+    func,
+    insert,
+    inspect,
+    select,
+    update,
+)
+
+#: The version this code writes and understands.
+SCHEMA_VERSION = 1
+
+#: Deterministic constraint names: the repository recognises a violated constraint by its name.
+metadata = MetaData(naming_convention={
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+})
+
+tenant = Table(
+    "tenant", metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("created_time", BigInteger, nullable=False),
+    Column("title", String(255), nullable=False),
+)
+
+customer = Table(
+    "customer", metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("created_time", BigInteger, nullable=False),
+    Column("tenant_id", Uuid, nullable=False),
+    Column("title", String(255), nullable=False),
+    UniqueConstraint("tenant_id", "title"),
+)
+CUSTOMER_TITLE_UNIQUE = "uq_customer_tenant_id_title"
+
+tb_user = Table(
+    "tb_user", metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("created_time", BigInteger, nullable=False),
+    # No foreign keys on tenant_id/customer_id: the system administrator and unassigned users carry NULL_UUID.
+    Column("tenant_id", Uuid, nullable=False),
+    Column("customer_id", Uuid, nullable=False),
+    Column("email", String(255), nullable=False),
+    Column("authority", String(32), nullable=False),
+    Column("first_name", String(255)),
+    Column("last_name", String(255)),
+    Column("password_hash", LargeBinary, nullable=False),
+)
+#: E-mail addresses are unique regardless of case (login looks them up case-insensitively).
+USER_EMAIL_UNIQUE = "uq_tb_user_lower_email"
+Index(USER_EMAIL_UNIQUE, func.lower(tb_user.c.email), unique=True)
+
+device = Table(
+    "device", metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("created_time", BigInteger, nullable=False),
+    Column("tenant_id", Uuid, nullable=False),
+    Column("customer_id", Uuid, nullable=False),  # NULL_UUID when not assigned to a customer
+    Column("name", String(255), nullable=False),
+    Column("type", String(255), nullable=False),
+    Column("label", String(255)),
+    Column("additional_info", Text),
+    Column("version", BigInteger, nullable=False, default=1),
+    UniqueConstraint("tenant_id", "name"),
+    Index(None, "tenant_id", "created_time"),
+    Index(None, "customer_id"),
+)
+DEVICE_NAME_UNIQUE = "uq_device_tenant_id_name"
+
+device_credentials = Table(
+    "device_credentials", metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("created_time", BigInteger, nullable=False),
+    Column("device_id", Uuid, ForeignKey("device.id", ondelete="CASCADE"), nullable=False),
+    Column("credentials_type", String(32), nullable=False),
+    Column("credentials_id", String(255), nullable=False),  # the access token
+    Column("credentials_value", Text),
+    Column("version", BigInteger, nullable=False, default=1),
+    UniqueConstraint("device_id"),
+    UniqueConstraint("credentials_id"),
+)
+CREDENTIALS_ID_UNIQUE = "uq_device_credentials_credentials_id"
+
+#: PostgreSQL's source of ``rpc.seq`` (``create_all`` skips it on SQLite, which has no sequences).
+RPC_SEQ = Sequence("rpc_seq_counter", metadata=metadata)
+
+rpc = Table(
+    "rpc", metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("created_time", BigInteger, nullable=False),
+    Column("tenant_id", Uuid, nullable=False),
+    Column("device_id", Uuid, nullable=False),
+    Column("expiration_time", BigInteger, nullable=False),
+    Column("oneway", Boolean, nullable=False),
+    Column("method", String(255), nullable=False),
+    Column("params", Text),
+    Column("status", String(16), nullable=False),
+    Column("response", Text),
+    Column("additional_info", Text),
+    Column("retries", Integer),
+    Column("user_id", Uuid),
+    Index(None, "device_id", "status", "seq"),  # a device's queue, in order
+    Index(None, "tenant_id", "status"),  # active counts
+    Index(None, "status", "expiration_time"),  # expiry scans
+    Index(None, "status", "created_time"),  # clean-up of old finished RPCs
+)
+
+schema_version = Table(
+    "schema_version", metadata,
+    Column("id", Integer, primary_key=True),  # always 1: a single row
+    Column("version", Integer, nullable=False),
+)
+
+#: ``MIGRATIONS[n]`` upgrades a version n-1 database to version n. Version 1 is ``create_all`` on an empty database.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+
+
+class SchemaTooNew(Exception):
+    """The database was written by a newer NanoIoT: refusing to guess what its extra columns mean."""
+
+    def __init__(self, found: int) -> None:
+        super().__init__(f"the database schema is version {found}, newer than this NanoIoT understands "
+                         f"({SCHEMA_VERSION}); upgrade NanoIoT")
+        self.found = found
+
+
+def upgrade(conn: Connection) -> int:
+    """Bring the database behind ``conn`` to :data:`SCHEMA_VERSION` (idempotent); returns the version found.
+
+    0 means the database was new. Runs inside the caller's transaction, so a failed upgrade changes nothing.
+    """
+    if not inspect(conn).has_table(schema_version.name):
+        # A new database (create_all and the version row commit together, so there are no half-made ones).
+        metadata.create_all(conn)
+        conn.execute(insert(schema_version).values(id=1, version=SCHEMA_VERSION))
+        return 0
+    found = conn.scalar(select(schema_version.c.version).where(schema_version.c.id == 1)) or 0
+    if found > SCHEMA_VERSION:
+        raise SchemaTooNew(found)
+    for version in range(found + 1, SCHEMA_VERSION + 1):
+        MIGRATIONS[version](conn)
+    if found < SCHEMA_VERSION:
+        conn.execute(update(schema_version).where(schema_version.c.id == 1).values(version=SCHEMA_VERSION))
+    return found
+
+
+def current_version(conn: Connection) -> int | None:
+    """The recorded schema version, or None on a database that has none."""
+    if not inspect(conn).has_table(schema_version.name):
+        return None
+    return conn.scalar(select(schema_version.c.version).where(schema_version.c.id == 1))

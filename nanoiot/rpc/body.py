@@ -1,0 +1,92 @@
+"""The REST RPC request body, parsed and validated as pure code (ThingsBoard's fields and defaults)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from nanoiot.errors import BadRequest
+
+_MISSING = object()
+
+
+@dataclass(frozen=True, slots=True)
+class RpcBody:
+    method: str
+    params: Any
+    timeout: int
+    expiration_time: int
+    persistent: bool
+    retries: int | None
+    additional_info: Any
+    request_uuid: UUID
+    qos: int | None
+
+
+def _whole_number(body: dict[str, Any], key: str) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        raise BadRequest(f"Invalid request body: '{key}' must be a whole number")
+    return int(value)
+
+
+def parse_rpc_body(
+    raw: Any,
+    now: int,
+    default_timeout: int,
+    min_timeout: int,
+    new_uuid: Any = uuid.uuid4,
+) -> RpcBody:
+    """``expirationTime`` is used as given; otherwise ``now + max(min_timeout, timeout)`` (ThingsBoard's rule)."""
+    if not isinstance(raw, dict):
+        raise BadRequest("Invalid request body: expected a JSON object")
+    method = raw.get("method", _MISSING)
+    if method is _MISSING or method is None:
+        raise BadRequest("Invalid request body: 'method' is required")
+    if isinstance(method, (dict, list)):
+        raise BadRequest("Invalid request body: 'method' must be a string")
+    method = method if isinstance(method, str) else str(method).lower() if isinstance(method, bool) else str(method)
+    if not method:
+        raise BadRequest("Invalid request body: 'method' must not be empty")
+    timeout = _whole_number(raw, "timeout")
+    if timeout is None:
+        timeout = default_timeout
+    if timeout < 0:
+        raise BadRequest("Invalid request body: 'timeout' must not be negative")
+    expiration_time = _whole_number(raw, "expirationTime")
+    if expiration_time is None:
+        expiration_time = now + max(min_timeout, timeout)
+    persistent = raw.get("persistent", False)
+    if not isinstance(persistent, bool):
+        raise BadRequest("Invalid request body: 'persistent' must be true or false")
+    retries = _whole_number(raw, "retries")
+    if retries is not None and retries < 0:
+        raise BadRequest("Invalid request body: 'retries' must not be negative")
+    qos = _whole_number(raw, "qos")
+    if qos is not None and qos not in (0, 1):
+        raise BadRequest("Invalid request body: 'qos' must be 0 or 1")
+    raw_uuid = raw.get("requestUUID")
+    if raw_uuid is None:
+        request_uuid = new_uuid()
+    else:
+        try:
+            request_uuid = UUID(str(raw_uuid))
+        except ValueError:
+            raise BadRequest(f"Invalid UUID string: {raw_uuid}") from None
+    return RpcBody(
+        method=method,
+        params=raw.get("params"),
+        timeout=timeout,
+        expiration_time=expiration_time,
+        persistent=persistent,
+        retries=retries,
+        additional_info=raw.get("additionalInfo"),
+        request_uuid=request_uuid,
+        qos=qos,
+    )

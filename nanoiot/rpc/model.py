@@ -1,0 +1,86 @@
+"""The data an RPC is made of, shared by the REST layer, the device actor and the transports (no I/O here)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from nanoiot.persistence.records import RpcStatus
+
+__all__ = [
+    "RpcCommand",
+    "RpcFailure",
+    "RpcResult",
+    "RpcStatus",
+    "SubmitStrategy",
+]
+
+
+class SubmitStrategy(str, enum.Enum):
+    """How many commands a device may have in flight (ThingsBoard's ``actors.rpc.submit_strategy``)."""
+
+    BURST = "BURST"
+    SEQUENTIAL_ON_ACK_FROM_DEVICE = "SEQUENTIAL_ON_ACK_FROM_DEVICE"
+    SEQUENTIAL_ON_RESPONSE_FROM_DEVICE = "SEQUENTIAL_ON_RESPONSE_FROM_DEVICE"
+
+
+class RpcFailure(str, enum.Enum):
+    """Why a call ended without an answer: ThingsBoard says "timeout" for all of these, we say which."""
+
+    #: No session ever took the command before it expired (ThingsBoard's NO_ACTIVE_CONNECTION).
+    DEVICE_OFFLINE = "DEVICE_OFFLINE"
+    #: The command was written to the device but never acknowledged (PUBACK / CoAP ACK), retries included.
+    NOT_DELIVERED = "NOT_DELIVERED"
+    #: The device acknowledged the command but did not answer in time.
+    NO_RESPONSE = "NO_RESPONSE"
+    #: The command was deleted through the API while pending.
+    DELETED = "DELETED"
+    #: The server could not accept the command (queue full, device removed).
+    REJECTED = "REJECTED"
+
+    @property
+    def description(self) -> str:
+        return _DESCRIPTIONS[self]
+
+
+_DESCRIPTIONS = {
+    RpcFailure.DEVICE_OFFLINE: "Device is offline: no session took the command before it expired",
+    RpcFailure.NOT_DELIVERED: "Command was sent but the device never acknowledged it",
+    RpcFailure.NO_RESPONSE: "Command was delivered but the device did not answer in time",
+    RpcFailure.DELETED: "Command was deleted before it completed",
+    RpcFailure.REJECTED: "Command was rejected by the server",
+}
+
+
+@dataclass(slots=True)
+class RpcCommand:
+    """One server-to-device command, as the device actor holds it."""
+
+    rpc_id: UUID
+    tenant_id: UUID
+    device_id: UUID
+    method: str
+    params: Any
+    oneway: bool
+    expiration_time: int
+    created_time: int
+    persistent: bool = False
+    retries: int | None = None
+    additional_info: Any = None
+    qos: int | None = None
+    user_id: UUID | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RpcResult:
+    """How a command ended, for whoever waits on it (the REST caller)."""
+
+    response: Any = None
+    failure: RpcFailure | None = None
+    has_response: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None

@@ -1,0 +1,155 @@
+"""Every long-lived part assembled in one MultiService, which the twistd plugin and the tests both build."""
+
+from __future__ import annotations
+
+import resource
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
+
+from nanoiot import __version__
+from nanoiot.actors import messages as m
+from nanoiot.actors.device import ActorSettings
+from nanoiot.actors.directory import DeviceDirectory
+from nanoiot.config import Config
+from nanoiot.demo import DemoData, banner, seed_demo
+from nanoiot.events import EventBus, RpcStatusEvent
+from nanoiot.logs import make_observer
+from nanoiot.persistence.catalog import DeviceCatalog
+from nanoiot.persistence.records import Device
+from nanoiot.persistence.repository import Repository
+from nanoiot.rpc.model import RpcStatus
+from nanoiot.rpc.queue import PendingRpc, QueueSettings
+from nanoiot.rpc.server_methods import ServerMethods
+from nanoiot.transports.mqtt.protocol import MqttFactory
+from nanoiot.transports.mqtt.session import MqttSession
+from nanoiot.web.context import WebContext
+from nanoiot.web.site import build_site
+from nanoiot.web.tokens import TokenIssuer, load_signing_key
+
+log = Logger(namespace="nanoiot")
+
+#: Twisted listens with a backlog of 50; a fleet reconnecting at once overflows that (see BENCHMARKS.md).
+LISTEN_BACKLOG = 4096
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """One socket per device: take the hard limit (raising the hard limit itself is the operator's sysctl)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def session_limits(config: Config) -> dict[str, Any]:
+    """ThingsBoard's ``getSessionLimits`` reply, from our own settings."""
+    return {
+        "maxPayloadSize": config.mqtt_max_packet_size,
+        "maxInflightMessages": 100,
+        "rateLimits": {"messages": None, "telemetryMessages": None, "telemetryDataPoints": None},
+    }
+
+
+class NanoService(MultiService):
+    def __init__(self, config: Config, reactor: Any = None, server_methods: ServerMethods | None = None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.config = config
+        self.reactor = reactor
+        self.repository = Repository(config.database, reactor)
+        self.catalog = DeviceCatalog(self.repository)
+        settings = ActorSettings(
+            queue=QueueSettings(
+                strategy=config.rpc_strategy,
+                max_retries=config.rpc_max_retries,
+                ack_timeout_ms=config.rpc_ack_timeout,
+                response_timeout_ms=config.rpc_response_timeout,
+            ),
+            qos=config.rpc_qos,
+            max_pending=config.rpc_max_pending,
+            idle_timeout=config.device_idle_timeout,
+            session_limits=session_limits(config),
+        )
+        self.events = EventBus()
+        self.directory = DeviceDirectory(reactor, settings, server_methods, self._publish_status)
+        self.directory.setServiceParent(self)
+        self.tokens = TokenIssuer(
+            load_signing_key(config.jwt_key, config.jwt_key_file),
+            config.jwt_expiration,
+            config.jwt_refresh_expiration,
+            reactor,
+        )
+        self.web_context = WebContext(config, reactor, self.repository, self.catalog, self.directory, self.tokens)
+        self.site = build_site(self.web_context)
+        self.mqtt_factory = MqttFactory(
+            authenticate=self.catalog.device_for_token,
+            attach=self._attach_mqtt_session,
+            clock=reactor,
+            max_packet_size=config.mqtt_max_packet_size,
+            connect_timeout=config.mqtt_connect_timeout,
+        )
+        self.mqtt_factory.noisy = False
+        self.http_port: IListeningPort | None = None
+        self.mqtt_port: IListeningPort | None = None
+        self.demo: DemoData | None = None
+        self.failed = False
+        #: Fires with this service once it listens; errbacks if it could not start.
+        self.ready: Deferred = Deferred()
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        # Under twistd the parent is the Application: give it our quiet, structured log observer.
+        if isinstance(parent, Componentized) and parent.getComponent(ILogObserver, None) is None:
+            parent.setComponent(ILogObserver, make_observer(self.config.log_level, self.config.log_format))
+
+    def _publish_status(self, device: Device, pending: PendingRpc, status: RpcStatus, response: Any) -> None:
+        if self.events.has_listeners:
+            command = pending.command
+            self.events.publish(RpcStatusEvent(device.tenant_id, device.id, command.rpc_id, pending.request_id,
+                                               status, response, command.persistent))
+
+    def _attach_mqtt_session(self, device: Device, session: MqttSession) -> Any:
+        return self.directory.tell(device, m.AttachSession(session))
+
+    def _endpoint(self, port: int) -> Any:
+        cls = TCP6ServerEndpoint if ":" in self.config.host else TCP4ServerEndpoint
+        return cls(self.reactor, port, backlog=LISTEN_BACKLOG, interface=self.config.host)
+
+    def startService(self) -> None:
+        super().startService()
+        ensureDeferred(self._start()).addCallbacks(self.ready.callback, self._start_failed)
+
+    async def _start(self) -> NanoService:
+        raise_open_file_limit()
+        await self.repository.start()
+        if self.config.demo:
+            self.demo = await seed_demo(self.repository, self.catalog)
+        self.http_port = await self._endpoint(self.config.http_port).listen(self.site)
+        self.mqtt_port = await self._endpoint(self.config.mqtt_port).listen(self.mqtt_factory)
+        log.info("{banner}", banner=banner(
+            self.config.host, self.http_port.getHost().port, self.mqtt_port.getHost().port, self.config.coap_port,
+            self.config.database, self.demo, __version__))
+        return self
+
+    def _start_failed(self, failure: Any) -> None:
+        log.critical("NanoIoT could not start: {error}", error=failure.getErrorMessage())
+        self.failed = True
+        self.ready.errback(failure)
+        if isinstance(self.parent, Componentized):  # under twistd: stop, and the plugin exits non-zero
+            self.reactor.stop()
+
+    def stopService(self) -> Deferred:
+        ports = [p for p in (self.http_port, self.mqtt_port) if p is not None]
+        self.http_port = self.mqtt_port = None
+        d = DeferredList([maybeDeferred(p.stopListening) for p in ports])
+        d.addCallback(lambda _: MultiService.stopService(self))
+        d.addCallback(lambda _: self.repository.stop())
+        return d

@@ -1,0 +1,85 @@
+"""An MQTT device session: the protocol state a device actor talks to (topic families, packet ids, in-flight
+commands), with no socket of its own — it writes through the callable it is given."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from nanoiot.transports.mqtt import codec
+from nanoiot.transports.session import Delivery, next_session_id
+
+#: Server-to-device request topic prefix, device answer prefix, by the family a device subscribed with.
+REQUEST_PREFIX = {"v1": "v1/devices/me/rpc/request/", "v2": "v2/r/req/", "v2j": "v2/r/req/j/"}
+RESPONSE_PREFIX = {"v1": "v1/devices/me/rpc/response/", "v2": "v2/r/res/", "v2j": "v2/r/res/j/"}
+
+
+class MqttSession:
+    __slots__ = (
+        "session_id", "device", "actor_ref", "protocol_level", "rpc_family", "_write", "_close",
+        "_next_packet_id", "in_flight", "receive_maximum", "max_packet_size", "calls",
+    )
+    transport = "mqtt"
+
+    def __init__(
+        self,
+        device: Any,
+        protocol_level: int,
+        write: Callable[[bytes], None],
+        close: Callable[[str], None],
+        receive_maximum: int = 65535,
+        max_packet_size: int | None = None,
+    ) -> None:
+        self.session_id = next_session_id()
+        self.device = device
+        self.actor_ref: Any = None
+        self.protocol_level = protocol_level
+        self.rpc_family = "v1"
+        self._write = write
+        self._close = close
+        self._next_packet_id = 0
+        #: packet id -> request id of a QoS 1 command waiting for its PUBACK.
+        self.in_flight: dict[int, int] = {}
+        self.receive_maximum = receive_maximum
+        self.max_packet_size = max_packet_size
+        #: request id of a device-to-server call -> the topic family to answer on.
+        self.calls: dict[int, str] = {}
+
+    def allocate_packet_id(self) -> int | None:
+        if len(self.in_flight) >= min(self.receive_maximum, 65535):
+            return None
+        while True:
+            self._next_packet_id = self._next_packet_id % 65535 + 1
+            if self._next_packet_id not in self.in_flight:
+                return self._next_packet_id
+
+    # --- DeviceSession --------------------------------------------------------------------------------------------
+
+    def send_command(self, request_id: int, method: str, params: Any, qos: int) -> Delivery:
+        payload = json.dumps({"method": method, "params": params}, separators=(",", ":")).encode()
+        topic = REQUEST_PREFIX[self.rpc_family] + str(request_id)
+        packet_id = None
+        if qos:
+            packet_id = self.allocate_packet_id()
+            if packet_id is None:
+                return Delivery.NOT_SENT  # the device's receive window is full; the ack timer will retry
+        data = codec.encode_publish(topic, payload, qos, packet_id, self.protocol_level)
+        if self.max_packet_size is not None and len(data) > self.max_packet_size:
+            return Delivery.NOT_SENT
+        if packet_id is not None:
+            self.in_flight[packet_id] = request_id
+        self._write(data)
+        return Delivery.AWAITING_ACK if qos else Delivery.DELIVERED
+
+    def send_reply(self, request_id: int, body: bytes) -> None:
+        family = self.calls.pop(request_id, "v1")
+        topic = RESPONSE_PREFIX[family] + str(request_id)
+        self._write(codec.encode_publish(topic, body, 0, None, self.protocol_level))
+
+    def close(self, reason: str) -> None:
+        self._close(reason)
+
+    # --- helpers for the protocol ---------------------------------------------------------------------------------
+
+    def acked(self, packet_id: int) -> int | None:
+        return self.in_flight.pop(packet_id, None)

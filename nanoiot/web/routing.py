@@ -1,0 +1,207 @@
+"""A small JSON router on twisted.web: path patterns to async handlers, with auth, size limits and errors mapped
+to ThingsBoard's error body in one place."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+from urllib.parse import unquote
+
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from nanoiot.errors import AuthenticationFailed, BadRequest, MethodNotAllowed, NanoError, NotFound, PayloadTooLarge
+from nanoiot.web.tokens import Principal, TokenIssuer
+
+log = Logger(namespace="nanoiot.web")
+
+#: Marks a response with no body (ThingsBoard answers some calls with an empty 200).
+NO_BODY = object()
+
+
+@dataclass
+class Response:
+    status: int = 200
+    body: Any = NO_BODY
+    content_type: bytes = b"application/json"
+
+
+class ApiRequest:
+    """What a handler sees: path parameters, query, body and the verified caller."""
+
+    __slots__ = ("request", "params", "principal", "clock")
+
+    def __init__(self, request: Request, params: dict[str, str], principal: Principal | None,
+                 clock: IReactorTime) -> None:
+        self.request = request
+        self.params = params
+        self.principal = principal
+        self.clock = clock
+
+    @property
+    def user(self) -> Principal:
+        assert self.principal is not None
+        return self.principal
+
+    def now(self) -> int:
+        return int(self.clock.seconds() * 1000)
+
+    def query(self, name: str, default: str | None = None) -> str | None:
+        values = self.request.args.get(name.encode())
+        if not values:
+            return default
+        return values[0].decode("utf-8", "replace")
+
+    def raw_body(self) -> bytes:
+        content = self.request.content
+        if content is None:
+            return b""
+        content.seek(0)
+        return content.read()
+
+    def json_body(self) -> Any:
+        raw = self.raw_body()
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise BadRequest("Invalid request body") from None
+
+    def on_disconnect(self) -> Deferred:
+        return self.request.notifyFinish()
+
+
+Handler = Callable[[ApiRequest], Awaitable[Any] | Any]
+
+
+@dataclass
+class Route:
+    method: bytes
+    pattern: re.Pattern[str]
+    handler: Handler
+    authenticated: bool = True
+
+
+@dataclass
+class Router:
+    routes: list[Route] = field(default_factory=list)
+
+    def add(self, method: str, template: str, handler: Handler, authenticated: bool = True) -> None:
+        """``template`` like ``/api/device/{deviceId}``; a parameter matches one path segment."""
+        regex = "^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template) + "$"
+        self.routes.append(Route(method.encode(), re.compile(regex), handler, authenticated))
+
+    def match(self, method: bytes, path: str) -> tuple[Route, dict[str, str]]:
+        allowed = False
+        for route in self.routes:
+            found = route.pattern.match(path)
+            if found is None:
+                continue
+            if route.method != method:
+                allowed = True
+                continue
+            return route, {k: unquote(v) for k, v in found.groupdict().items()}
+        if allowed:
+            raise MethodNotAllowed(f"Request method '{method.decode()}' is not supported")
+        raise NotFound(f"No handler for {method.decode()} {path}")
+
+
+class JsonApi(Resource):
+    """A leaf resource that routes every request below it."""
+
+    isLeaf = True
+
+    def __init__(self, router: Router, tokens: TokenIssuer, clock: IReactorTime, max_payload_size: int) -> None:
+        super().__init__()
+        self.router = router
+        self.tokens = tokens
+        self.clock = clock
+        self.max_payload_size = max_payload_size
+
+    def render(self, request: Request) -> Any:
+        path = request.path.decode("utf-8", "replace")
+        try:
+            route, params = self.router.match(request.method, path)
+            if _body_size(request) > self.max_payload_size:
+                raise PayloadTooLarge(f"Payload size exceeds the limit of {self.max_payload_size} bytes")
+            principal = self._authenticate(request) if route.authenticated else None
+        except NanoError as error:
+            self._write_error(request, error)
+            return NOT_DONE_YET
+        api_request = ApiRequest(request, params, principal, self.clock)
+        d = ensureDeferred(_call(route.handler, api_request))
+        finished = request.notifyFinish()
+        gone: list[bool] = []
+
+        def client_gone(_: Any) -> None:
+            gone.append(True)
+            d.cancel()
+
+        finished.addErrback(client_gone)
+        d.addCallbacks(lambda value: self._write(request, value, gone),
+                       lambda failure: self._fail(request, failure, gone))
+        return NOT_DONE_YET
+
+    def _authenticate(self, request: Request) -> Principal:
+        header = request.getHeader(b"x-authorization") or request.getHeader(b"authorization")
+        if not header:
+            raise AuthenticationFailed("Authentication failed")
+        # ThingsBoard strips the first 7 characters ("Bearer ") without checking them; so do we.
+        return self.tokens.verify_access(header[7:].strip())
+
+    def _write(self, request: Request, value: Any, gone: list[bool]) -> None:
+        if gone:
+            return
+        response = value if isinstance(value, Response) else Response(body=value)
+        request.setResponseCode(response.status)
+        if response.body is NO_BODY:
+            request.finish()
+            return
+        if isinstance(response.body, bytes):
+            data = response.body
+        else:
+            data = json.dumps(response.body, separators=(",", ":")).encode()
+        request.setHeader(b"content-type", response.content_type)
+        request.write(data)
+        request.finish()
+
+    def _fail(self, request: Request, failure: Failure, gone: list[bool]) -> None:
+        if gone or failure.check(CancelledError):
+            return
+        error = failure.value
+        if not isinstance(error, NanoError):
+            log.failure("unhandled error in {method} {path}", failure, method=request.method.decode(),
+                        path=request.path.decode("utf-8", "replace"))
+            error = NanoError(str(error) or "Internal server error")
+        self._write_error(request, error)
+
+    def _write_error(self, request: Request, error: NanoError) -> None:
+        body = error.to_json(int(self.clock.seconds() * 1000))
+        request.setResponseCode(error.http_status)
+        request.setHeader(b"content-type", b"application/json")
+        request.write(json.dumps(body, separators=(",", ":")).encode())
+        request.finish()
+
+
+def _body_size(request: Request) -> int:
+    content = request.content
+    if content is None:
+        return 0
+    content.seek(0, 2)
+    size = content.tell()
+    content.seek(0)
+    return size
+
+
+async def _call(handler: Handler, request: ApiRequest) -> Any:
+    result = handler(request)
+    if isinstance(result, Deferred):
+        return await result
+    if hasattr(result, "__await__"):
+        return await result
+    return result

@@ -1,0 +1,85 @@
+"""twistd plugin: ``twistd -n nanoiot [options]``. Only wiring lives here; the service is nanoiot.service."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import IPlugin
+from twisted.python import usage
+from zope.interface import implementer
+
+
+def _fail(message: str, code: int) -> None:
+    """One line and a non-zero exit: an operator needs the reason, not a traceback or the whole usage text."""
+    sys.stderr.write(f"nanoiot: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(code)
+
+
+def _parameters() -> list[list[Any]]:
+    from nanoiot.config import OPTIONS
+
+    return [
+        [opt.name, None, None, f"{opt.help} [default {opt.default}; env NANOIOT_{opt.name.upper().replace('-', '_')}]"]
+        for opt in OPTIONS
+        if opt.name != "demo"
+    ]
+
+
+class Options(usage.Options):
+    optFlags = [["demo", None, "create demo accounts and devices on an empty database [env NANOIOT_DEMO]"]]
+    optParameters = _parameters()
+    config: Any = None
+
+    def parseOptions(self, options: Any = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as exc:
+            _fail(f"{exc} (see twistd nanoiot --help)", 2)
+
+    def postOptions(self) -> None:
+        from nanoiot.config import OPTIONS, Config
+        from nanoiot.errors import ConfigError
+
+        given = {opt.name: self.get(opt.name) for opt in OPTIONS if opt.name != "demo"}
+        given["demo"] = True if self["demo"] else None
+        try:
+            self.config = Config.from_sources(given)
+        except ConfigError as exc:
+            _fail(str(exc), 2)
+
+
+@implementer(IServiceMaker, IPlugin)
+class NanoServiceMaker:
+    tapname = "nanoiot"
+    description = "NanoIoT device-command (RPC) server: REST API, MQTT devices, ThingsBoard-compatible"
+    options = Options
+
+    def makeService(self, options: Options) -> Any:
+        from twisted.internet import reactor
+
+        from nanoiot.errors import ConfigError
+        from nanoiot.persistence.bootstrap import check_database
+        from nanoiot.service import NanoService
+
+        config = options.config
+        try:
+            check_database(config.database)
+            service = NanoService(config, reactor)
+        except ConfigError as exc:
+            _fail(str(exc), 1)
+
+        def exit_if_failed() -> None:
+            if service.failed:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(1)
+
+        reactor.addSystemEventTrigger("after", "shutdown", exit_if_failed)
+        return service
+
+
+serviceMaker = NanoServiceMaker()
