@@ -106,6 +106,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("rpc-min-timeout", 5000, _non_negative, "ms, the least timeout a request may ask for"),
     Option("rpc-max-pending", 1000, _positive, "commands queued per device, at most"),
     Option("rpc-qos", 1, int, "MQTT QoS of commands (0 or 1)"),
+    Option("rpc-max-persistent-per-device", 1000, _positive, "active persistent commands per device, at most"),
+    Option("rpc-max-persistent-per-tenant", 1_000_000, _positive, "active persistent commands per tenant, at most"),
+    Option("rpc-ttl", 604800, _non_negative, "seconds a finished persistent command is kept (0: forever)"),
+    Option("rpc-ttl-interval", 3600, _positive, "seconds between clean-ups of finished persistent commands"),
     Option("max-payload-size", 16 * 1024 * 1024, _positive, "REST request body limit, bytes"),
     Option("mqtt-max-packet-size", 256 * 1024, _positive, "largest MQTT packet accepted, bytes"),
     Option("mqtt-connect-timeout", 10, _positive, "seconds a new MQTT connection has to send CONNECT"),
@@ -139,6 +143,10 @@ class Config:
     rpc_min_timeout: int = 5000
     rpc_max_pending: int = 1000
     rpc_qos: int = 1
+    rpc_max_persistent_per_device: int = 1000
+    rpc_max_persistent_per_tenant: int = 1_000_000
+    rpc_ttl: int = 604800
+    rpc_ttl_interval: int = 3600
     max_payload_size: int = 16 * 1024 * 1024
     mqtt_max_packet_size: int = 256 * 1024
     mqtt_connect_timeout: int = 10

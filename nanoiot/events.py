@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable
-from uuid import UUID
 
 from twisted.logger import Logger
 
+from nanoiot.persistence.records import RpcRecord
 from nanoiot.rpc.model import RpcStatus
 
 log = Logger(namespace="nanoiot.events")
@@ -16,19 +16,18 @@ log = Logger(namespace="nanoiot.events")
 
 @dataclass(frozen=True, slots=True)
 class RpcStatusEvent:
-    """``RPC_<STATUS>``: one status change of one command."""
+    """``RPC_<STATUS>``: one status change of one command; ``record`` is the command as it stands now."""
 
-    tenant_id: UUID
-    device_id: UUID
-    rpc_id: UUID
-    request_id: int
-    status: RpcStatus
-    response: Any
+    record: RpcRecord
     persistent: bool
 
     @property
     def type(self) -> str:
-        return f"RPC_{self.status.value}"
+        return f"RPC_{self.record.status.value}"
+
+    @property
+    def status(self) -> RpcStatus:
+        return self.record.status
 
 
 Listener = Callable[[Any], None]

@@ -5,25 +5,28 @@ from __future__ import annotations
 import resource
 from typing import Any
 
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
 from nanoiot import __version__
 from nanoiot.actors import messages as m
-from nanoiot.actors.device import ActorSettings
+from nanoiot.actors.device import ActorSettings, command_record
 from nanoiot.actors.directory import DeviceDirectory
 from nanoiot.config import Config
 from nanoiot.demo import DemoData, banner, seed_demo
 from nanoiot.events import EventBus, RpcStatusEvent
 from nanoiot.logs import make_observer
 from nanoiot.persistence.catalog import DeviceCatalog
+from nanoiot.persistence.journal import RpcJournal
 from nanoiot.persistence.records import Device
 from nanoiot.persistence.repository import Repository
-from nanoiot.rpc.model import RpcStatus
+from nanoiot.rpc.model import RpcStatus, record_command
 from nanoiot.rpc.queue import PendingRpc, QueueSettings
 from nanoiot.rpc.server_methods import ServerMethods
 from nanoiot.transports.mqtt.protocol import MqttFactory
@@ -66,7 +69,10 @@ class NanoService(MultiService):
         self.reactor = reactor
         self.repository = Repository(config.database, reactor)
         self.catalog = DeviceCatalog(self.repository)
+        self.journal = RpcJournal(self.repository, reactor)
         settings = ActorSettings(
+            max_persistent_per_device=config.rpc_max_persistent_per_device,
+            max_persistent_per_tenant=config.rpc_max_persistent_per_tenant,
             queue=QueueSettings(
                 strategy=config.rpc_strategy,
                 max_retries=config.rpc_max_retries,
@@ -79,7 +85,7 @@ class NanoService(MultiService):
             session_limits=session_limits(config),
         )
         self.events = EventBus()
-        self.directory = DeviceDirectory(reactor, settings, server_methods, self._publish_status)
+        self.directory = DeviceDirectory(reactor, settings, server_methods, self._publish_status, self.journal)
         self.directory.setServiceParent(self)
         self.tokens = TokenIssuer(
             load_signing_key(config.jwt_key, config.jwt_key_file),
@@ -87,7 +93,8 @@ class NanoService(MultiService):
             config.jwt_refresh_expiration,
             reactor,
         )
-        self.web_context = WebContext(config, reactor, self.repository, self.catalog, self.directory, self.tokens)
+        self.web_context = WebContext(config, reactor, self.repository, self.catalog, self.directory, self.tokens,
+                                      self.journal, self.events)
         self.site = build_site(self.web_context)
         self.mqtt_factory = MqttFactory(
             authenticate=self.catalog.device_for_token,
@@ -101,6 +108,7 @@ class NanoService(MultiService):
         self.mqtt_port: IListeningPort | None = None
         self.demo: DemoData | None = None
         self.failed = False
+        self._ttl: TimerService | None = None
         #: Fires with this service once it listens; errbacks if it could not start.
         self.ready: Deferred = Deferred()
 
@@ -113,8 +121,8 @@ class NanoService(MultiService):
     def _publish_status(self, device: Device, pending: PendingRpc, status: RpcStatus, response: Any) -> None:
         if self.events.has_listeners:
             command = pending.command
-            self.events.publish(RpcStatusEvent(device.tenant_id, device.id, command.rpc_id, pending.request_id,
-                                               status, response, command.persistent))
+            record = command_record(command, pending.request_id, status, response)
+            self.events.publish(RpcStatusEvent(record, command.persistent))
 
     def _attach_mqtt_session(self, device: Device, session: MqttSession) -> Any:
         return self.directory.tell(device, m.AttachSession(session))
@@ -130,6 +138,11 @@ class NanoService(MultiService):
     async def _start(self) -> NanoService:
         raise_open_file_limit()
         await self.repository.start()
+        await self._resume_persistent_rpcs()
+        if self.config.rpc_ttl:
+            self._ttl = TimerService(self.config.rpc_ttl_interval, self._clean_up_finished_rpcs)
+            self._ttl.clock = self.reactor
+            self._ttl.setServiceParent(self)
         if self.config.demo:
             self.demo = await seed_demo(self.repository, self.catalog)
         self.http_port = await self._endpoint(self.config.http_port).listen(self.site)
@@ -138,6 +151,34 @@ class NanoService(MultiService):
             self.config.host, self.http_port.getHost().port, self.mqtt_port.getHost().port, self.config.coap_port,
             self.config.database, self.demo, __version__))
         return self
+
+    async def _resume_persistent_rpcs(self) -> None:
+        """Every persistent command that had not ended goes back to its device actor, in its original order,
+        with its timers re-armed (expired ones end as EXPIRED)."""
+        self.directory.request_ids.next_id = await self.repository.max_rpc_seq() + 1
+        records = await self.repository.load_active_rpcs()
+        by_device: dict[Any, list[Any]] = {}
+        for record in records:
+            by_device.setdefault(record.device_id, []).append(record)
+        resumed = 0
+        for index, (device_id, stored) in enumerate(by_device.items()):
+            device = await self.catalog.get_device(device_id)
+            if device is None:
+                continue
+            entries = [(record_command(r), r.status, r.seq) for r in stored]
+            self.directory.tell(device, m.RestoreRpcs(entries))
+            resumed += len(entries)
+            if index % 1000 == 999:
+                await deferLater(self.reactor, 0, lambda: None)  # let the reactor breathe between chunks
+        if resumed:
+            log.info("resumed {count} persistent RPCs on {devices} devices", count=resumed, devices=len(by_device))
+
+    def _clean_up_finished_rpcs(self) -> Deferred:
+        cutoff = int(self.reactor.seconds() * 1000) - self.config.rpc_ttl * 1000
+        d = self.repository.delete_terminal_rpcs_older_than(cutoff)
+        d.addCallback(lambda n: n and log.info("removed {count} finished persistent RPCs past their TTL", count=n))
+        d.addErrback(lambda f: log.failure("RPC TTL clean-up failed", f))
+        return d
 
     def _start_failed(self, failure: Any) -> None:
         log.critical("NanoIoT could not start: {error}", error=failure.getErrorMessage())
@@ -151,5 +192,6 @@ class NanoService(MultiService):
         self.http_port = self.mqtt_port = None
         d = DeferredList([maybeDeferred(p.stopListening) for p in ports])
         d.addCallback(lambda _: MultiService.stopService(self))
-        d.addCallback(lambda _: self.repository.stop())
+        d.addCallback(lambda _: self.journal.flushed())
+        d.addBoth(lambda _: self.repository.stop())
         return d

@@ -7,8 +7,9 @@ applies the effects (write to a session, arm a timer, fire the caller's Deferred
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
+from uuid import UUID
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -16,8 +17,8 @@ from twisted.logger import Logger
 
 from nanoiot.actors import messages as m
 from nanoiot.actors.runtime import ReactorActor
-from nanoiot.persistence.records import Device
-from nanoiot.rpc.model import RpcFailure, RpcResult, RpcStatus
+from nanoiot.persistence.records import Device, RpcRecord
+from nanoiot.rpc.model import RpcCommand, RpcFailure, RpcResult, RpcStatus
 from nanoiot.rpc.queue import (
     CancelTimer,
     DeviceRpcQueue,
@@ -35,6 +36,7 @@ from nanoiot.transports.session import Delivery, DeviceSession
 
 if TYPE_CHECKING:
     from nanoiot.actors.directory import DeviceDirectory
+    from nanoiot.persistence.journal import RpcJournal
 
 log = Logger(namespace="nanoiot.device")
 
@@ -59,45 +61,101 @@ class ActorSettings:
     queue: QueueSettings
     qos: int = 1
     max_pending: int = 1000
+    max_persistent_per_device: int = 1000
+    max_persistent_per_tenant: int = 1_000_000
     idle_timeout: float = 60.0
     session_limits: dict[str, Any] | None = None
 
 
+class RequestIds:
+    """Server-wide request ids: unique across devices and restarts (they continue above the highest stored
+    ``seq``), so a device can de-duplicate on them and a late answer never matches another command."""
+
+    __slots__ = ("next_id",)
+
+    def __init__(self, start: int = 1) -> None:
+        self.next_id = start
+
+    def take(self) -> int:
+        value = self.next_id
+        self.next_id += 1
+        return value
+
+
+class TenantCounts:
+    """Active persistent commands per tenant, for the per-tenant limit (kept in memory, loaded at start)."""
+
+    def __init__(self) -> None:
+        self.active: dict[UUID, int] = {}
+
+    def add(self, tenant_id: UUID, n: int = 1) -> None:
+        self.active[tenant_id] = self.active.get(tenant_id, 0) + n
+
+    def release(self, tenant_id: UUID) -> None:
+        left = self.active.get(tenant_id, 0) - 1
+        if left > 0:
+            self.active[tenant_id] = left
+        else:
+            self.active.pop(tenant_id, None)
+
+
+@dataclass(slots=True)
+class ActorContext:
+    """What every device actor shares: one reference per actor instead of one per service."""
+
+    directory: DeviceDirectory
+    clock: IReactorTime
+    settings: ActorSettings
+    server_methods: ServerMethods
+    status_listener: StatusListener | None = None
+    journal: RpcJournal | None = None
+    ids: RequestIds = field(default_factory=RequestIds)
+    tenant_counts: TenantCounts = field(default_factory=TenantCounts)
+
+
 class DeviceActor(ReactorActor):
-    def __init__(
-        self,
-        device: Device,
-        directory: DeviceDirectory,
-        clock: IReactorTime,
-        settings: ActorSettings,
-        server_methods: ServerMethods,
-        status_listener: StatusListener | None = None,
-    ) -> None:
+    def __init__(self, device: Device, context: ActorContext) -> None:
         super().__init__()
         self.device = device
-        self.directory = directory
-        self.clock = clock
-        self.settings = settings
-        self.server_methods = server_methods
-        self.status_listener = status_listener
-        self.queue = DeviceRpcQueue(settings.queue)
+        self.ctx = context
+        self.queue = DeviceRpcQueue(context.settings.queue)
         self.sessions: dict[int, DeviceSession] = {}
+        #: rpc id -> callers waiting for the outcome (lightweight) or for the durable insert (persistent).
         self.waiters: dict[Any, list[Deferred]] = {}
-        self.timers: dict[tuple[Timer, int], IDelayedCall] = {}
+        self.timers: dict[tuple[Timer, int], tuple[int, IDelayedCall]] = {}
         self.passivated = False
         self._idle_call: IDelayedCall | None = None
         self._idle_generation = 0
+        self._timer_generation = 0
+        #: The persistent command being submitted: its first status change is an insert, not an update.
+        self._inserting: Any = None
+        #: request id -> the Deferred of its durable SENT status, which the write to the device waits for.
+        self._sent_durable: dict[int, Deferred] = {}
+        self.persistent_pending = 0
+        self._inserts_pending: set[Any] = set()
 
     # --- plumbing -------------------------------------------------------------------------------------------------
 
+    @property
+    def clock(self) -> IReactorTime:
+        return self.ctx.clock
+
+    @property
+    def directory(self) -> DeviceDirectory:
+        return self.ctx.directory
+
+    @property
+    def settings(self) -> ActorSettings:
+        return self.ctx.settings
+
     def now(self) -> int:
-        return int(self.clock.seconds() * 1000)
+        return int(self.ctx.clock.seconds() * 1000)
 
     def on_start(self) -> None:
         self._schedule_idle_check()
 
     def on_stop(self) -> None:
-        for call in self.timers.values():
+        for _, call in self.timers.values():
             if call.active():
                 call.cancel()
         self.timers.clear()
@@ -122,17 +180,51 @@ class DeviceActor(ReactorActor):
 
     def _submit(self, msg: m.SubmitRpc) -> None:
         command = msg.command
-        existing = self.queue.find(command.rpc_id)
-        if existing is not None:
-            # The same requestUUID again: join the pending call, never send it twice.
-            self.waiters.setdefault(command.rpc_id, []).append(msg.reply)
+        if self.queue.find(command.rpc_id) is not None:
+            # The same requestUUID again: join the pending call (or its insert), never send it twice.
+            if command.persistent and command.rpc_id not in self._inserts_pending:
+                msg.reply.callback(_persisted(command.rpc_id))
+            else:
+                self.waiters.setdefault(command.rpc_id, []).append(msg.reply)
             return
-        if len(self.queue) >= self.settings.max_pending:
-            msg.reply.callback(RpcResult(failure=RpcFailure.REJECTED, response={
-                "limit": "rpc-max-pending", "value": self.settings.max_pending}))
+        refusal = self._refusal(command)
+        if refusal is not None:
+            msg.reply.callback(refusal)
             return
         self.waiters.setdefault(command.rpc_id, []).append(msg.reply)
-        self._apply(self.queue.submit(command, self.now()))
+        self._inserting = command.rpc_id if command.persistent else None
+        try:
+            self._apply(self.queue.submit(command, self.now(), self.ctx.ids.take()))
+        finally:
+            self._inserting = None
+
+    def _refusal(self, command: RpcCommand) -> RpcResult | None:
+        """A limit the command would break, as a REJECTED result naming it (the REST layer answers 429)."""
+        settings = self.settings
+        if len(self.queue) >= settings.max_pending:
+            return _rejected("rpc-max-pending", settings.max_pending)
+        if command.persistent:
+            if self.persistent_pending >= settings.max_persistent_per_device:
+                return _rejected("rpc-max-persistent-per-device", settings.max_persistent_per_device)
+            if self.ctx.tenant_counts.active.get(command.tenant_id, 0) >= settings.max_persistent_per_tenant:
+                return _rejected("rpc-max-persistent-per-tenant", settings.max_persistent_per_tenant)
+        return None
+
+    def _restore(self, msg: m.RestoreRpcs) -> None:
+        now = self.now()
+        for command, status, request_id in msg.entries:
+            if self.queue.find(command.rpc_id) is None:
+                # Counted first: if it expired meanwhile, its EXPIRED releases the count again.
+                self.persistent_pending += 1
+                self.ctx.tenant_counts.add(command.tenant_id)
+                self._apply(self.queue.restore(command, status, now, request_id))
+
+    def _send_now(self, msg: m.SendNow) -> None:
+        pending = self.queue.pending.get(msg.request_id)
+        if pending is None or pending.in_flight_on != msg.session_id or pending.delivered:
+            return  # acknowledged, answered, deleted or moved to another session meanwhile
+        if self._send(Send(msg.session_id, pending)):
+            self._apply(self.queue.acked(msg.request_id, self.now()))
 
     def _delete(self, msg: m.DeleteRpc) -> None:
         effects = self.queue.delete(msg.rpc_id, self.now())
@@ -175,7 +267,7 @@ class DeviceActor(ReactorActor):
         if session is None:
             return
         context = CallContext(self.device, session.transport, self.clock, self.settings.session_limits or {})
-        d = self.server_methods.call(context, msg.payload)
+        d = self.ctx.server_methods.call(context, msg.payload)
 
         def reply(value: Any) -> None:
             # The session may have closed while the method ran: then nobody is there to answer.
@@ -187,7 +279,11 @@ class DeviceActor(ReactorActor):
         d.addErrback(lambda f: log.failure("device call failed", f))
 
     def _timer_fired(self, msg: m.TimerFired) -> None:
-        self.timers.pop((msg.kind, msg.request_id), None)
+        key = (msg.kind, msg.request_id)
+        armed = self.timers.get(key)
+        if armed is None or armed[0] != msg.generation:
+            return  # cancelled or re-armed after this firing was queued
+        del self.timers[key]
         now = self.now()
         if msg.kind is Timer.EXPIRY:
             self._apply(self.queue.expired(msg.request_id, now))
@@ -220,6 +316,7 @@ class DeviceActor(ReactorActor):
             "subscriptions": list(self.queue.subscriptions),
             "pending": [(p.request_id, p.status.value) for p in self.queue.pending.values()],
             "timers": sorted((k.value, rid) for k, rid in self.timers),
+            "persistent_pending": self.persistent_pending,
         })
 
     # --- effects --------------------------------------------------------------------------------------------------
@@ -228,23 +325,93 @@ class DeviceActor(ReactorActor):
         delivered_on_write: list[int] = []
         for effect in effects:
             if isinstance(effect, Send):
-                if self._send(effect):
+                durable = self._sent_durable.pop(effect.pending.request_id, None)
+                if durable is not None:
+                    # Write-ahead: the device gets a persistent command only once SENT is stored, so after a
+                    # crash every command that may have reached a device is known to have been sent.
+                    durable.addCallback(lambda _, sid=effect.session_id, rid=effect.pending.request_id:
+                                        _tell_quietly(self.actor_ref, m.SendNow(sid, rid)))
+                    durable.addErrback(lambda f: log.failure("device {device_id}: SENT not stored", f,
+                                                             device_id=self.device.id))
+                elif self._send(effect):
                     delivered_on_write.append(effect.pending.request_id)
             elif isinstance(effect, StartTimer):
                 self._start_timer(effect)
             elif isinstance(effect, CancelTimer):
-                call = self.timers.pop((effect.kind, effect.request_id), None)
-                if call is not None and call.active():
-                    call.cancel()
+                armed = self.timers.pop((effect.kind, effect.request_id), None)
+                if armed is not None and armed[1].active():
+                    armed[1].cancel()
             elif isinstance(effect, Finished):
-                for waiter in self.waiters.pop(effect.rpc_id, ()):
-                    if not waiter.called:  # a caller that went away cancelled its Deferred
-                        waiter.callback(effect.result)
+                self._finished(effect)
             elif isinstance(effect, StatusChanged):
-                if self.status_listener is not None:
-                    self.status_listener(self.device, effect.pending, effect.status, effect.response)
+                self._status_changed(effect)
         for request_id in delivered_on_write:
             self._apply(self.queue.acked(request_id, self.now()))
+
+    def _finished(self, effect: Finished) -> None:
+        if effect.rpc_id in self._inserts_pending:
+            return  # a persistent caller is answered when its insert is durable, not when the command ends
+        for waiter in self.waiters.pop(effect.rpc_id, ()):
+            if not waiter.called:  # a caller that went away cancelled its Deferred
+                waiter.callback(effect.result)
+
+    def _status_changed(self, effect: StatusChanged) -> None:
+        pending, status = effect.pending, effect.status
+        command = pending.command
+        if command.persistent:
+            self._journal(pending, status, effect.response)
+        if self.ctx.status_listener is not None:
+            self.ctx.status_listener(self.device, pending, status, effect.response)
+
+    def _journal(self, pending: PendingRpc, status: RpcStatus, response: Any) -> None:
+        command = pending.command
+        journal = self.ctx.journal
+        first = command.rpc_id == self._inserting
+        if first:
+            self._inserting = None  # only the first status change of a new command is its insert
+            if status is RpcStatus.QUEUED:
+                self.persistent_pending += 1
+                self.ctx.tenant_counts.add(command.tenant_id)
+            else:
+                log.debug("device {device_id}: persistent RPC {rpc_id} stored as {status}",
+                          device_id=self.device.id, rpc_id=command.rpc_id, status=status.value)
+            if journal is None:
+                self._answer_persistent(command.rpc_id, None)
+                return
+            self._inserts_pending.add(command.rpc_id)
+            d = journal.insert(_record(command, pending.request_id, status, response))
+            d.addCallbacks(lambda _: self._answer_persistent(command.rpc_id, None),
+                           lambda f: self._answer_persistent(command.rpc_id, f))
+            return
+        if status.is_terminal:
+            self.persistent_pending -= 1
+            self.ctx.tenant_counts.release(command.tenant_id)
+        if journal is None:
+            return
+        if status is RpcStatus.DELETED:
+            journal.delete(command.rpc_id)
+        elif status is RpcStatus.SENT:
+            self._sent_durable[pending.request_id] = journal.change(command.rpc_id, status)
+        elif status in (RpcStatus.SUCCESSFUL, RpcStatus.FAILED) and response is not None:
+            journal.change(command.rpc_id, status, _storable(response))
+        else:
+            journal.change(command.rpc_id, status)
+
+    def _answer_persistent(self, rpc_id: Any, failure: Any) -> None:
+        """Runs when the insert is durable (or failed): only now may the caller learn the rpcId."""
+        self._inserts_pending.discard(rpc_id)
+        waiters = self.waiters.pop(rpc_id, [])
+        if failure is not None:
+            log.failure("device {device_id}: persistent RPC {rpc_id} could not be stored", failure,
+                        device_id=self.device.id, rpc_id=rpc_id)
+            self._apply(self.queue.delete(rpc_id, self.now()))
+        for waiter in waiters:
+            if not waiter.called:
+                if failure is None:
+                    waiter.callback(_persisted(rpc_id))
+                else:
+                    waiter.errback(failure)
+        self._schedule_idle_check()
 
     def _send(self, effect: Send) -> bool:
         session = self.sessions.get(effect.session_id)
@@ -258,16 +425,20 @@ class DeviceActor(ReactorActor):
     def _start_timer(self, effect: StartTimer) -> None:
         key = (effect.kind, effect.request_id)
         old = self.timers.pop(key, None)
-        if old is not None and old.active():
-            old.cancel()
+        if old is not None and old[1].active():
+            old[1].cancel()
+        self._timer_generation += 1
+        generation = self._timer_generation
         delay = max(0.0, (effect.at - self.now()) / 1000.0)
-        ref = self.actor_ref
-        self.timers[key] = self.clock.callLater(delay, _tell_quietly, ref, m.TimerFired(effect.kind, effect.request_id))
+        call = self.clock.callLater(delay, _tell_quietly, self.actor_ref,
+                                    m.TimerFired(effect.kind, effect.request_id, generation))
+        self.timers[key] = (generation, call)
 
     # --- passivation ----------------------------------------------------------------------------------------------
 
     def _is_idle(self) -> bool:
-        return not self.sessions and not self.queue.pending and not self.waiters
+        return not self.sessions and not self.queue.pending and not self.waiters and not self._sent_durable \
+            and not self._inserts_pending
 
     def _schedule_idle_check(self) -> None:
         if not self._is_idle():
@@ -280,6 +451,36 @@ class DeviceActor(ReactorActor):
         self._idle_generation += 1
         self._idle_call = self.clock.callLater(self.settings.idle_timeout, _tell_quietly, self.actor_ref,
                                                m.Passivate(self._idle_generation))
+
+
+def _persisted(rpc_id: Any) -> RpcResult:
+    return RpcResult(response={"rpcId": str(rpc_id)}, has_response=True)
+
+
+def _rejected(limit: str, value: int) -> RpcResult:
+    return RpcResult(failure=RpcFailure.REJECTED, response={"limit": limit, "value": value})
+
+
+def _storable(response: Any) -> Any:
+    """What the ``response`` column keeps: the answer's JSON, or ``{"error": text}`` for a non-JSON answer."""
+    if isinstance(response, NonJsonResponse):
+        return {"error": str(response)}
+    return response
+
+
+def command_record(command: RpcCommand, request_id: int, status: RpcStatus, response: Any) -> RpcRecord:
+    """The command as a stored record (also what status events carry)."""
+    return _record(command, request_id, status, response)
+
+
+def _record(command: RpcCommand, request_id: int, status: RpcStatus, response: Any) -> RpcRecord:
+    return RpcRecord(
+        id=command.rpc_id, created_time=command.created_time, tenant_id=command.tenant_id,
+        device_id=command.device_id, expiration_time=command.expiration_time, oneway=command.oneway,
+        method=command.method, params=command.params, status=status, response=_storable(response),
+        additional_info=command.additional_info, retries=command.retries, user_id=command.user_id,
+        seq=request_id,
+    )
 
 
 def _tell_quietly(ref: Any, message: Any) -> None:
@@ -306,4 +507,6 @@ _HANDLERS: dict[type, Callable[[DeviceActor, Any], Any]] = {
     m.DeviceRemoved: DeviceActor._removed,
     m.Passivate: DeviceActor._passivate,
     m.Inspect: DeviceActor._inspect,
+    m.RestoreRpcs: DeviceActor._restore,
+    m.SendNow: DeviceActor._send_now,
 }

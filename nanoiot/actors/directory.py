@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from nanoiot.actors.device import ActorSettings, DeviceActor, StatusListener
+from nanoiot.actors.device import ActorContext, ActorSettings, DeviceActor, RequestIds, StatusListener
 from nanoiot.actors.runtime import stop_deferred
 from nanoiot.persistence.records import Device
 from nanoiot.rpc.server_methods import ServerMethods
@@ -29,12 +29,20 @@ class DeviceDirectory(Service):
         settings: ActorSettings,
         server_methods: ServerMethods | None = None,
         status_listener: StatusListener | None = None,
+        journal: Any = None,
     ) -> None:
         self.clock = clock
-        self.settings = settings
-        self.server_methods = server_methods or ServerMethods()
-        self.status_listener = status_listener
+        self.context = ActorContext(self, clock, settings, server_methods or ServerMethods(), status_listener,
+                                    journal)
         self._actors: dict[UUID, ActorRef[DeviceActor]] = {}
+
+    @property
+    def settings(self) -> ActorSettings:
+        return self.context.settings
+
+    @property
+    def request_ids(self) -> RequestIds:
+        return self.context.ids
 
     def __len__(self) -> int:
         return len(self._actors)
@@ -45,8 +53,7 @@ class DeviceDirectory(Service):
     def ref_for(self, device: Device) -> ActorRef[DeviceActor]:
         ref = self._actors.get(device.id)
         if ref is None or not ref.is_alive():
-            ref = DeviceActor.start(device, self, self.clock, self.settings, self.server_methods,
-                                    self.status_listener)
+            ref = DeviceActor.start(device, self.context)
             self._actors[device.id] = ref
         return ref
 

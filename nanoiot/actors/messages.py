@@ -84,6 +84,8 @@ class DeviceRemoved:
 class TimerFired:
     kind: Timer
     request_id: int
+    #: Which arming of the timer this is: a firing that raced with a cancel or re-arm is ignored.
+    generation: int = 0
 
 
 @dataclass(slots=True)
@@ -97,3 +99,18 @@ class Inspect:
 
     reply: Deferred = field(default_factory=Deferred)
     extra: Any = None
+
+
+@dataclass(slots=True)
+class RestoreRpcs:
+    """Stored commands to resume after a restart, in their original order: (command, status, request id)."""
+
+    entries: list = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class SendNow:
+    """A persistent command whose SENT status is durable may now be written to the device."""
+
+    session_id: int
+    request_id: int

@@ -3,9 +3,9 @@
 This is the only module that knows how Pykka actors are scheduled. Everything else talks to actors through
 ``ActorRef.tell``/``ask(block=False)``, :func:`ask_deferred`, :func:`stop_deferred` and ``await`` on the futures.
 
-Why (see ``/work/shared/spec/actors.md`` sections 2-6): a thread per device (``pykka.ThreadingActor``) fails at
-~22k actors and costs ~22 KB each; running every actor on the reactor thread costs ~1 KB per idle actor, keeps
-each actor strictly sequential and makes a round trip a few microseconds.
+Why (from the actor-runtime study, "Pykka 4.x actors on a Twisted reactor", sections 2-6): a thread per device
+(``pykka.ThreadingActor``) fails at ~22k actors and costs ~22 KB each; running every actor on the reactor thread
+costs ~0.6 KB per idle actor, keeps each actor strictly sequential and makes a round trip a few microseconds.
 
 How it works:
 
@@ -29,9 +29,15 @@ A handler may return a ``Deferred``: the ask's future is then completed when the
 or failure), and the actor goes on with its next messages meanwhile -- the mailbox is NOT held. A Deferred
 returned for a ``tell`` that fails is treated like an exception raised by a tell (``on_failure``, actor stops)
 while the actor is alive. Coroutines are not run for you: return ``ensureDeferred(coro)`` if you need one.
+Stopping an actor does not cancel Deferreds it returned earlier: their asks are answered when they fire.
+
+One deliberate difference from Pykka: when a handler raises a ``BaseException`` (Pykka then stops every actor,
+here with ``stop_all(block=False)``), an ask being handled gets ``ActorDeadError`` (its ``__cause__`` is the
+exception) instead of never being answered.
 
 This module relies on Pykka private names (``Envelope``, ``_handle_receive``, ``_handle_failure``, ``_stop``,
-``_actor_loop_setup``, ``_actor_loop_teardown``, ``messages._ActorStop``, ``ActorRegistry._actor_refs``); hence
+``_actor_loop_setup``, ``_actor_loop_teardown``, ``messages._ActorStop``, ``ActorRegistry._actor_refs``,
+``_future._Unset``, and what ``Actor.__init__``/``Future.__init__`` set); hence
 ``pykka>=4.5,<4.6`` in setup.cfg and the pinning tests in ``tests/unit/test_actor_runtime.py``.
 """
 
@@ -663,8 +669,9 @@ class _Mailbox:
             actor.on_failure(*exc_info)
         except Exception:  # noqa: BLE001
             actor._handle_failure(*sys.exc_info())
-        if not self._scheduled:  # otherwise the slot running or about to run this actor tears it down
-            self._teardown()
+        # Safe even inside this actor's own slot (the Deferred may fire from its next handler): the slot then
+        # finds the actor stopped and its inbox already drained.
+        self._teardown()
 
 
 def _reply_value(value: Any, reply_to: pykka.Future[Any]) -> None:

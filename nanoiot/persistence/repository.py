@@ -479,16 +479,10 @@ class Repository:
 
     def insert_rpcs(self, records: list[RpcRecord]) -> Deferred[list[RpcRecord]]:
         """Store new RPCs in one transaction (the writer batches them); returns them with ``seq`` assigned in list
-        order, which is the order a device receives them in, even across a restart."""
+        order (a record that already carries a ``seq`` keeps it), which is the order a device receives them in."""
         if not records:
             return defer.succeed([])
-
-        def thd(conn: Connection) -> list[RpcRecord]:
-            numbered = [replace(r, seq=seq) for r, seq in zip(records, _next_seqs(conn, len(records)))]
-            conn.execute(insert(rpcs), [_rpc_values(r) for r in numbered])
-            return numbered
-
-        return self._run(thd)
+        return self._run(lambda conn: _insert_rpcs(conn, records))
 
     def update_rpc_statuses(self, changes: Sequence[RpcStatusChange]) -> Deferred[None]:
         """Apply ``(id, status, response | UNCHANGED, retries | None)`` changes in one transaction.
@@ -496,30 +490,33 @@ class Repository:
         Several changes of one RPC fold into one in list order, then rows that change the same columns are
         updated with one executemany: a device actor's burst of transitions costs a couple of statements.
         """
-        folded: dict[UUID, tuple[RpcStatus, Any, int | None]] = {}
-        for rpc_id, status, response, retries in changes:
-            _, old_response, old_retries = folded.get(rpc_id, (status, UNCHANGED, None))
-            folded[rpc_id] = (RpcStatus(status), old_response if response is UNCHANGED else response,
-                              old_retries if retries is None else retries)
-        groups: dict[tuple[bool, bool], list[dict[str, Any]]] = {}
-        for rpc_id, (status, response, retries) in folded.items():
-            params: dict[str, Any] = {"b_id": rpc_id, "status": status.value}
-            if response is not UNCHANGED:
-                params["response"] = _dump(response)
-            if retries is not None:
-                params["retries"] = retries
-            groups.setdefault((response is not UNCHANGED, retries is not None), []).append(params)
+        groups = _fold_status_changes(changes)
         if not groups:
             return defer.succeed(None)
+        return self._run(lambda conn: _apply_status_groups(conn, groups))
 
-        def thd(conn: Connection) -> None:
-            for (with_response, with_retries), rows in groups.items():
-                values: dict[str, Any] = {"status": bindparam("status")}
-                if with_response:
-                    values["response"] = bindparam("response")
-                if with_retries:
-                    values["retries"] = bindparam("retries")
-                conn.execute(update(rpcs).where(rpcs.c.id == bindparam("b_id")).values(values), rows)
+    def write_rpc_batch(self, inserts: list[RpcRecord], changes: Sequence[RpcStatusChange],
+                        deletes: Sequence[UUID] = ()) -> Deferred[list[RpcRecord]]:
+        """The journal's flush: new RPCs, then status changes, then deletions, all in ONE transaction, so a crash
+        leaves either the whole batch or none of it."""
+        groups = _fold_status_changes(changes)
+        wanted = list(deletes)
+
+        def thd(conn: Connection) -> list[RpcRecord]:
+            stored = _insert_rpcs(conn, inserts) if inserts else []
+            if groups:
+                _apply_status_groups(conn, groups)
+            if wanted:
+                conn.execute(delete(rpcs).where(rpcs.c.id.in_(wanted)))
+            return stored
+
+        return self._run(thd)
+
+    def max_rpc_seq(self) -> Deferred[int]:
+        """The highest ``seq`` ever stored (0 for none): request ids continue above it after a restart."""
+
+        def thd(conn: Connection) -> int:
+            return int(conn.scalar(select(func.coalesce(func.max(rpcs.c.seq), 0))))
 
         return self._run(thd)
 
@@ -708,6 +705,41 @@ def _translate(exc: IntegrityError, email: str | None = None) -> Exception:
     if schema.CUSTOMER_TITLE_UNIQUE in text or "customer.tenant_id, customer.title" in text:
         return BadRequest(DUPLICATE_CUSTOMER_TITLE)
     return exc
+
+
+def _insert_rpcs(conn: Connection, records: list[RpcRecord]) -> list[RpcRecord]:
+    missing = [r for r in records if not r.seq]
+    seqs = iter(_next_seqs(conn, len(missing))) if missing else iter(())
+    numbered = [r if r.seq else replace(r, seq=next(seqs)) for r in records]
+    conn.execute(insert(rpcs), [_rpc_values(r) for r in numbered])
+    return numbered
+
+
+def _fold_status_changes(changes: Sequence[RpcStatusChange]) -> dict[tuple[bool, bool], list[dict[str, Any]]]:
+    folded: dict[UUID, tuple[RpcStatus, Any, int | None]] = {}
+    for rpc_id, status, response, retries in changes:
+        _, old_response, old_retries = folded.get(rpc_id, (status, UNCHANGED, None))
+        folded[rpc_id] = (RpcStatus(status), old_response if response is UNCHANGED else response,
+                          old_retries if retries is None else retries)
+    groups: dict[tuple[bool, bool], list[dict[str, Any]]] = {}
+    for rpc_id, (status, response, retries) in folded.items():
+        params: dict[str, Any] = {"b_id": rpc_id, "status": status.value}
+        if response is not UNCHANGED:
+            params["response"] = _dump(response)
+        if retries is not None:
+            params["retries"] = retries
+        groups.setdefault((response is not UNCHANGED, retries is not None), []).append(params)
+    return groups
+
+
+def _apply_status_groups(conn: Connection, groups: dict[tuple[bool, bool], list[dict[str, Any]]]) -> None:
+    for (with_response, with_retries), rows in groups.items():
+        values: dict[str, Any] = {"status": bindparam("status")}
+        if with_response:
+            values["response"] = bindparam("response")
+        if with_retries:
+            values["retries"] = bindparam("retries")
+        conn.execute(update(rpcs).where(rpcs.c.id == bindparam("b_id")).values(values), rows)
 
 
 def _next_seqs(conn: Connection, count: int) -> list[int]:

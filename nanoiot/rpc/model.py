@@ -15,6 +15,7 @@ __all__ = [
     "RpcResult",
     "RpcStatus",
     "SubmitStrategy",
+    "record_command",
 ]
 
 
@@ -84,3 +85,21 @@ class RpcResult:
     @property
     def ok(self) -> bool:
         return self.failure is None
+
+
+def record_command(record: Any) -> RpcCommand:
+    """A stored persistent command (an ``RpcRecord``) as the actor holds it, to resume after a restart."""
+    return RpcCommand(
+        rpc_id=record.id,
+        tenant_id=record.tenant_id,
+        device_id=record.device_id,
+        method=record.method,
+        params=record.params,
+        oneway=record.oneway,
+        expiration_time=record.expiration_time,
+        created_time=record.created_time,
+        persistent=True,
+        retries=record.retries,
+        additional_info=record.additional_info,
+        user_id=record.user_id,
+    )

@@ -119,35 +119,60 @@ class DeviceRpcQueue:
 
     # --- events ---------------------------------------------------------------------------------------------------
 
-    def submit(self, command: RpcCommand, now: int) -> list[Effect]:
-        """Take a new command; it is sent at once if the strategy and a session allow."""
-        request_id = self.next_request_id
-        self.next_request_id += 1
-        pending = PendingRpc(command, request_id)
+    def submit(self, command: RpcCommand, now: int, request_id: int | None = None) -> list[Effect]:
+        """Take a new command; it is sent at once if the strategy and a session allow.
+
+        ``request_id`` is the id the device sees; the actor passes one from a server-wide source so that ids stay
+        unique across restarts (a device can de-duplicate on them). Without one, a per-queue counter is used.
+        """
+        pending = self._new_pending(command, request_id)
         effects: list[Effect] = []
         if command.expiration_time <= now:
             effects.append(StatusChanged(pending, RpcStatus.EXPIRED))
             effects.append(Finished(command.rpc_id, RpcResult(failure=RpcFailure.DEVICE_OFFLINE)))
             return effects
-        self.pending[request_id] = pending
-        self.by_rpc_id[command.rpc_id] = request_id
-        effects.append(StatusChanged(pending, RpcStatus.QUEUED))
-        effects.append(StartTimer(Timer.EXPIRY, request_id, command.expiration_time))
+        self._admit(pending, effects)
+        effects.insert(0, StatusChanged(pending, RpcStatus.QUEUED))
         self._pump(now, effects)
         return effects
 
-    def restore(self, command: RpcCommand, status: RpcStatus, now: int) -> list[Effect]:
-        """Re-take a stored command after a restart, keeping its place and status history."""
-        effects = self.submit(command, now)
-        pending = self.pending.get(self.next_request_id - 1)
-        if pending is not None and status is not RpcStatus.QUEUED:
-            # It may have reached the device before the crash: it must be sent again, and counts as such.
-            pending.ever_sent = True
-        elif pending is None and status is not RpcStatus.QUEUED:
-            # Already expired: it was sent before the crash, so it was not acknowledged, not never sent.
-            effects = [Finished(e.rpc_id, RpcResult(failure=RpcFailure.NOT_DELIVERED)) if isinstance(e, Finished)
-                       else e for e in effects]
-        return [e for e in effects if not (isinstance(e, StatusChanged) and e.status is RpcStatus.QUEUED)]
+    def restore(self, command: RpcCommand, status: RpcStatus, now: int, request_id: int | None = None,
+                attempts: int = 0) -> list[Effect]:
+        """Re-take a stored command after a restart, keeping its id, its place and what it already went through.
+
+        QUEUED was never written to a device. SENT and TIMEOUT may have reached it: they are sent again (same
+        request id) and expire as NOT_DELIVERED. DELIVERED (two-way) reached it: it is not sent again, the answer
+        is awaited.
+        """
+        pending = self._new_pending(command, request_id)
+        pending.status = status
+        pending.attempts = attempts
+        pending.ever_sent = status is not RpcStatus.QUEUED
+        pending.delivered = status is RpcStatus.DELIVERED
+        effects: list[Effect] = []
+        if command.expiration_time <= now:
+            effects.append(StatusChanged(pending, RpcStatus.EXPIRED))
+            failure = (RpcFailure.NO_RESPONSE if pending.delivered else
+                       RpcFailure.NOT_DELIVERED if pending.ever_sent else RpcFailure.DEVICE_OFFLINE)
+            effects.append(Finished(command.rpc_id, RpcResult(failure=failure)))
+            return effects
+        self._admit(pending, effects)
+        if pending.delivered and self.settings.strategy is SubmitStrategy.SEQUENTIAL_ON_RESPONSE_FROM_DEVICE:
+            at = min(now + self.settings.response_timeout_ms, command.expiration_time)
+            effects.append(StartTimer(Timer.RESPONSE, pending.request_id, at))
+        self._pump(now, effects)
+        return effects
+
+    def _new_pending(self, command: RpcCommand, request_id: int | None) -> PendingRpc:
+        if request_id is None:
+            request_id = self.next_request_id
+        self.next_request_id = max(self.next_request_id, request_id + 1)
+        return PendingRpc(command, request_id)
+
+    def _admit(self, pending: PendingRpc, effects: list[Effect]) -> None:
+        self.pending[pending.request_id] = pending
+        self.by_rpc_id[pending.command.rpc_id] = pending.request_id
+        effects.append(StartTimer(Timer.EXPIRY, pending.request_id, pending.command.expiration_time))
 
     def session_subscribed(self, session_id: int, one_shot: bool, now: int) -> list[Effect]:
         """A session asked for commands (MQTT subscribe, CoAP observe, HTTP long-poll)."""
@@ -172,11 +197,13 @@ class DeviceRpcQueue:
         """The device acknowledged the command (MQTT PUBACK, CoAP ACK, HTTP poll response written)."""
         pending = self.pending.get(request_id)
         effects: list[Effect] = []
-        if pending is None or pending.delivered:
+        if pending is None or pending.delivered or not pending.ever_sent:
             return effects
         self._mark_delivered(pending, effects)
         if pending.command.oneway:
+            # For a one-way command delivery is success (ThingsBoard's meaning of SUCCESSFUL for one-way).
             self._remove(pending, effects)
+            effects.append(StatusChanged(pending, RpcStatus.SUCCESSFUL))
             effects.append(Finished(pending.command.rpc_id, RpcResult()))
         elif self.settings.strategy is SubmitStrategy.SEQUENTIAL_ON_RESPONSE_FROM_DEVICE:
             at = min(now + self.settings.response_timeout_ms, pending.command.expiration_time)
@@ -188,7 +215,8 @@ class DeviceRpcQueue:
         """The device answered; an answer implies delivery even when the ack was lost or comes later."""
         pending = self.pending.get(request_id)
         effects: list[Effect] = []
-        if pending is None:
+        if pending is None or not pending.ever_sent:
+            # An answer to a command never written to a device is stale or forged: ignore it.
             return effects
         if not pending.delivered:
             self._mark_delivered(pending, effects)

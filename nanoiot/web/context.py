@@ -8,7 +8,9 @@ from twisted.internet.interfaces import IReactorTime
 
 from nanoiot.actors.directory import DeviceDirectory
 from nanoiot.config import Config
+from nanoiot.events import EventBus
 from nanoiot.persistence.catalog import DeviceCatalog
+from nanoiot.persistence.journal import RpcJournal
 from nanoiot.persistence.repository import Repository
 from nanoiot.web.tokens import TokenIssuer
 
@@ -21,6 +23,11 @@ class WebContext:
     catalog: DeviceCatalog
     directory: DeviceDirectory
     tokens: TokenIssuer
+    journal: RpcJournal
+    events: EventBus
+
+    def publish(self, event: object) -> None:
+        self.events.publish(event)
 
     def now(self) -> int:
         return int(self.clock.seconds() * 1000)

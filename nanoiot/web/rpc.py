@@ -6,18 +6,24 @@ empty 504 is the first thing its users complain about.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from nanoiot.actors import messages as m
-from nanoiot.errors import ErrorCode, NotFound
+from nanoiot.errors import Conflict, ErrorCode, InvalidArguments, NotFound, PermissionDenied
+from nanoiot.events import RpcStatusEvent
+from nanoiot.persistence.records import Authority, Device, RpcRecord, RpcStatus
 from nanoiot.rpc.body import parse_rpc_body
 from nanoiot.rpc.model import RpcCommand, RpcFailure, RpcResult
 from nanoiot.actors.device import NonJsonResponse
-from nanoiot.web.access import check_device_access, parse_uuid
+from nanoiot.web.access import check_device_access, parse_uuid, require_authority
+from nanoiot.web.paging import page_link
+from nanoiot.web.shapes import page_json, rpc_json
 from nanoiot.web.context import WebContext
 from nanoiot.web.routing import NO_BODY, ApiRequest, Response, Router
 
 KINDS = ("oneway", "twoway")
+RPC_SORTS = ("createdTime", "expirationTime", "request", "response")
 
 
 class RpcApi:
@@ -27,6 +33,62 @@ class RpcApi:
     def register(self, router: Router) -> None:
         router.add("POST", "/api/rpc/{kind}/{deviceId}", self.send_v2)
         router.add("POST", "/api/plugins/rpc/{kind}/{deviceId}", self.send_v1)
+        router.add("GET", "/api/rpc/persistent/{rpcId}", self.get_persistent)
+        router.add("DELETE", "/api/rpc/persistent/{rpcId}", self.delete_persistent)
+        router.add("GET", "/api/rpc/persistent/device/{deviceId}", self.list_persistent)
+
+    # --- persistent RPCs ------------------------------------------------------------------------------------------
+
+    async def _persistent(self, request: ApiRequest) -> tuple[RpcRecord, Device]:
+        require_authority(request.user, Authority.TENANT_ADMIN, Authority.CUSTOMER_USER)
+        rpc_id = parse_uuid(request.params["rpcId"])
+        record = await self.context.repository.get_rpc(rpc_id)
+        if record is None:
+            raise NotFound(f"Rpc with id [{rpc_id}] is not found")
+        device = await self.context.catalog.get_device(record.device_id)
+        if device is None or device.tenant_id != request.user.tenant_id:
+            raise NotFound(f"Rpc with id [{rpc_id}] is not found") if device is None else PermissionDenied()
+        # Access as for sending: a customer user reaches its own customer's devices only.
+        check_device_access(request.user, device)
+        return record, device
+
+    async def get_persistent(self, request: ApiRequest) -> dict[str, Any]:
+        record, _ = await self._persistent(request)
+        return rpc_json(record)
+
+    async def delete_persistent(self, request: ApiRequest) -> Response:
+        require_authority(request.user, Authority.TENANT_ADMIN)
+        record, device = await self._persistent(request)
+        cancelled = False
+        if not record.status.is_terminal:
+            message = m.DeleteRpc(record.id)
+            self.context.directory.tell(device, message)
+            cancelled = await message.reply
+        if cancelled:
+            # The actor removed it from the queue and journalled the deletion; answer once that is durable.
+            await self.context.journal.flushed()
+        else:
+            await self.context.repository.delete_rpc(record.id)
+            self.context.publish(RpcStatusEvent(replace(record, status=RpcStatus.DELETED), True))
+        return Response(body=NO_BODY)
+
+    async def list_persistent(self, request: ApiRequest) -> dict[str, Any]:
+        require_authority(request.user, Authority.TENANT_ADMIN, Authority.CUSTOMER_USER)
+        device_id = parse_uuid(request.params["deviceId"])
+        device = check_device_access(request.user, await self.context.catalog.get_device(device_id))
+        status = None
+        raw_status = request.query("rpcStatus")
+        if raw_status:
+            try:
+                status = RpcStatus(raw_status.upper())
+            except ValueError:
+                names = ", ".join(s.value for s in RpcStatus if s is not RpcStatus.DELETED)
+                raise InvalidArguments(f"Invalid rpcStatus '{raw_status}': use one of {names}") from None
+            if status is RpcStatus.DELETED:
+                raise InvalidArguments("RPCs with status DELETED are not kept: they cannot be listed")
+        link = page_link(request, RPC_SORTS)
+        page = await self.context.repository.list_device_rpcs(device.id, link, status)
+        return page_json(page, rpc_json)
 
     async def send_v1(self, request: ApiRequest) -> Response:
         return await self._send(request, v1=True)
@@ -43,10 +105,13 @@ class RpcApi:
         now = request.now()
         body = parse_rpc_body(request.json_body(), now, config.rpc_default_timeout, config.rpc_min_timeout)
         device = check_device_access(request.user, await self.context.catalog.get_device(device_id))
-        if body.persistent:
-            from nanoiot.errors import BadRequest
-
-            raise BadRequest("Persistent RPC is not available in this version of NanoIoT")
+        if body.persistent and isinstance(request.json_body().get("requestUUID"), str):
+            known = await self.context.repository.get_rpc(body.request_uuid)
+            if known is not None:
+                # The same requestUUID again: the command is already held; it is not sent twice.
+                if known.device_id != device.id:
+                    raise Conflict(f"requestUUID {body.request_uuid} is already used by another command")
+                return Response(body={"rpcId": str(known.id)})
         command = RpcCommand(
             rpc_id=body.request_uuid,
             tenant_id=device.tenant_id,
@@ -65,6 +130,8 @@ class RpcApi:
         message = m.SubmitRpc(command)
         self.context.directory.tell(device, message)
         result: RpcResult = await message.reply
+        if command.persistent and result.ok:
+            return Response(body=result.response)
         return self._render(request, command, result, v1)
 
     def _render(self, request: ApiRequest, command: RpcCommand, result: RpcResult, v1: bool) -> Response:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any, Callable, TypeVar
 from uuid import UUID
 
-from nanoiot.persistence.records import Customer, Device, DeviceCredentials, Page, User
+from nanoiot.persistence.records import Customer, Device, DeviceCredentials, Page, RpcRecord, User
 
 T = TypeVar("T")
 
@@ -91,4 +92,33 @@ def page_json(page: Page[T], render: Callable[[T], dict[str, Any]]) -> dict[str,
         "totalPages": page.total_pages,
         "totalElements": page.total_elements,
         "hasNext": page.has_next,
+    }
+
+
+def rpc_json(record: RpcRecord) -> dict[str, Any]:
+    """ThingsBoard's ``Rpc``: ``request.body.params`` is the params' JSON text; we add the device-visible
+    ``requestId`` and who sent it (``createdBy``)."""
+    tenant = entity_id("TENANT", record.tenant_id)
+    device = entity_id("DEVICE", record.device_id)
+    return {
+        "id": entity_id("RPC", record.id),
+        "createdTime": record.created_time,
+        "tenantId": tenant,
+        "deviceId": device,
+        "expirationTime": record.expiration_time,
+        "request": {
+            "id": str(record.id),
+            "tenantId": tenant,
+            "deviceId": device,
+            "oneway": record.oneway,
+            "expirationTime": record.expiration_time,
+            "body": {"method": record.method, "params": json.dumps(record.params, separators=(",", ":"))},
+            "persisted": True,
+            "retries": record.retries,
+            "requestId": record.seq,
+        },
+        "response": record.response,
+        "status": record.status.value,
+        "additionalInfo": record.additional_info,
+        "createdBy": entity_id("USER", record.user_id) if record.user_id else None,
     }

@@ -44,10 +44,11 @@ async def test_a_device_created_over_rest_answers_a_two_way_call_over_mqtt(serve
         call = defer.ensureDeferred(server.call("POST", f"/api/rpc/twoway/{device_id}",
                                                 body={"method": "getTemperature", "params": {"unit": "C"}}))
         topic, payload, qos = await device.next_message()
-        assert topic == "v1/devices/me/rpc/request/0"
+        prefix, request_id = topic.rsplit("/", 1)
+        assert prefix == "v1/devices/me/rpc/request" and request_id.isdigit()
         assert json.loads(payload) == {"method": "getTemperature", "params": {"unit": "C"}}
         assert qos == 1
-        await device.publish("v1/devices/me/rpc/response/0", {"temperature": 21.5})
+        await device.publish(f"v1/devices/me/rpc/response/{request_id}", {"temperature": 21.5})
         status, body = await with_timeout(call)
         assert (status, body) == (200, {"temperature": 21.5})
     finally:

@@ -263,6 +263,15 @@ def test_on_start_runs_before_the_first_message_even_when_mail_arrived_first(clo
     assert journal == [("probe", "start"), "sent from __init__", "sent after start"]
 
 
+def test_mail_to_an_actor_object_that_was_never_started_is_not_handled(clock: ReactorClock) -> None:
+    journal: list[Any] = []
+    unstarted = Probe(journal)
+    unstarted.actor_ref.tell("hello")
+    clock.advance(0)
+    assert journal == []
+    assert clock.getDelayedCalls() == []
+
+
 def test_a_thousand_tells_are_handled_in_fifo_order(clock: ReactorClock) -> None:
     journal: list[Any] = []
     ref = Probe.start(journal)
@@ -757,7 +766,7 @@ async def test_a_blocking_ask_from_a_worker_thread_is_answered_by_the_running_re
 # --- registry -------------------------------------------------------------------------------------------------------
 
 
-def test_importing_the_runtime_installs_the_fast_registry_and_installing_again_keeps_it(
+def test_install_fast_registry_keeps_the_refs_already_registered_and_is_idempotent(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     refs = [Probe().actor_ref for _ in range(3)]

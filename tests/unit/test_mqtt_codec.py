@@ -320,6 +320,25 @@ def test_a_partial_packet_stays_buffered_until_its_last_byte():
     assert reader.buffered == 3
 
 
+def test_a_large_packet_arriving_in_many_pieces_comes_out_once_and_whole():
+    payload = bytes(range(256)) * 1000
+    data = codec.encode_publish("big", payload, 1, 9, 5)
+    reader = FrameReader(LIMIT)
+    frames: list[Frame] = []
+    for start in range(0, len(data), 1460):
+        frames += reader.feed(data[start:start + 1460])
+    assert [decode(frame, 5) for frame in frames] == [Publish("big", payload, 1, packet_id=9)]
+    assert reader.buffered == 0
+
+
+def test_the_reader_accepts_bytearray_and_memoryview_chunks_and_returns_bytes_bodies():
+    data = codec.encode_publish("t", b"abc", 0, None, 4)
+    reader = FrameReader(LIMIT)
+    frames = reader.feed(bytearray(data[:3])) + reader.feed(memoryview(data)[3:])
+    assert frames == [Frame(codec.PUBLISH, 0, data[2:])]
+    assert type(frames[0].body) is bytes
+
+
 def test_mqtt5_puback_decodes_in_its_short_form_its_reason_only_form_and_its_full_form():
     assert decode(Frame(codec.PUBACK, 0, b"\x00\x07"), 5) == PubAck(7, 0, {})
     assert decode(Frame(codec.PUBACK, 0, b"\x00\x07\x10"), 5) == PubAck(7, 0x10, {})
@@ -370,6 +389,11 @@ def test_a_packet_of_exactly_the_limit_is_accepted_and_one_byte_more_is_refused(
 def test_a_five_byte_remaining_length_is_malformed_before_its_fifth_byte_arrives():
     with pytest.raises(MalformedPacket):
         FrameReader(LIMIT * 4096).feed(b"\x30\x80\x80\x80\x80")
+
+
+def test_a_reserved_first_byte_is_refused_before_the_length_arrives():
+    with pytest.raises(MalformedPacket):
+        FrameReader(LIMIT).feed(b"\x00")
 
 
 def test_a_reader_keeps_failing_after_an_error():

@@ -1128,6 +1128,7 @@ class QueueMachine(RuleBasedStateMachine):
             if isinstance(effect, Send):
                 sid, rid = effect.session_id, effect.pending.request_id
                 assert sid in self.subscribed, f"sent {rid} to session {sid}, which is not subscribed"
+                assert sid == next(reversed(self.subscribed)), "commands go to the most recent subscription"
                 if self.subscribed[sid]:
                     del self.subscribed[sid]  # a long-poll takes one command
                 assert self.commands[rid].rpc_id not in self.finished

@@ -201,11 +201,14 @@ class FrameReader:
     After an error the reader keeps raising it: the stream cannot be resynchronised.
     """
 
-    __slots__ = ("max_packet_size", "_buffer", "_error")
+    __slots__ = ("max_packet_size", "_buffer", "_needed", "_error")
 
     def __init__(self, max_packet_size: int) -> None:
         self.max_packet_size = max_packet_size
+        #: The start of a packet whose last byte has not arrived yet.
         self._buffer = bytearray()
+        #: How many bytes the buffered packet needs in all, once its header is known (0: unknown yet).
+        self._needed = 0
         self._error: MqttError | None = None
 
     @property
@@ -218,20 +221,31 @@ class FrameReader:
         if self._error is not None:
             raise self._error
         buf = self._buffer
-        buf += data
-        size = len(buf)
+        if buf:
+            buf += data
+            if len(buf) < self._needed:
+                return []  # a big packet arriving in pieces: no re-parsing, no copying
+            data = bytes(buf)
+            buf.clear()
+        elif type(data) is not bytes:
+            data = bytes(data)
+        # Slicing ``bytes`` copies each body once and the remainder (a partial packet) is kept once per feed, so
+        # many packets in one chunk stay O(n).
+        size = len(data)
         frames: list[Frame] = []
         append = frames.append
         valid = _VALID_FIRST_BYTE
         limit = self.max_packet_size
+        new_frame = tuple.__new__
         pos = 0
-        # Parse with an offset and delete the consumed bytes once: many small packets in one chunk stay O(n).
-        while size - pos >= 2:
-            first = buf[pos]
+        while pos < size:
+            first = data[pos]
             if not valid[first]:
-                self._error = MalformedPacket(f"invalid fixed header byte 0x{first:02x}")
-                raise self._error
-            byte = buf[pos + 1]
+                raise self._fail(MalformedPacket(f"invalid fixed header byte 0x{first:02x}"))
+            if pos + 1 >= size:
+                self._needed = 0
+                break
+            byte = data[pos + 1]
             if byte < 0x80:
                 remaining = byte
                 header = 2
@@ -241,32 +255,36 @@ class FrameReader:
                 index = pos + 2
                 while True:
                     if index - pos > 4:
-                        self._error = MalformedPacket("remaining length longer than four bytes")
-                        raise self._error
+                        raise self._fail(MalformedPacket("remaining length longer than four bytes"))
                     if index >= size:
                         remaining = -1  # the varint itself is incomplete
                         break
-                    byte = buf[index]
+                    byte = data[index]
                     remaining |= (byte & 0x7F) << shift
                     shift += 7
                     index += 1
                     if byte < 0x80:
                         break
                 if remaining < 0:
+                    self._needed = 0
                     break
                 header = index - pos
             total = header + remaining
             if total > limit:
-                self._error = PacketTooLarge(f"packet of {total} bytes exceeds the limit of {limit}")
-                raise self._error
+                raise self._fail(PacketTooLarge(f"packet of {total} bytes exceeds the limit of {limit}"))
             end = pos + total
             if end > size:
+                self._needed = total
                 break
-            append(Frame(first >> 4, first & 0x0F, bytes(buf[pos + header:end])))
+            append(new_frame(Frame, (first >> 4, first & 0x0F, data[pos + header:end])))
             pos = end
-        if pos:
-            del buf[:pos]
+        if pos < size:
+            buf += memoryview(data)[pos:]
         return frames
+
+    def _fail(self, error: MqttError) -> MqttError:
+        self._error = error
+        return error
 
 
 # --- packets ---------------------------------------------------------------------------------------------------------
@@ -657,44 +675,52 @@ def _connack(flags: int, body: bytes, level: int) -> ConnAck:
 
 
 def _publish(flags: int, body: bytes, level: int) -> Publish:
-    qos = (flags >> 1) & 3
-    if qos == 3:
-        raise MalformedPacket("PUBLISH with QoS 3")  # MQTT-3.3.1-4
-    end = 2 + (body[0] << 8 | body[1])
+    # The hot path: written out flat, with bit tests instead of bool() calls.
+    end = (body[0] << 8 | body[1]) + 2
     if end > len(body):
         raise MalformedPacket("PUBLISH topic runs past the end of the packet")
-    topic = body[2:end].decode("utf-8")
+    topic = body[2:end].decode()  # strict UTF-8
     if "+" in topic or "#" in topic or "\x00" in topic:
         raise MalformedPacket(f"invalid PUBLISH topic name {topic!r}")  # MQTT-3.3.2-2, MQTT-1.5.4-2
+    qos = flags >> 1 & 3
     if qos:
+        if qos == 3:
+            raise MalformedPacket("PUBLISH with QoS 3")  # MQTT-3.3.1-4
         packet_id = body[end] << 8 | body[end + 1]
-        if packet_id == 0:
+        if not packet_id:
             raise MalformedPacket("PUBLISH QoS>0 with packet identifier 0")
         end += 2
+    elif flags & 0x08:
+        raise MalformedPacket("PUBLISH QoS 0 with DUP set")  # MQTT-3.3.1-2
     else:
-        if flags & 0x08:
-            raise MalformedPacket("PUBLISH QoS 0 with DUP set")  # MQTT-3.3.1-2
         packet_id = None
     if level == 5:
-        props, end = _properties(body, end, PUBLISH)
+        if body[end]:
+            props, end = _properties(body, end, PUBLISH)
+        else:
+            props = {}
+            end += 1
         if not topic and "topic_alias" not in props:
             raise ProtocolViolation("empty PUBLISH topic without a topic alias")
     else:
-        props = {}
         if not topic:
             raise MalformedPacket("empty PUBLISH topic name")  # MQTT-4.7.3-1
-    return Publish(topic, body[end:], qos, bool(flags & 0x01), bool(flags & 0x08), packet_id, props)
+        props = {}
+    return Publish(topic, body[end:], qos, flags & 0x01 == 1, flags & 0x08 == 8, packet_id, props)
 
 
 def _ack_decoder(packet_type: int, cls: type, expected_flags: int) -> Any:
     """PUBACK, PUBREC, PUBREL and PUBCOMP share one layout; MQTT 5 may cut the reason code and properties."""
 
     def decode_ack(flags: int, body: bytes, level: int) -> Any:
-        _expect_flags(packet_type, flags, expected_flags)
-        packet_id = _packet_id(body, 0)
+        if flags != expected_flags:
+            _expect_flags(packet_type, flags, expected_flags)
+        packet_id = body[0] << 8 | body[1]
+        if not packet_id:
+            raise MalformedPacket(f"{PACKET_NAMES[packet_type]} with packet identifier 0")
         size = len(body)
         if size == 2:
-            return cls(packet_id)
+            return cls(packet_id, 0, {})  # the usual form, in every version
         if level < 5:
             _expect_end(packet_type, body, 2)
         reason = body[2]
@@ -844,20 +870,22 @@ def decode(frame: Frame, protocol_level: int) -> Packet:
 
     ``protocol_level`` is the one the CONNECT announced (3, 4 or 5): it decides whether properties are present.
     """
-    decoder = _DECODERS.get(frame[0])
-    if decoder is None:
-        raise MalformedPacket(f"reserved packet type {frame[0]}")
+    packet_type, flags, body = frame
     try:
-        return decoder(frame[1], frame[2], protocol_level)
-    except (IndexError, ValueError, struct.error) as exc:
-        # IndexError is a truncated packet; ValueError covers UnicodeDecodeError.
-        raise MalformedPacket(f"{PACKET_NAMES[frame[0]]}: {exc}") from exc
+        return _DECODERS[packet_type](flags, body, protocol_level)
+    except (LookupError, ValueError, struct.error) as exc:
+        # IndexError is a truncated packet, KeyError a reserved type; ValueError covers UnicodeDecodeError.
+        if packet_type not in _DECODERS:
+            raise MalformedPacket(f"reserved packet type {packet_type!r}") from None
+        raise MalformedPacket(f"{PACKET_NAMES[packet_type]}: {exc}") from exc
 
 
 # --- encoding helpers ------------------------------------------------------------------------------------------------
 
 _pack_u16 = struct.Struct(">H").pack
 _pack_u32 = struct.Struct(">I").pack
+#: First byte, one-byte remaining length and the topic length of a small PUBLISH, in one call.
+_pack_header = struct.Struct(">BBH").pack
 _EMPTY_PROPERTIES = b"\x00"
 
 
@@ -1005,31 +1033,33 @@ def encode_publish(
     properties: Properties | None = None,
 ) -> bytes:
     """Either direction; the hot path of the server (one per command sent), hence written out flat."""
-    data = topic.encode("utf-8")
+    data = topic.encode()
     size = len(data)
     if size > 0xFFFF:
         raise ValueError("topic longer than 65535 bytes")
-    if qos:
-        if qos not in (1, 2):
-            raise ValueError(f"QoS {qos}")
-        if packet_id is None or not 0 < packet_id <= 0xFFFF:
-            raise ValueError(f"packet identifier must be 1..65535, not {packet_id!r}")
-        head = _pack_u16(size) + data + _pack_u16(packet_id)
-    else:
-        if dup:
-            raise ValueError("DUP must be 0 for QoS 0")
-        head = _pack_u16(size) + data
-    if protocol_level == 5:
-        head += _encode_props(properties, PUBLISH) if properties else _EMPTY_PROPERTIES
-    remaining = len(head) + len(payload)
     first = 0x30 | qos << 1
     if retain:
         first |= 0x01
     if dup:
         first |= 0x08
+    if qos:
+        if qos != 1 and qos != 2:
+            raise ValueError(f"QoS {qos}")
+        if packet_id is None or not 0 < packet_id <= 0xFFFF:
+            raise ValueError(f"packet identifier must be 1..65535, not {packet_id!r}")
+        pid = _pack_u16(packet_id)
+    elif dup:
+        raise ValueError("DUP must be 0 for QoS 0")
+    else:
+        pid = b""
+    if protocol_level == 5:
+        props = _encode_props(properties, PUBLISH) if properties else _EMPTY_PROPERTIES
+    else:
+        props = b""
+    remaining = 2 + size + len(pid) + len(props) + len(payload)
     if remaining < 0x80:
-        return bytes((first, remaining)) + head + payload
-    return bytes((first,)) + _encode_varint(remaining) + head + payload
+        return b"".join((_pack_header(first, remaining, size), data, pid, props, payload))
+    return b"".join((bytes((first,)), _encode_varint(remaining), _pack_u16(size), data, pid, props, payload))
 
 
 def _encode_ack(first: int, packet_type: int, packet_id: int, protocol_level: int, reason_code: int,
