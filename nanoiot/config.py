@@ -74,6 +74,9 @@ def _database(value: str) -> str:
     url = make_url(value)  # raises ArgumentError on garbage
     if url.get_backend_name() not in ("sqlite", "postgresql"):
         raise ValueError("only sqlite and postgresql URLs are supported")
+    if url.drivername in ("postgresql", "postgres"):
+        # SQLAlchemy 2.1 defaults to psycopg 3; NanoIoT ships psycopg2.
+        return url.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
     return value
 
 

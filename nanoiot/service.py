@@ -41,9 +41,16 @@ log = Logger(namespace="nanoiot")
 LISTEN_BACKLOG = 4096
 
 
-def raise_open_file_limit() -> tuple[int, int]:
-    """One socket per device: take the hard limit (raising the hard limit itself is the operator's sysctl)."""
+def raise_open_file_limit(wanted: int = 1_048_576) -> tuple[int, int]:
+    """One socket per device: ask for ``wanted`` descriptors (root may raise the hard limit up to
+    ``fs.nr_open``), else take the hard limit; raising that is the operator's job (see README)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        if hard < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            return resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ValueError, OSError):
+        pass
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -108,6 +115,8 @@ class NanoService(MultiService):
         self.mqtt_port: IListeningPort | None = None
         self.demo: DemoData | None = None
         self.failed = False
+        #: Set by the twistd plugin: a server that cannot start must not linger half-started.
+        self.stop_reactor_on_failure = False
         self._ttl: TimerService | None = None
         #: Fires with this service once it listens; errbacks if it could not start.
         self.ready: Deferred = Deferred()
@@ -184,7 +193,7 @@ class NanoService(MultiService):
         log.critical("NanoIoT could not start: {error}", error=failure.getErrorMessage())
         self.failed = True
         self.ready.errback(failure)
-        if isinstance(self.parent, Componentized):  # under twistd: stop, and the plugin exits non-zero
+        if self.stop_reactor_on_failure:  # under twistd: stop, and the plugin exits non-zero
             self.reactor.stop()
 
     def stopService(self) -> Deferred:

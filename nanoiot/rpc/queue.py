@@ -142,7 +142,8 @@ class DeviceRpcQueue:
 
         QUEUED was never written to a device. SENT and TIMEOUT may have reached it: they are sent again (same
         request id) and expire as NOT_DELIVERED. DELIVERED (two-way) reached it: it is not sent again, the answer
-        is awaited.
+        is awaited. A one-way command stored as DELIVERED has succeeded (its SUCCESSFUL was not stored before the
+        restart): it ends at once as SUCCESSFUL.
         """
         pending = self._new_pending(command, request_id)
         pending.status = status
@@ -150,6 +151,10 @@ class DeviceRpcQueue:
         pending.ever_sent = status is not RpcStatus.QUEUED
         pending.delivered = status is RpcStatus.DELIVERED
         effects: list[Effect] = []
+        if pending.delivered and command.oneway:
+            effects.append(StatusChanged(pending, RpcStatus.SUCCESSFUL))
+            effects.append(Finished(command.rpc_id, RpcResult()))
+            return effects
         if command.expiration_time <= now:
             effects.append(StatusChanged(pending, RpcStatus.EXPIRED))
             failure = (RpcFailure.NO_RESPONSE if pending.delivered else

@@ -91,12 +91,13 @@ def emit(event: str, **fields: Any) -> None:
 
 
 async def connect_one(loop: asyncio.AbstractEventLoop, host: str, port: int, token: str, stats: FleetStats,
-                      answer: str, level: int) -> Any:
+                      answer: str, level: int, bind: str | None = None) -> Any:
     ready: asyncio.Future = loop.create_future()
     started = time.perf_counter()
     try:
         transport, _ = await loop.create_connection(
-            lambda: SimulatedDevice(token, stats, answer, level, ready), host, port)
+            lambda: SimulatedDevice(token, stats, answer, level, ready), host, port,
+            local_addr=(bind, 0) if bind else None)
         ok = await asyncio.wait_for(ready, 30)
     except (OSError, asyncio.TimeoutError):
         stats.failed += 1
@@ -112,19 +113,30 @@ async def connect_one(loop: asyncio.AbstractEventLoop, host: str, port: int, tok
 
 async def run_fleet(args: argparse.Namespace) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200_000, 200_000))  # allowed for root
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with open(args.tokens_file) as handle:
-        tokens = [line.strip() for line in handle if line.strip()][: args.count or None]
+        tokens = [line.strip() for line in handle if line.strip()][args.skip:]
+    if args.count:
+        tokens = tokens[: args.count]
     loop = asyncio.get_running_loop()
     stats = FleetStats()
     limit = asyncio.Semaphore(args.concurrency)
     started = time.perf_counter()
 
-    async def guarded(token: str) -> Any:
+    async def guarded(index: int, token: str) -> Any:
+        if args.rate:
+            # A steady ramp: connection i starts i/rate seconds in.
+            delay = started + index / args.rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
         async with limit:
-            return await connect_one(loop, args.host, args.port, token, stats, args.answer, args.protocol)
+            return await connect_one(loop, args.host, args.port, token, stats, args.answer, args.protocol,
+                                     args.bind)
 
-    transports = await asyncio.gather(*(guarded(t) for t in tokens))
+    transports = await asyncio.gather(*(guarded(i, t) for i, t in enumerate(tokens)))
     elapsed = time.perf_counter() - started
     latencies = sorted(stats.connect_latencies)
     emit("connected", count=stats.connected, failed=stats.failed, seconds=round(elapsed, 3),
@@ -151,7 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=1883)
     parser.add_argument("--tokens-file", required=True, help="one access token per line")
-    parser.add_argument("--count", type=int, default=0, help="use only the first N tokens")
+    parser.add_argument("--count", type=int, default=0, help="use only N tokens")
+    parser.add_argument("--skip", type=int, default=0, help="skip the first N tokens (to split a fleet)")
+    parser.add_argument("--rate", type=float, default=0, help="connections started per second (0: as fast as "
+                        "--concurrency allows)")
+    parser.add_argument("--bind", default=None, help="local address to connect from, e.g. 127.0.0.2 (each "
+                        "source address has its own ~28k ephemeral ports)")
     parser.add_argument("--concurrency", type=int, default=200, help="connections being opened at once")
     parser.add_argument("--answer", choices=("echo", "ok", "none"), default="echo")
     parser.add_argument("--protocol", type=int, choices=(4, 5), default=4)

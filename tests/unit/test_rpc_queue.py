@@ -100,11 +100,12 @@ class Harness:
         self.history.extend(effects)
         return effects
 
-    def submit(self, command: RpcCommand) -> list[Effect]:
-        return self.apply(self.queue.submit(command, self.now))
+    def submit(self, command: RpcCommand, request_id: int | None = None) -> list[Effect]:
+        return self.apply(self.queue.submit(command, self.now, request_id))
 
-    def restore(self, command: RpcCommand, status: RpcStatus) -> list[Effect]:
-        return self.apply(self.queue.restore(command, status, self.now))
+    def restore(self, command: RpcCommand, status: RpcStatus, request_id: int | None = None,
+                attempts: int = 0) -> list[Effect]:
+        return self.apply(self.queue.restore(command, status, self.now, request_id, attempts))
 
     def subscribe(self, session_id: int, one_shot: bool = False) -> list[Effect]:
         return self.apply(self.queue.session_subscribed(session_id, one_shot, self.now))
@@ -280,7 +281,7 @@ def test_one_way_command_completes_on_ack_with_an_empty_ok_result(strategy):
     c = h.command(oneway=True)
     h.submit(c)
     effects = h.ack(0)
-    assert statuses(effects) == [(0, DELIVERED)]
+    assert statuses(effects) == [(0, DELIVERED), (0, SUCCESSFUL)]
     result = results(effects)[c.rpc_id]
     assert result == RpcResult()
     assert result.ok and not result.has_response and result.response is None
@@ -393,6 +394,140 @@ def test_an_ack_of_an_earlier_write_delivers_a_command_that_was_resent():
     effects = h.ack(0)
     assert statuses(effects) == [(0, DELIVERED)]
     assert cancelled(effects) == [(Timer.ACK, 0)]
+
+
+# --- one-way success (DELIVERED then SUCCESSFUL) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_an_acked_one_way_command_reports_delivered_then_successful_with_no_response_before_it_finishes(strategy):
+    h = Harness(strategy)
+    h.subscribe(1)
+    c = h.command(oneway=True)
+    h.submit(c)
+    effects = h.ack(0)
+    delivered, successful = status_changes(effects)
+    assert (delivered.status, successful.status) == (DELIVERED, SUCCESSFUL)
+    assert delivered.response is None and successful.response is None
+    assert successful.pending.request_id == 0
+    # The Finished comes last, after the terminal status, so a caller never learns the result before it is recorded.
+    order = [e for e in effects if isinstance(e, (StatusChanged, Finished))]
+    assert [type(e) for e in order] == [StatusChanged, StatusChanged, Finished]
+    assert results(effects) == {c.rpc_id: RpcResult()}
+
+
+def test_a_one_way_command_acked_late_after_an_ack_timeout_still_reports_delivered_then_successful():
+    h = Harness(ack_timeout_ms=1_000)
+    h.subscribe(1, one_shot=True)
+    c = h.command(oneway=True)
+    h.submit(c)
+    h.fire(Timer.ACK, 0)  # TIMEOUT, no session to resend on
+    effects = h.ack(0)
+    assert statuses(effects) == [(0, DELIVERED), (0, SUCCESSFUL)]
+    assert results(effects) == {c.rpc_id: RpcResult()}
+    assert len(h.queue) == 0 and h.armed == {}
+
+
+def test_a_one_way_command_that_the_device_answers_reports_successful_with_the_answer():
+    h = Harness()
+    h.subscribe(1)
+    c = h.command(oneway=True)
+    h.submit(c)
+    effects = h.answer(0, "done")
+    assert statuses(effects) == [(0, DELIVERED), (0, SUCCESSFUL)]
+    assert status_changes(effects)[-1].response == "done"
+    assert results(effects) == {c.rpc_id: RpcResult(response="done", has_response=True)}
+
+
+def test_an_ack_after_a_one_way_command_succeeded_is_ignored():
+    h = Harness()
+    h.subscribe(1)
+    h.submit(h.command(oneway=True))
+    h.ack(0)
+    assert h.ack(0) == []
+    assert h.answer(0, "late") == []
+
+
+# --- acks and answers for commands never written to a device ----------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_an_ack_for_a_queued_command_never_sent_is_ignored_and_the_command_is_still_sent_later(strategy):
+    h = Harness(strategy)
+    c = h.command()
+    h.submit(c)
+    assert h.ack(0) == []
+    pending = h.queue.find(c.rpc_id)
+    assert pending.status is Q and not pending.delivered and not pending.ever_sent
+    effects = h.subscribe(1)
+    assert statuses(effects) == [(0, SENT)]
+    assert sends(effects) == [(1, 0)]
+
+
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_an_answer_for_a_queued_command_never_sent_is_ignored_and_the_command_still_expires_as_device_offline(
+    strategy
+):
+    h = Harness(strategy)
+    c = h.command(ttl=5_000)
+    h.submit(c)
+    assert h.answer(0, "forged") == []
+    assert h.queue.find(c.rpc_id).status is Q
+    assert set(h.armed) == {(Timer.EXPIRY, 0)}
+    assert failure(h.advance(5_000), c) is RpcFailure.DEVICE_OFFLINE
+
+
+@pytest.mark.parametrize("oneway", [False, True])
+def test_an_ack_for_a_queued_one_way_or_two_way_command_never_sent_neither_delivers_nor_completes_it(oneway):
+    h = Harness()
+    c = h.command(oneway=oneway)
+    h.submit(c)
+    assert h.ack(0) == []
+    assert len(h.queue) == 1 and h.queue.find(c.rpc_id).status is Q
+
+
+@pytest.mark.parametrize("strategy", SEQUENTIAL)
+def test_under_sequential_strategies_an_ack_or_answer_for_a_command_waiting_behind_the_head_is_ignored(strategy):
+    h = Harness(strategy)
+    h.subscribe(1)
+    head, waiting = h.command(), h.command()
+    h.submit(head)
+    h.submit(waiting)
+    assert h.ack(1) == []
+    assert h.answer(1, "forged") == []
+    assert h.queue.find(waiting.rpc_id).status is Q
+    # Once it really is written, the same ack is accepted.
+    h.answer(0, "ok")
+    assert statuses(h.ack(1)) == [(1, DELIVERED)]
+
+
+def test_under_burst_an_ack_for_a_command_held_back_by_max_in_flight_is_ignored_and_frees_nothing():
+    h = Harness(BURST, max_in_flight=1)
+    h.subscribe(1)
+    h.submit(h.command())
+    h.submit(h.command())
+    assert h.ack(1) == []
+    assert sends(h.ack(0)) == [(1, 1)]
+
+
+def test_an_ack_or_answer_for_a_restored_queued_command_never_sent_is_ignored():
+    h = Harness()
+    c = h.command()
+    h.restore(c, Q, request_id=40)
+    assert h.ack(40) == []
+    assert h.answer(40, "forged") == []
+    assert h.queue.find(c.rpc_id).status is Q
+
+
+def test_an_ack_for_a_command_put_back_by_a_session_close_is_still_accepted_because_it_was_written():
+    h = Harness()
+    h.subscribe(1)
+    c = h.command()
+    h.submit(c)
+    h.close(1)
+    effects = h.ack(0)
+    assert statuses(effects) == [(0, DELIVERED)]
+    assert cancelled(effects) == []  # nothing in flight any more
 
 
 # --- retries -----------------------------------------------------------------------------------------------------
@@ -985,6 +1120,74 @@ def test_a_command_resent_after_a_session_close_keeps_its_request_id():
     assert sends(h.subscribe(2)) == [(2, 0), (2, 1)]
 
 
+def test_submit_with_an_explicit_request_id_uses_it_for_the_status_the_timers_and_the_send():
+    h = Harness(ack_timeout_ms=1_000)
+    h.subscribe(1)
+    c = h.command(ttl=30_000)
+    effects = h.submit(c, request_id=500)
+    assert statuses(effects) == [(500, Q), (500, SENT)]
+    assert started(effects) == [(Timer.EXPIRY, 500, T0 + 30_000), (Timer.ACK, 500, T0 + 1_000)]
+    assert sends(effects) == [(1, 500)]
+    assert h.queue.find(c.rpc_id).request_id == 500
+    assert list(h.queue.pending) == [500]
+
+
+def test_a_command_with_an_explicit_request_id_is_acked_answered_and_timed_out_by_that_id():
+    h = Harness(ON_RESPONSE, ack_timeout_ms=1_000, response_timeout_ms=5_000)
+    h.subscribe(1)
+    first, second = h.command(), h.command()
+    h.submit(first, request_id=70)
+    h.submit(second, request_id=71)
+    assert statuses(h.fire(Timer.ACK, 70)) == [(70, TIMEOUT), (70, SENT)]
+    assert started(h.ack(70)) == [(Timer.RESPONSE, 70, h.now + 5_000)]
+    effects = h.answer(70, "ok")
+    assert results(effects)[first.rpc_id] == RpcResult(response="ok", has_response=True)
+    assert sends(effects) == [(1, 71)]
+    assert h.ack(0) == [] and h.answer(0, "x") == []  # the per-queue counter's ids were never used
+
+
+def test_submit_without_a_request_id_continues_the_counter_past_the_highest_explicit_id():
+    h = Harness()
+    h.submit(h.command(), request_id=10)
+    assert statuses(h.submit(h.command()))[0] == (11, Q)
+    assert h.queue.next_request_id == 12
+
+
+def test_an_explicit_request_id_below_the_counter_is_used_and_does_not_move_the_counter_back():
+    h = Harness()
+    h.submit(h.command(), request_id=10)
+    c = h.command()
+    assert statuses(h.submit(c, request_id=3))[0] == (3, Q)
+    assert h.queue.find(c.rpc_id).request_id == 3
+    assert h.queue.next_request_id == 11
+    assert statuses(h.submit(h.command()))[0] == (11, Q)
+
+
+def test_commands_with_explicit_request_ids_are_sent_in_submission_order_not_id_order():
+    h = Harness()
+    for rid in (9, 4, 6):
+        h.submit(h.command(), request_id=rid)
+    assert sends(h.subscribe(1)) == [(1, 9), (1, 4), (1, 6)]
+
+
+def test_a_command_expired_at_submit_with_an_explicit_request_id_still_moves_the_counter_past_it():
+    h = Harness()
+    c = h.command(ttl=0)
+    effects = h.submit(c, request_id=20)
+    assert statuses(effects) == [(20, EXPIRED)]
+    assert results(effects) == {c.rpc_id: RpcResult(failure=RpcFailure.DEVICE_OFFLINE)}
+    assert len(h.queue) == 0
+    assert statuses(h.submit(h.command()))[0] == (21, Q)
+
+
+def test_explicit_request_ids_from_a_shared_source_keep_two_queues_ids_apart():
+    ids = itertools.count(100)
+    a, b = Harness(), Harness()
+    assert statuses(a.submit(a.command(), request_id=next(ids)))[0] == (100, Q)
+    assert statuses(b.submit(b.command(), request_id=next(ids)))[0] == (101, Q)
+    assert statuses(a.submit(a.command(), request_id=next(ids)))[0] == (102, Q)
+
+
 def test_the_queue_is_idle_only_without_commands_and_subscriptions():
     h = Harness()
     assert h.queue.is_idle
@@ -1010,18 +1213,134 @@ def test_restore_keeps_the_stored_order_and_does_not_report_queued_again():
     assert statuses(effects) == []
     assert [h.queue.find(c.rpc_id).request_id for c, _ in stored] == [0, 1, 2, 3]
     assert started(effects) == [(Timer.EXPIRY, rid, T0 + 60_000) for rid in range(4)]
-    assert sends(h.subscribe(1)) == [(1, 0), (1, 1), (1, 2), (1, 3)]
+    effects = h.subscribe(1)
+    # The delivered one is not written again; the rest go in their stored order.
+    assert sends(effects) == [(1, 0), (1, 1), (1, 2)]
+    # SENT is already SENT: only the never-sent and the timed-out ones report SENT.
+    assert statuses(effects) == [(0, SENT), (2, SENT)]
 
 
-def test_restore_while_subscribed_sends_the_command_and_reports_it_sent():
+@pytest.mark.parametrize("status", [Q, SENT, TIMEOUT, DELIVERED])
+def test_restore_keeps_the_stored_request_id_status_and_attempts_and_reports_no_status(status):
+    h = Harness(max_retries=5)
+    c = h.command(ttl=30_000)
+    effects = h.restore(c, status, request_id=1234, attempts=2)
+    assert statuses(effects) == []
+    assert started(effects)[0] == (Timer.EXPIRY, 1234, T0 + 30_000)
+    assert sends(effects) == [] and results(effects) == {}
+    pending = h.queue.find(c.rpc_id)
+    assert pending.request_id == 1234 and list(h.queue.pending) == [1234]
+    assert pending.status is status
+    assert pending.attempts == 2
+    assert pending.ever_sent == (status is not Q)
+    assert pending.delivered == (status is DELIVERED)
+    assert pending.in_flight_on is None
+
+
+@pytest.mark.parametrize("status", [Q, SENT, TIMEOUT, DELIVERED])
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_restore_never_reports_queued(strategy, status):
+    h = Harness(strategy)
+    h.subscribe(1)
+    effects = h.restore(h.command(), status, request_id=5) + h.restore(h.command(ttl=0), status, request_id=6)
+    assert Q not in [s for _, s in statuses(effects)]
+
+
+def test_restore_without_a_request_id_uses_and_continues_the_counter():
+    h = Harness()
+    h.submit(h.command())
+    h.restore(h.command(), SENT)
+    assert statuses(h.submit(h.command())) == [(2, Q)]
+
+
+def test_restore_with_explicit_request_ids_moves_the_counter_past_the_highest():
+    h = Harness()
+    h.restore(h.command(), SENT, request_id=41)
+    h.restore(h.command(), Q, request_id=42)
+    assert h.queue.next_request_id == 43
+    assert statuses(h.submit(h.command()))[0] == (43, Q)
+
+
+def test_a_restored_command_already_expired_still_moves_the_counter_past_its_request_id():
+    h = Harness()
+    h.restore(h.command(ttl=0), SENT, request_id=30)
+    assert h.queue.next_request_id == 31
+
+
+def test_a_restored_queued_command_is_sent_on_the_next_subscription_and_reported_sent():
+    h = Harness()
+    c = h.command()
+    h.restore(c, Q, request_id=8)
+    effects = h.subscribe(1)
+    assert statuses(effects) == [(8, SENT)]
+    assert sends(effects) == [(1, 8)]
+
+
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+@pytest.mark.parametrize("status", [SENT, TIMEOUT])
+def test_a_restored_sent_or_timed_out_command_is_resent_with_the_same_request_id_on_the_next_subscription(
+    status, strategy
+):
+    h = Harness(strategy, ack_timeout_ms=1_000)
+    h.restore(h.command(), status, request_id=77)
+    effects = h.subscribe(3)
+    assert sends(effects) == [(3, 77)]
+    assert started(effects) == [(Timer.ACK, 77, h.now + 1_000)]
+
+
+def test_a_restored_sent_command_resent_does_not_report_sent_again_but_a_timed_out_one_does():
+    h = Harness()
+    h.restore(h.command(), SENT, request_id=1)
+    h.restore(h.command(), TIMEOUT, request_id=2)
+    assert statuses(h.subscribe(1)) == [(2, SENT)]
+
+
+@pytest.mark.parametrize(("status", "reported"), [(Q, [(0, SENT)]), (SENT, []), (TIMEOUT, [(0, SENT)])])
+def test_restore_while_subscribed_sends_the_command_at_once_reporting_sent_only_if_it_was_not_sent(
+    status, reported
+):
     h = Harness()
     h.subscribe(1)
-    effects = h.restore(h.command(), SENT)
-    assert statuses(effects) == [(0, SENT)]
+    effects = h.restore(h.command(), status)
+    assert statuses(effects) == reported
     assert sends(effects) == [(1, 0)]
 
 
-@pytest.mark.parametrize("status", [SENT, TIMEOUT, DELIVERED])
+@pytest.mark.parametrize("status", [SENT, TIMEOUT])
+def test_a_restored_sent_or_timed_out_command_is_completed_by_an_ack_then_answer_with_its_stored_request_id(status):
+    h = Harness()
+    c = h.command()
+    h.restore(c, status, request_id=900)
+    h.subscribe(1)
+    assert statuses(h.ack(900)) == [(900, DELIVERED)]
+    effects = h.answer(900, {"ok": True})
+    assert statuses(effects) == [(900, SUCCESSFUL)]
+    assert results(effects) == {c.rpc_id: RpcResult(response={"ok": True}, has_response=True)}
+
+
+@pytest.mark.parametrize("status", [SENT, TIMEOUT])
+def test_an_answer_to_a_restored_sent_command_before_it_is_resent_completes_it(status):
+    """The device got it before the restart and answers with the same request id on a new session."""
+    h = Harness()
+    c = h.command()
+    h.restore(c, status, request_id=12)
+    effects = h.answer(12, 42)
+    assert statuses(effects) == [(12, DELIVERED), (12, SUCCESSFUL)]
+    assert results(effects) == {c.rpc_id: RpcResult(response=42, has_response=True)}
+    assert h.armed == {}
+    assert h.subscribe(1) == []
+
+
+def test_an_ack_of_a_restored_sent_command_before_it_is_resent_delivers_it_so_it_is_not_resent():
+    h = Harness()
+    h.restore(h.command(), SENT, request_id=12)
+    effects = h.ack(12)
+    assert statuses(effects) == [(12, DELIVERED)]
+    assert cancelled(effects) == []
+    assert h.subscribe(1) == []
+
+
+@pytest.mark.parametrize("status", [SENT, TIMEOUT])
 def test_a_restored_command_that_had_been_sent_reports_not_delivered_on_expiry(status):
     h = Harness()
     c = h.command(ttl=5_000)
@@ -1036,21 +1355,198 @@ def test_a_restored_command_that_was_only_queued_reports_the_device_offline_on_e
     assert failure(h.advance(5_000), c) is RpcFailure.DEVICE_OFFLINE
 
 
-@pytest.mark.parametrize(("status", "expected"), [(Q, RpcFailure.DEVICE_OFFLINE), (SENT, RpcFailure.NOT_DELIVERED)])
-def test_a_restored_command_already_expired_is_reported_expired_by_how_far_it_got(status, expected):
-    h = Harness()
-    c = h.command(ttl=0)
-    effects = h.restore(c, status)
-    assert statuses(effects) == [(0, EXPIRED)]
-    assert results(effects) == {c.rpc_id: RpcResult(failure=expected)}
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_a_restored_delivered_two_way_command_is_not_resent_and_completes_on_its_answer(strategy):
+    h = Harness(strategy)
+    c = h.command()
+    h.restore(c, DELIVERED, request_id=60)
+    assert h.subscribe(1) == []
+    assert h.ack(60) == []  # already delivered
+    effects = h.answer(60, "value")
+    assert statuses(effects) == [(60, SUCCESSFUL)]
+    assert results(effects) == {c.rpc_id: RpcResult(response="value", has_response=True)}
     assert len(h.queue) == 0 and h.armed == {}
 
 
-def test_restore_continues_the_request_id_counter():
+def test_a_restored_delivered_two_way_command_is_not_resent_after_a_session_close_either():
     h = Harness()
-    h.submit(h.command())
-    h.restore(h.command(), SENT)
-    assert statuses(h.submit(h.command())) == [(2, Q)]
+    h.restore(h.command(), DELIVERED)
+    h.subscribe(1)
+    assert h.close(1) == []
+    assert h.subscribe(2) == []
+
+
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_a_restored_delivered_two_way_command_reports_no_response_on_expiry(strategy):
+    h = Harness(strategy, response_timeout_ms=60_000)
+    c = h.command(ttl=5_000)
+    h.restore(c, DELIVERED)
+    effects = h.advance(5_000)
+    assert statuses(effects) == [(0, EXPIRED)]
+    assert failure(effects, c) is RpcFailure.NO_RESPONSE
+    assert h.armed == {}
+
+
+def test_under_sequential_on_response_a_restored_delivered_command_arms_its_response_timer_at_restore():
+    h = Harness(ON_RESPONSE, response_timeout_ms=30_000)
+    effects = h.restore(h.command(ttl=120_000), DELIVERED, request_id=3)
+    assert started(effects) == [(Timer.EXPIRY, 3, T0 + 120_000), (Timer.RESPONSE, 3, T0 + 30_000)]
+
+
+def test_under_sequential_on_response_the_response_timer_armed_at_restore_is_capped_at_the_expiration_time():
+    h = Harness(ON_RESPONSE, response_timeout_ms=30_000)
+    effects = h.restore(h.command(ttl=10_000), DELIVERED)
+    assert (Timer.RESPONSE, 0, T0 + 10_000) in started(effects)
+
+
+@pytest.mark.parametrize("strategy", [BURST, ON_ACK])
+def test_a_restored_delivered_command_arms_no_response_timer_when_the_strategy_does_not_wait_for_answers(strategy):
+    h = Harness(strategy)
+    effects = h.restore(h.command(), DELIVERED)
+    assert started(effects) == [(Timer.EXPIRY, 0, T0 + 60_000)]
+
+
+def test_under_sequential_on_response_a_restored_delivered_head_holds_back_the_next_until_it_is_answered():
+    h = Harness(ON_RESPONSE)
+    h.restore(h.command(), DELIVERED, request_id=1)
+    h.restore(h.command(), Q, request_id=2)
+    assert h.subscribe(1) == []
+    effects = h.answer(1, "ok")
+    assert (Timer.RESPONSE, 1) in cancelled(effects)
+    assert sends(effects) == [(1, 2)]
+
+
+def test_under_sequential_on_response_a_restored_delivered_head_unanswered_in_time_fails_and_releases_the_next():
+    h = Harness(ON_RESPONSE, response_timeout_ms=30_000)
+    c = h.command(ttl=120_000)
+    h.restore(c, DELIVERED, request_id=1)
+    h.restore(h.command(ttl=120_000), SENT, request_id=2)
+    h.subscribe(1)
+    effects = h.advance(30_000)
+    assert statuses(effects) == [(1, FAILED)]
+    assert status_changes(effects)[0].response == {"error": RESPONSE_TEXT}
+    assert results(effects) == {c.rpc_id: RpcResult(failure=RpcFailure.NO_RESPONSE)}
+    assert sends(effects) == [(1, 2)]
+    h.assert_timers_match_pending()
+
+
+@pytest.mark.parametrize("strategy", [BURST, ON_ACK])
+def test_a_restored_delivered_command_does_not_hold_back_the_next_when_the_strategy_does_not_wait_for_answers(
+    strategy
+):
+    h = Harness(strategy)
+    h.restore(h.command(), DELIVERED, request_id=1)
+    h.restore(h.command(), SENT, request_id=2)
+    assert sends(h.subscribe(1)) == [(1, 2)]
+
+
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_a_restored_one_way_command_that_was_delivered_ends_at_once_as_successful(strategy):
+    """Its SUCCESSFUL was not stored before the restart; delivery is success for a one-way command."""
+    h = Harness(strategy)
+    h.subscribe(1)
+    c = h.command(oneway=True)
+    effects = h.restore(c, DELIVERED, request_id=5)
+    assert statuses(effects) == [(5, SUCCESSFUL)]
+    assert results(effects) == {c.rpc_id: RpcResult()}
+    assert sends(effects) == [] and started(effects) == []
+    assert len(h.queue) == 0 and h.armed == {}
+    assert h.queue.next_request_id == 6
+
+
+def test_a_restored_one_way_command_that_was_delivered_is_successful_even_when_already_expired():
+    h = Harness()
+    c = h.command(oneway=True, ttl=0)
+    effects = h.restore(c, DELIVERED)
+    assert statuses(effects) == [(0, SUCCESSFUL)]
+    assert results(effects) == {c.rpc_id: RpcResult()}
+
+
+@pytest.mark.parametrize("status", [Q, SENT, TIMEOUT])
+def test_a_restored_one_way_command_not_yet_delivered_completes_on_ack_as_delivered_then_successful(status):
+    h = Harness()
+    c = h.command(oneway=True)
+    h.restore(c, status, request_id=9)
+    h.subscribe(1)
+    effects = h.ack(9)
+    assert statuses(effects) == [(9, DELIVERED), (9, SUCCESSFUL)]
+    assert results(effects) == {c.rpc_id: RpcResult()}
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (Q, RpcFailure.DEVICE_OFFLINE),
+        (SENT, RpcFailure.NOT_DELIVERED),
+        (TIMEOUT, RpcFailure.NOT_DELIVERED),
+        (DELIVERED, RpcFailure.NO_RESPONSE),
+    ],
+)
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_a_restored_command_already_expired_is_reported_expired_by_how_far_it_got(strategy, status, expected):
+    h = Harness(strategy)
+    h.subscribe(1)
+    c = h.command(ttl=0)
+    effects = h.restore(c, status, request_id=17)
+    assert statuses(effects) == [(17, EXPIRED)]
+    assert results(effects) == {c.rpc_id: RpcResult(failure=expected)}
+    assert sends(effects) == [] and started(effects) == [] and cancelled(effects) == []
+    assert len(h.queue) == 0 and h.armed == {}
+    assert h.queue.find(c.rpc_id) is None
+
+
+@pytest.mark.parametrize("status", [SENT, TIMEOUT])
+def test_restored_attempts_count_against_the_retry_budget(status):
+    h = Harness(max_retries=3, ack_timeout_ms=1_000)
+    c = h.command(ttl=1_000_000)
+    h.restore(c, status, attempts=2)
+    h.subscribe(1)
+    effects = h.fire(Timer.ACK, 0)
+    assert statuses(effects) == [(0, TIMEOUT), (0, SENT)]
+    assert h.queue.find(c.rpc_id).attempts == 3
+    effects = h.fire(Timer.ACK, 0)
+    assert statuses(effects) == [(0, FAILED)]
+    assert status_changes(effects)[0].response == {"error": RETRIES_TEXT.format(3)}
+    assert failure(effects, c) is RpcFailure.NOT_DELIVERED
+
+
+def test_a_restored_command_whose_retries_were_all_used_fails_on_its_next_ack_timeout():
+    h = Harness(max_retries=5, ack_timeout_ms=1_000)
+    c = h.command(retries=2)
+    h.restore(c, TIMEOUT, attempts=2)
+    h.subscribe(1)
+    effects = h.fire(Timer.ACK, 0)
+    assert statuses(effects) == [(0, FAILED)]
+    assert status_changes(effects)[0].response == {"error": RETRIES_TEXT.format(2)}
+    assert sends(effects) == []
+
+
+def test_a_restored_timed_out_command_resent_after_a_session_close_does_not_count_a_retry():
+    h = Harness(max_retries=3, ack_timeout_ms=1_000)
+    c = h.command()
+    h.restore(c, TIMEOUT, attempts=1)
+    h.subscribe(1)
+    h.close(1)
+    h.subscribe(2)
+    assert h.queue.find(c.rpc_id).attempts == 1
+
+
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_a_restored_queue_of_every_stored_status_drains_with_every_timer_cancelled_or_fired(strategy):
+    h = Harness(strategy, ack_timeout_ms=1_000, response_timeout_ms=2_000, max_retries=1)
+    stored = [(Q, False), (SENT, False), (TIMEOUT, True), (DELIVERED, False), (DELIVERED, True), (SENT, True)]
+    cs = []
+    for rid, (status, oneway) in enumerate(stored, start=100):
+        c = h.command(oneway=oneway, ttl=5_000 + 1_000 * rid % 7)
+        cs.append(c)
+        h.restore(c, status, request_id=rid)
+    h.subscribe(1)
+    h.ack(101)
+    h.answer(102, "x")
+    h.drain()
+    assert h.armed == {}
+    assert len(h.queue) == 0
+    assert {f.rpc_id for f in h.history if isinstance(f, Finished)} == {c.rpc_id for c in cs}
 
 
 # --- timers ------------------------------------------------------------------------------------------------------

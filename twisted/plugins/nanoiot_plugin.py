@@ -69,6 +69,7 @@ class NanoServiceMaker:
         try:
             check_database(config.database)
             service = NanoService(config, reactor)
+            service.stop_reactor_on_failure = True
         except ConfigError as exc:
             _fail(str(exc), 1)
 

@@ -48,6 +48,9 @@ def split(payload: bytes, num: int, szx: int) -> tuple[bytes, bool] | None:
 class Representation:
     payload: bytes
     etag: bytes
+    #: The response code and Content-Format every block is sent with.
+    code: int
+    content_format: int | None = None
     #: Called once with True when the last block was served, False when it expired or was evicted unfinished.
     on_done: Callable[[bool], None] | None = None
 
@@ -63,12 +66,12 @@ class Block2Store:
     def new_etag(self) -> bytes:
         return struct.pack("!I", next(self._etags) & 0xFFFFFFFF)
 
-    def put(self, key: Hashable, payload: bytes, now: float, on_done: Callable[[bool], None] | None = None,
-            etag: bytes | None = None) -> Representation:
+    def put(self, key: Hashable, payload: bytes, now: float, code: int, content_format: int | None = None,
+            on_done: Callable[[bool], None] | None = None, etag: bytes | None = None) -> Representation:
         previous = self.entries.pop(key)
         if previous is not None and previous.on_done is not None:
             previous.on_done(False)
-        representation = Representation(payload, etag or self.new_etag(), on_done)
+        representation = Representation(payload, etag or self.new_etag(), code, content_format, on_done)
         self.entries.put(key, representation, now)
         return representation
 

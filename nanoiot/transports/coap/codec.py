@@ -14,6 +14,8 @@ How coapthon3 is used, and why (docs: /work/shared/spec/protocols.md §1.2, §1.
 * The payload is cut from the raw datagram by us and kept as ``bytes``: coapthon decodes payloads as UTF-8 unless
   the Content-Format is octet-stream, EXI or CBOR, and refuses binary ones (B6).
 * ``Serializer.serialize`` encodes (it returns a ctypes buffer: ``.raw``); empty ACK/RST are packed directly.
+  Two coapthon bugs are worked around here: a zero-length string option decodes as the text ``"b''"``, and a
+  non-ASCII string option is encoded with its length in characters instead of bytes (``build`` uses ``_Option``).
 * coapthon's code table lacks 4.01, 4.02, 2.31's neighbours and the FETCH/PATCH methods: the missing standard
   codes are added to ``coapthon.defines.Codes.LIST`` once, at import (additive only).
 """
@@ -141,8 +143,14 @@ class CoapEncodeError(ValueError):
 # --- decode ---------------------------------------------------------------------------------------------------------
 
 
-def _frame(data: bytes) -> tuple[int, int, int, int, int | None, int | None]:
-    """Check the framing; returns (type, token length, code, mid, payload start or None, bad critical option)."""
+_STRING_OPTIONS = frozenset(n for n, item in defines.OptionRegistry.LIST.items() if item.value_type == defines.STRING)
+
+
+def _frame(data: bytes, empty_strings: list[bool]) -> tuple[int, int, int, int, int | None, int | None]:
+    """Check the framing; returns (type, token length, code, mid, payload start or None, bad critical option).
+
+    ``empty_strings`` receives, for every string-valued option in wire order, whether it has zero length.
+    """
     if len(data) < 4:
         raise CoapDecodeError(f"{len(data)} bytes: shorter than a CoAP header")
     first, message_code, mid = struct.unpack_from("!BBH", data)
@@ -193,6 +201,8 @@ def _frame(data: bytes) -> tuple[int, int, int, int, int | None, int | None]:
             raise CoapDecodeError(f"option {number} runs past the end", mtype, mid)
         if number not in KNOWN_OPTIONS and number & 1 and bad_critical is None:
             bad_critical = number
+        if number in _STRING_OPTIONS:
+            empty_strings.append(values[1] == 0)
     return mtype, tkl, message_code, mid, None, bad_critical
 
 
@@ -200,7 +210,8 @@ def decode(data: bytes, source: tuple[str, int] = ("0.0.0.0", 0)) -> Message:
     """One datagram -> a coapthon ``Request``, ``Response`` or (empty) ``Message``; ``payload`` is always bytes."""
     try:
         data = bytes(data)
-        mtype, tkl, message_code, mid, payload_start, bad_critical = _frame(data)
+        empty_strings: list[bool] = []
+        mtype, tkl, message_code, mid, payload_start, bad_critical = _frame(data, empty_strings)
     except CoapDecodeError:
         raise
     except Exception as exc:  # pragma: no cover - _frame only raises CoapDecodeError; belt and braces
@@ -219,6 +230,12 @@ def decode(data: bytes, source: tuple[str, int] = ("0.0.0.0", 0)) -> Message:
         raise CoapDecodeError("unparseable options (invalid UTF-8 or option value)", mtype, mid)
     if message.code is None:
         message.code = EMPTY
+    if any(empty_strings):
+        # coapthon turns a zero-length string option into the text "b''" (str(bytes())): make it "".
+        strings = [option for option in message.options if option.number in _STRING_OPTIONS]
+        for option, is_empty in zip(strings, empty_strings):
+            if is_empty:
+                option._value = ""
     message.payload = b"" if payload_start is None else data[payload_start:]
     return message
 
@@ -227,6 +244,13 @@ def decode(data: bytes, source: tuple[str, int] = ("0.0.0.0", 0)) -> Message:
 
 
 def encode(message: Message) -> bytes:
+    # coapthon would OR a 9+ byte token length into the type bits, and pack a MID > 16 bits as garbage.
+    if message.token is not None and len(message.token) > MAX_TOKEN_LENGTH:
+        raise CoapEncodeError(f"token of {len(message.token)} bytes")
+    if message.type not in (CON, NON, ACK, RST):
+        raise CoapEncodeError(f"message type {message.type!r}")
+    if message.mid is not None and not 0 <= message.mid <= 0xFFFF:
+        raise CoapEncodeError(f"message id {message.mid!r}")
     if message.code == EMPTY and not message.token and not message.options and not message.payload:
         return empty(message.type, message.mid)
     try:
@@ -243,6 +267,17 @@ def empty(mtype: int, mid: int) -> bytes:
     return struct.pack("!BBH", 0x40 | (mtype << 4), EMPTY, mid & 0xFFFF)
 
 
+class _Option(Option):
+    """coapthon's Option measures a string value in characters; the wire needs its UTF-8 bytes."""
+
+    @property
+    def length(self) -> int:
+        value = self._value
+        if isinstance(value, str):
+            return len(value.encode("utf-8"))
+        return Option.length.fget(self)  # type: ignore[attr-defined]
+
+
 def build(
     mtype: int | None,
     message_code: int,
@@ -255,10 +290,11 @@ def build(
     message: Message = Request() if is_request(message_code) else Response() if is_response(message_code) else Message()
     message.type = mtype
     message.code = message_code
-    message.mid = mid
+    if mid is not None:
+        message.mid = mid
     message.token = token or None
     for number, value in options:
-        option = Option()
+        option = _Option()
         option.number = number
         option.value = value
         message.add_option(option)

@@ -17,7 +17,7 @@ RESPONSE_PREFIX = {"v1": "v1/devices/me/rpc/response/", "v2": "v2/r/res/", "v2j"
 class MqttSession:
     __slots__ = (
         "session_id", "device", "actor_ref", "protocol_level", "rpc_family", "_write", "_close",
-        "_next_packet_id", "in_flight", "receive_maximum", "max_packet_size", "calls",
+        "_next_packet_id", "in_flight", "receive_maximum", "max_packet_size", "calls", "gateway_in_flight",
     )
     transport = "mqtt"
 
@@ -44,13 +44,19 @@ class MqttSession:
         self.max_packet_size = max_packet_size
         #: request id of a device-to-server call -> the topic family to answer on.
         self.calls: dict[int, str] = {}
+        #: packet id -> (actor ref, sub-session id, request id) of a QoS 1 command this connection, as a gateway,
+        #: carries for one of its sub-devices; None once that sub-device left (the id stays taken until its PUBACK).
+        self.gateway_in_flight: dict[int, tuple[Any, int, int] | None] = {}
 
     def allocate_packet_id(self) -> int | None:
-        if len(self.in_flight) >= min(self.receive_maximum, 65535):
+        """A packet id free on this connection: the device's own commands and its sub-devices' share one space
+        and one receive window."""
+        in_flight, gateway = self.in_flight, self.gateway_in_flight
+        if len(in_flight) + len(gateway) >= min(self.receive_maximum, 65535):
             return None
         while True:
             self._next_packet_id = self._next_packet_id % 65535 + 1
-            if self._next_packet_id not in self.in_flight:
+            if self._next_packet_id not in in_flight and self._next_packet_id not in gateway:
                 return self._next_packet_id
 
     # --- DeviceSession --------------------------------------------------------------------------------------------
@@ -58,6 +64,11 @@ class MqttSession:
     def send_command(self, request_id: int, method: str, params: Any, qos: int) -> Delivery:
         payload = json.dumps({"method": method, "params": params}, separators=(",", ":")).encode()
         topic = REQUEST_PREFIX[self.rpc_family] + str(request_id)
+        return self.publish_tracked(topic, payload, qos, self.in_flight, request_id)
+
+    def publish_tracked(self, topic: str, payload: bytes, qos: int, in_flight: dict[int, Any], entry: Any) -> Delivery:
+        """Write one command PUBLISH; at QoS 1 remember ``entry`` under its packet id in ``in_flight`` (this
+        session's own map, or ``gateway_in_flight`` for a sub-device's command) until the PUBACK."""
         packet_id = None
         if qos:
             packet_id = self.allocate_packet_id()
@@ -67,7 +78,7 @@ class MqttSession:
         if self.max_packet_size is not None and len(data) > self.max_packet_size:
             return Delivery.NOT_SENT
         if packet_id is not None:
-            self.in_flight[packet_id] = request_id
+            in_flight[packet_id] = entry
         self._write(data)
         return Delivery.AWAITING_ACK if qos else Delivery.DELIVERED
 
