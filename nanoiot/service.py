@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 from typing import Any
+from uuid import UUID, uuid4
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
@@ -20,15 +21,16 @@ from nanoiot.actors.device import ActorSettings, command_record
 from nanoiot.actors.directory import DeviceDirectory
 from nanoiot.config import Config
 from nanoiot.demo import DemoData, banner, seed_demo
+from nanoiot.errors import BadRequest, NotFound, PermissionDenied
 from nanoiot.events import EventBus, RpcStatusEvent
 from nanoiot.logs import make_observer
 from nanoiot.persistence.catalog import DeviceCatalog
 from nanoiot.persistence.journal import RpcJournal
 from nanoiot.persistence.records import Device
 from nanoiot.persistence.repository import Repository
-from nanoiot.rpc.model import RpcStatus, record_command
+from nanoiot.rpc.model import RpcCommand, RpcResult, RpcStatus, record_command
 from nanoiot.rpc.queue import PendingRpc, QueueSettings
-from nanoiot.rpc.server_methods import ServerMethods
+from nanoiot.rpc.server_methods import ServerMethods, load_configured_methods, load_entry_point_methods
 from nanoiot.transports.mqtt.protocol import MqttFactory
 from nanoiot.transports.mqtt.session import MqttSession
 from nanoiot.web.context import WebContext
@@ -75,7 +77,7 @@ class NanoService(MultiService):
         self.config = config
         self.reactor = reactor
         self.repository = Repository(config.database, reactor)
-        self.catalog = DeviceCatalog(self.repository)
+        self.catalog = DeviceCatalog(self.repository, clock=reactor)
         self.journal = RpcJournal(self.repository, reactor)
         settings = ActorSettings(
             max_persistent_per_device=config.rpc_max_persistent_per_device,
@@ -92,7 +94,12 @@ class NanoService(MultiService):
             session_limits=session_limits(config),
         )
         self.events = EventBus()
-        self.directory = DeviceDirectory(reactor, settings, server_methods, self._publish_status, self.journal)
+        # Server methods: built-ins and those given in code, then installed entry points, then --rpc-methods.
+        self.server_methods = server_methods if server_methods is not None else ServerMethods()
+        self.server_methods.update(load_entry_point_methods())
+        self.server_methods.update(load_configured_methods(config.rpc_methods))
+        self.directory = DeviceDirectory(reactor, settings, self.server_methods, self._publish_status, self.journal)
+        self.directory.context.send_rpc = self._send_rpc
         self.directory.setServiceParent(self)
         self.tokens = TokenIssuer(
             load_signing_key(config.jwt_key, config.jwt_key_file),
@@ -109,6 +116,7 @@ class NanoService(MultiService):
             clock=reactor,
             max_packet_size=config.mqtt_max_packet_size,
             connect_timeout=config.mqtt_connect_timeout,
+            find_or_create_subdevice=self._find_or_create_subdevice,
         )
         self.mqtt_factory.noisy = False
         self.http_port: IListeningPort | None = None
@@ -135,6 +143,48 @@ class NanoService(MultiService):
 
     def _attach_mqtt_session(self, device: Device, session: MqttSession) -> Any:
         return self.directory.tell(device, m.AttachSession(session))
+
+    def _find_or_create_subdevice(self, gateway: Device, name: str, device_type: str) -> Deferred:
+        """A gateway's sub-device by name in the gateway's tenant, created on first sight (as ThingsBoard does:
+        same customer as the gateway, ``lastConnectedGateway`` in its additional info, a generated token)."""
+
+        async def find_or_create() -> Device | None:
+            device = await self.repository.get_tenant_device_by_name(gateway.tenant_id, name)
+            if device is not None:
+                return device
+            try:
+                device, _ = await self.catalog.create_device(
+                    gateway.tenant_id, name, device_type, customer_id=gateway.customer_id,
+                    additional_info={"lastConnectedGateway": str(gateway.id)})
+            except BadRequest:
+                # Created meanwhile (by another gateway, or over REST): use that one.
+                return await self.repository.get_tenant_device_by_name(gateway.tenant_id, name)
+            log.info("gateway {gateway_id} created sub-device {name} ({device_id})", gateway_id=gateway.id,
+                     name=name, device_id=device.id)
+            return device
+
+        return ensureDeferred(find_or_create())
+
+    def _send_rpc(self, caller: Device, device_id: UUID | str, method: str, params: Any = None,
+                  oneway: bool = False, timeout_ms: int = 10000) -> Deferred:
+        """``CallContext.send_rpc``: a server method commands another device of the calling device's tenant."""
+
+        async def send() -> RpcResult:
+            target_id = device_id if isinstance(device_id, UUID) else UUID(str(device_id))
+            target = await self.catalog.get_device(target_id)
+            if target is None:
+                raise NotFound(f"Device with id [{target_id}] is not found")
+            if target.tenant_id != caller.tenant_id:
+                raise PermissionDenied()
+            now = int(self.reactor.seconds() * 1000)
+            command = RpcCommand(rpc_id=uuid4(), tenant_id=target.tenant_id, device_id=target.id, method=method,
+                                 params=params, oneway=oneway, expiration_time=now + int(timeout_ms),
+                                 created_time=now)
+            message = m.SubmitRpc(command)
+            self.directory.tell(target, message)
+            return await message.reply
+
+        return ensureDeferred(send())
 
     def _endpoint(self, port: int) -> Any:
         cls = TCP6ServerEndpoint if ":" in self.config.host else TCP4ServerEndpoint

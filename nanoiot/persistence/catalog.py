@@ -18,9 +18,15 @@ from nanoiot.persistence.repository import Repository
 
 
 class DeviceCatalog:
-    def __init__(self, repository: Repository, max_entries: int = 200_000) -> None:
+    def __init__(self, repository: Repository, max_entries: int = 200_000, clock: Any = None,
+                 lookup_batch: int = 500) -> None:
         self.repository = repository
         self.max_entries = max_entries
+        self.clock = clock
+        self.lookup_batch = lookup_batch
+        #: token -> callers waiting for it, looked up together on the next reactor turn.
+        self._wanted: dict[str, list[Deferred]] = {}
+        self._lookup_scheduled = False
         self._by_id: OrderedDict[UUID, Device] = OrderedDict()
         self._id_by_token: dict[str, UUID] = {}
         self._token_by_id: dict[UUID, str] = {}
@@ -40,13 +46,43 @@ class DeviceCatalog:
             if device is not None:
                 return succeed(device)
 
-        def found(device: Device | None) -> Device | None:
-            if device is not None:
-                self._remember(device)
-                self._link_token(device.id, token)
-            return device
+        if self.clock is None:
+            return self.repository.get_device_by_token(token).addCallback(self._found, token)
+        d: Deferred = Deferred()
+        self._wanted.setdefault(token, []).append(d)
+        if not self._lookup_scheduled:
+            self._lookup_scheduled = True
+            self.clock.callLater(0, self._look_up_wanted)
+        return d
 
-        return self.repository.get_device_by_token(token).addCallback(found)
+    def _found(self, device: Device | None, token: str) -> Device | None:
+        if device is not None:
+            self._remember(device)
+            self._link_token(device.id, token)
+        return device
+
+    def _look_up_wanted(self) -> None:
+        """Every token asked for since the last turn, in queries of ``lookup_batch``: a fleet reconnecting at
+        thousands per second costs a few queries per turn, not one each."""
+        self._lookup_scheduled = False
+        wanted, self._wanted = self._wanted, {}
+        tokens = list(wanted)
+        for start in range(0, len(tokens), self.lookup_batch):
+            chunk = tokens[start:start + self.lookup_batch]
+            d = self.repository.get_devices_by_tokens(chunk)
+            d.addCallbacks(self._answer_lookups, self._fail_lookups, callbackArgs=(chunk, wanted),
+                           errbackArgs=(chunk, wanted))
+
+    def _answer_lookups(self, found: dict[str, Device], chunk: list[str], wanted: dict[str, list[Deferred]]) -> None:
+        for token in chunk:
+            device = self._found(found.get(token), token)
+            for d in wanted[token]:
+                d.callback(device)
+
+    def _fail_lookups(self, failure: Any, chunk: list[str], wanted: dict[str, list[Deferred]]) -> None:
+        for token in chunk:
+            for d in wanted[token]:
+                d.errback(failure)
 
     # --- writes (always through here, so the cache stays exact) ---------------------------------------------------
 

@@ -414,6 +414,18 @@ class Repository:
 
         return self._run(thd)
 
+    def get_devices_by_tokens(self, tokens: Sequence[str]) -> Deferred[dict[str, Device]]:
+        """Many connecting devices at once: one query for a whole reconnect wave instead of one per device."""
+        wanted = list(tokens)
+
+        def thd(conn: Connection) -> dict[str, Device]:
+            query = (select(devices, credentials_table.c.credentials_id.label("token"))
+                     .join(credentials_table, credentials_table.c.device_id == devices.c.id)
+                     .where(credentials_table.c.credentials_id.in_(wanted)))
+            return {row.token: _device(row) for row in conn.execute(query)}
+
+        return self._run(thd)
+
     def get_credentials(self, device_id: UUID) -> Deferred[DeviceCredentials | None]:
         """None when there is no such device."""
 
