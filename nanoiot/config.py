@@ -68,6 +68,14 @@ def _log_format(value: str) -> str:
     return lowered
 
 
+def _rpc_methods(value: str) -> str:
+    """Only the syntax here; the service imports the callables (and reports what it cannot import)."""
+    from nanoiot.rpc.server_methods import parse_method_specs
+
+    parse_method_specs(value)
+    return value.strip()
+
+
 def _database(value: str) -> str:
     from sqlalchemy.engine import make_url
 
@@ -113,7 +121,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("rpc-max-persistent-per-tenant", 1_000_000, _positive, "active persistent commands per tenant, at most"),
     Option("rpc-ttl", 604800, _non_negative, "seconds a finished persistent command is kept (0: forever)"),
     Option("rpc-ttl-interval", 3600, _positive, "seconds between clean-ups of finished persistent commands"),
+    Option("rpc-methods", "", _rpc_methods, "extra server methods devices may call: [name=]module:callable,..."),
     Option("max-payload-size", 16 * 1024 * 1024, _positive, "REST request body limit, bytes"),
+    Option("http-poll-timeout", 60000, _positive, "ms an HTTP device's long poll waits when it gives no timeout"),
+    Option("http-max-poll-timeout", 300000, _positive, "ms an HTTP device's long poll waits at most"),
     Option("mqtt-max-packet-size", 256 * 1024, _positive, "largest MQTT packet accepted, bytes"),
     Option("mqtt-connect-timeout", 10, _positive, "seconds a new MQTT connection has to send CONNECT"),
     Option("device-idle-timeout", 60, _positive, "seconds before an idle device actor is passivated"),
@@ -150,7 +161,10 @@ class Config:
     rpc_max_persistent_per_tenant: int = 1_000_000
     rpc_ttl: int = 604800
     rpc_ttl_interval: int = 3600
+    rpc_methods: str = ""
     max_payload_size: int = 16 * 1024 * 1024
+    http_poll_timeout: int = 60000
+    http_max_poll_timeout: int = 300000
     mqtt_max_packet_size: int = 256 * 1024
     mqtt_connect_timeout: int = 10
     device_idle_timeout: int = 60

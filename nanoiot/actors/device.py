@@ -111,6 +111,8 @@ class ActorContext:
     journal: RpcJournal | None = None
     ids: RequestIds = field(default_factory=RequestIds)
     tenant_counts: TenantCounts = field(default_factory=TenantCounts)
+    #: Lets server methods command other devices (``CallContext.send_rpc``; see ``RpcSender``); set by the service.
+    send_rpc: Callable[..., Deferred] | None = None
 
 
 class DeviceActor(ReactorActor):
@@ -266,7 +268,8 @@ class DeviceActor(ReactorActor):
         session = self.sessions.get(msg.session_id)
         if session is None:
             return
-        context = CallContext(self.device, session.transport, self.clock, self.settings.session_limits or {})
+        context = CallContext(self.device, session.transport, self.clock, self.settings.session_limits or {},
+                              self.ctx.send_rpc)
         d = self.ctx.server_methods.call(context, msg.payload)
 
         def reply(value: Any) -> None:

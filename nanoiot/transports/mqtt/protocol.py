@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from nanoiot.actors import messages as m
 from nanoiot.persistence.records import Device
 from nanoiot.transports.mqtt import codec
+from nanoiot.transports.mqtt.gateway import GATEWAY_PREFIX, FindOrCreate, GatewayRouter
 from nanoiot.transports.mqtt.session import MqttSession
 from nanoiot.transports.mqtt.topics import topic_matches, valid_topic_filter
 
@@ -52,6 +53,8 @@ class MqttDeviceProtocol(Protocol):
         self.timer: IDelayedCall | None = None
         self.held: list[codec.Frame] = []
         self.qos2_received: set[int] = set()
+        #: The sub-devices this connection speaks for, once it acts as a gateway (``v1/gateway/*``).
+        self.gateway: GatewayRouter | None = None
 
     # --- Twisted hooks --------------------------------------------------------------------------------------------
 
@@ -82,6 +85,8 @@ class MqttDeviceProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.state = CLOSED
         self._cancel_timer()
+        if self.gateway is not None:
+            self.gateway.close()
         session = self.session
         if session is not None:
             self.session = None
@@ -229,6 +234,9 @@ class MqttDeviceProtocol(Protocol):
         session = self.session
         if session is None:
             return
+        if topic.startswith(GATEWAY_PREFIX):
+            self._route_gateway_publish(session, topic, payload)
+            return
         for prefix, kind, family in _INBOUND:
             if topic.startswith(prefix):
                 suffix = topic[len(prefix):]
@@ -245,6 +253,16 @@ class MqttDeviceProtocol(Protocol):
                 return
         # Telemetry, attributes and other topics are accepted and acknowledged; an RPC server has no use for them.
 
+    def _route_gateway_publish(self, session: MqttSession, topic: str, payload: bytes) -> None:
+        if self.gateway is None:
+            find_or_create = self.factory.find_or_create_subdevice
+            if find_or_create is None:
+                log.debug("mqtt: device {device_id} published to {topic}: gateways are not enabled",
+                          device_id=session.device.id, topic=topic)
+                return
+            self.gateway = GatewayRouter(session, find_or_create, self.factory.attach)
+        self.gateway.on_publish(topic, payload)
+
     def _on_puback(self, packet: codec.PubAck) -> None:
         session = self.session
         if session is None:
@@ -252,6 +270,8 @@ class MqttDeviceProtocol(Protocol):
         request_id = session.acked(packet.packet_id)
         if request_id is not None:
             _tell(session.actor_ref, m.CommandAcked(session.session_id, request_id))
+        elif self.gateway is not None:
+            self.gateway.acked(packet.packet_id)
 
     def _on_pubrel(self, packet: codec.PubRel) -> None:
         self.qos2_received.discard(packet.packet_id)
@@ -324,6 +344,8 @@ class MqttDeviceProtocol(Protocol):
             return
         self.state = CLOSED
         self._cancel_timer()
+        if self.gateway is not None:
+            self.gateway.close()  # its sub-devices are offline now, not once the socket is finally gone
         self.transport.loseConnection()
 
     def _peer(self) -> str:
@@ -367,6 +389,7 @@ class MqttFactory(Factory):
         max_packet_size: int = 256 * 1024,
         connect_timeout: float = 10.0,
         receive_maximum: int = 100,
+        find_or_create_subdevice: FindOrCreate | None = None,
     ) -> None:
         self.authenticate = authenticate
         self.attach = attach
@@ -374,6 +397,9 @@ class MqttFactory(Factory):
         self.max_packet_size = max_packet_size
         self.connect_timeout = connect_timeout
         self.receive_maximum = receive_maximum
+        #: (gateway device, name, type) -> Deferred[Device]: finds or creates a gateway's sub-device. None: devices
+        #: cannot act as gateways, and ``v1/gateway/*`` publishes are acknowledged and ignored.
+        self.find_or_create_subdevice = find_or_create_subdevice
         #: session id -> protocol of every authenticated connection.
         self.connected: dict[int, MqttDeviceProtocol] = {}
 
