@@ -1583,6 +1583,9 @@ def test_the_harness_flags_a_timer_armed_twice():
 
 # --- random sequences of events (Hypothesis) ---------------------------------------------------------------------
 
+#: Valid status transitions; None is "not yet submitted". A restored command starts in its stored status (never
+#: reported again). DELIVERED -> SUCCESSFUL is an answer, or a one-way command's ack (in the same batch), or a
+#: one-way command restored as DELIVERED.
 _ALLOWED = {
     None: {Q, EXPIRED},
     Q: {SENT, EXPIRED, DELETED},
@@ -1591,7 +1594,8 @@ _ALLOWED = {
     DELIVERED: {SUCCESSFUL, FAILED, EXPIRED, DELETED},
 }
 _TERMINAL = {SUCCESSFUL, FAILED, EXPIRED, DELETED}
-UNKNOWN_REQUEST_ID = 1_000_000
+_RESTORABLE = [Q, SENT, TIMEOUT, DELIVERED]
+UNKNOWN_REQUEST_ID = 10**12
 
 
 class QueueMachine(RuleBasedStateMachine):
@@ -1610,7 +1614,9 @@ class QueueMachine(RuleBasedStateMachine):
         self.finished: dict[UUID, RpcResult] = {}
         self.last_status: dict[int, RpcStatus | None] = {}
         self.seen: dict[int, set[RpcStatus]] = defaultdict(set)
+        #: Restored with a stored status other than QUEUED: the device may have it, so acks and answers count.
         self.restored_as_sent: set[int] = set()
+        #: Written to a session in this run (by a Send effect).
         self.ever_sent: set[int] = set()
         self.first_sends: list[int] = []
         self.first_sends_by_session: dict[int, list[int]] = defaultdict(list)
@@ -1649,7 +1655,10 @@ class QueueMachine(RuleBasedStateMachine):
                         assert self.strategy is ON_RESPONSE
                         assert effect.response == {"error": RESPONSE_TEXT}
                 if new is SUCCESSFUL:
-                    assert effect.response == self.answers[rid]
+                    if rid in self.answers:
+                        assert effect.response == self.answers[rid]
+                    else:  # a one-way command acked (or restored as delivered): success without a response
+                        assert self.commands[rid].oneway and effect.response is None
                 self.last_status[rid] = new
                 self.seen[rid].add(new)
                 if new in _TERMINAL:
@@ -1665,14 +1674,15 @@ class QueueMachine(RuleBasedStateMachine):
 
     def check_result(self, rid: int, result: RpcResult) -> None:
         status, command = self.last_status[rid], self.commands[rid]
-        if status is DELIVERED:
-            assert command.oneway and result == RpcResult()
-        elif status is SUCCESSFUL:
-            assert result == RpcResult(response=self.answers[rid], has_response=True)
+        if status is SUCCESSFUL:
+            if rid in self.answers:
+                assert result == RpcResult(response=self.answers[rid], has_response=True)
+            else:
+                assert command.oneway and result == RpcResult()
         elif status is EXPIRED:
             if DELIVERED in self.seen[rid]:
                 expected = RpcFailure.NO_RESPONSE
-            elif SENT in self.seen[rid] or rid in self.restored_as_sent:
+            elif self.seen[rid] & {SENT, TIMEOUT}:
                 expected = RpcFailure.NOT_DELIVERED
             else:
                 expected = RpcFailure.DEVICE_OFFLINE
@@ -1687,33 +1697,53 @@ class QueueMachine(RuleBasedStateMachine):
 
     # --- rules ---
 
-    def _new_command(self, oneway: bool, ttl: int, retries: int | None) -> RpcCommand:
+    def _new_command(self, oneway: bool, ttl: int, retries: int | None,
+                     id_gap: int | None) -> tuple[RpcCommand, int | None, int]:
+        """A command and the request id to give it: None (the queue's counter) or an explicit one from a
+        server-wide monotonic source, which may skip ids other devices took (``id_gap``)."""
         command = self.h.command(oneway=oneway, ttl=ttl, retries=retries)
-        rid = self.h.queue.next_request_id
+        explicit = None if id_gap is None else self.h.queue.next_request_id + id_gap
+        rid = self.h.queue.next_request_id if explicit is None else explicit
+        assert rid not in self.commands
         self.commands[rid] = command
-        return command
+        return command, explicit, rid
 
     commands_args = dict(
         oneway=st.booleans(),
         ttl=st.one_of(st.sampled_from([-1, 0]), st.integers(1, 20_000)),
         retries=st.one_of(st.none(), st.integers(-1, 4)),
+        id_gap=st.one_of(st.none(), st.integers(0, 3)),
     )
 
     @rule(**commands_args)
-    def submit(self, oneway: bool, ttl: int, retries: int | None) -> None:
-        command = self._new_command(oneway, ttl, retries)
-        self.last_status[self.h.queue.next_request_id] = None
-        self.check(self.h.submit(command))
+    def submit(self, oneway: bool, ttl: int, retries: int | None, id_gap: int | None) -> None:
+        command, explicit, rid = self._new_command(oneway, ttl, retries, id_gap)
+        self.last_status[rid] = None
+        effects = self.check(self.h.submit(command, explicit))
+        assert statuses(effects)[0] in {(rid, Q), (rid, EXPIRED)}
+        assert self.h.queue.next_request_id == rid + 1
 
-    @rule(status=st.sampled_from([Q, SENT, TIMEOUT, DELIVERED]), **commands_args)
-    def restore(self, status: RpcStatus, oneway: bool, ttl: int, retries: int | None) -> None:
-        command = self._new_command(oneway, ttl, retries)
-        rid = self.h.queue.next_request_id
-        self.last_status[rid] = Q  # restored as it was: no QUEUED is reported again
+    @rule(status=st.sampled_from(_RESTORABLE), data=st.data(), **commands_args)
+    def restore(self, status: RpcStatus, data: st.DataObject, oneway: bool, ttl: int, retries: int | None,
+                id_gap: int | None) -> None:
+        command, explicit, rid = self._new_command(oneway, ttl, retries, id_gap)
+        limit = retry_limit(command, self.h.queue.settings.max_retries)
+        attempts = 0 if status is Q else data.draw(st.integers(0, limit), label="attempts")
+        self.last_status[rid] = status  # restored as it was: its stored status is not reported again
+        self.seen[rid].add(status)
         if status is not Q:
             self.restored_as_sent.add(rid)
-        effects = self.check(self.h.restore(command, status))
-        assert Q not in [s for _, s in statuses(effects)]
+        effects = self.check(self.h.restore(command, status, explicit, attempts))
+        assert Q not in [s for _, s in statuses(effects)], "restore never reports QUEUED"
+        assert self.h.queue.next_request_id == rid + 1
+        if status is DELIVERED:
+            assert rid not in [r for _, r in sends(effects)], "a delivered command is not written again"
+            if oneway:
+                assert statuses(effects) == [(rid, SUCCESSFUL)]
+        pending = self.h.queue.pending.get(rid)
+        if pending is not None:
+            assert pending.attempts == attempts
+            assert pending.ever_sent == (status is not Q or rid in self.ever_sent)
 
     @rule(one_shot=st.booleans())
     def subscribe_new_session(self, one_shot: bool) -> None:
@@ -1746,24 +1776,34 @@ class QueueMachine(RuleBasedStateMachine):
         rids = sorted(r for r, p in self.h.queue.pending.items() if p.in_flight_on is not None)
         self.check(self.h.ack(data.draw(st.sampled_from(rids))))
 
-    @precondition(lambda self: self.ever_sent)
+    def _reached_device(self) -> set[int]:
+        """What may have reached the device: written in this run, or restored as written before the restart."""
+        return self.ever_sent | self.restored_as_sent
+
+    def _is_active(self, rid: int) -> bool:
+        return self.commands[rid].rpc_id not in self.finished
+
+    @precondition(lambda self: self._reached_device())
     @rule(data=st.data())
     def ack_late_or_again(self, data: st.DataObject) -> None:
-        """An ack for anything ever written: duplicates, acks after a close or a timeout, after the answer."""
-        rid = data.draw(st.sampled_from(sorted(self.ever_sent)))
-        pending = self.h.queue.pending.get(rid)
-        ignored = pending is None or pending.delivered
+        """An ack for anything written: duplicates, acks after a close or a timeout, after the answer, and acks of
+        restored commands that reached the device before the restart."""
+        rid = data.draw(st.sampled_from(sorted(self._reached_device())))
+        ignored = not self._is_active(rid) or self.last_status[rid] is DELIVERED
         effects = self.check(self.h.ack(rid))
         if ignored:
             assert effects == []
         else:
             assert statuses(effects)[0] == (rid, DELIVERED)
+            if self.commands[rid].oneway:
+                assert statuses(effects)[1] == (rid, SUCCESSFUL)
+                assert results(effects)[self.commands[rid].rpc_id] == RpcResult()
 
-    @precondition(lambda self: self.ever_sent)
+    @precondition(lambda self: self._reached_device())
     @rule(data=st.data(), response=st.one_of(st.none(), st.integers(), st.text(max_size=3)))
     def answer(self, data: st.DataObject, response: Any) -> None:
-        rid = data.draw(st.sampled_from(sorted(self.ever_sent)))
-        was_pending = rid in self.h.queue.pending
+        rid = data.draw(st.sampled_from(sorted(self._reached_device())))
+        was_pending = self._is_active(rid)
         if was_pending:
             self.answers[rid] = response
         effects = self.check(self.h.answer(rid, response))
@@ -1771,6 +1811,18 @@ class QueueMachine(RuleBasedStateMachine):
             assert effects == []
         else:
             assert self.commands[rid].rpc_id in results(effects)
+
+    def _never_sent(self) -> list[int]:
+        return sorted(r for r in self.commands if self._is_active(r) and r not in self._reached_device())
+
+    @precondition(lambda self: self._never_sent())
+    @rule(data=st.data(), response=st.integers())
+    def ack_or_answer_never_sent(self, data: st.DataObject, response: int) -> None:
+        """An ack or answer for a command never written to a device is stale or forged: no effects at all."""
+        rid = data.draw(st.sampled_from(self._never_sent()))
+        assert self.h.ack(rid) == []
+        assert self.h.answer(rid, response) == []
+        assert self.h.queue.pending[rid].status is Q
 
     @rule(response=st.integers())
     def answer_unknown_request(self, response: int) -> None:
@@ -1828,6 +1880,7 @@ class QueueMachine(RuleBasedStateMachine):
     @invariant()
     def queue_length_is_submitted_minus_finished(self) -> None:
         assert len(self.h.queue) == len(self.commands) - len(self.finished)
+        assert all(rid < self.h.queue.next_request_id for rid in self.commands), "the counter is past every id"
         assert set(self.h.queue.pending) == {r for r, c in self.commands.items() if c.rpc_id not in self.finished}
         assert list(self.h.queue.pending) == sorted(self.h.queue.pending), "pending is kept in submission order"
         for rid, pending in self.h.queue.pending.items():
@@ -1861,6 +1914,7 @@ class QueueMachine(RuleBasedStateMachine):
             assert p.status is self.last_status[rid]
             assert p.attempts <= retry_limit(p.command, self.h.queue.settings.max_retries)
             assert p.delivered == (p.status is DELIVERED)
+            assert p.ever_sent == (rid in self._reached_device())
             if p.in_flight_on is not None:
                 assert p.status is SENT and p.ever_sent and not p.delivered
             if p.delivered:
@@ -1882,7 +1936,10 @@ class QueueMachine(RuleBasedStateMachine):
             if queue.subscriptions and undelivered:
                 assert undelivered[0].in_flight_on is not None
         else:
-            assert all(p.in_flight_on is None and not p.delivered for p in pending[1:])
+            assert all(p.in_flight_on is None for p in pending[1:])
+            # Behind the head, only a command restored as having reached the device can be delivered (stored that
+            # way, or acked late before it was written again).
+            assert all(p.request_id in self.restored_as_sent for p in pending[1:] if p.delivered)
             if queue.subscriptions and pending:
                 assert pending[0].in_flight_on is not None or pending[0].delivered
 
