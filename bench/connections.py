@@ -50,7 +50,7 @@ def run(count: int, rate: float, concurrency: int, settle: float, console: Conso
             args = [sys.executable, "-m", "nanoiot.sim.fleet", "--port", str(server.mqtt_port),
                     "--tokens-file", str(tokens_file), "--skip", str(part * PER_PROCESS), "--count", str(size),
                     "--concurrency", str(max(1, concurrency // parts)), "--rate", str(rate / parts),
-                    "--answer", "none", "--hold", "600", "--bind", f"127.0.0.{2 + part}"]
+                    "--answer", "none", "--hold", "600", "--bind", f"127.0.0.{2 + part}", "--json"]
             processes.append(subprocess.Popen(args, stdout=subprocess.PIPE, text=True))
         connected = failed = 0
         with Progress(TextColumn("connecting"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

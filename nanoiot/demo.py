@@ -58,6 +58,7 @@ def banner(host: str, http_port: int, mqtt_port: int, coap_port: int, database: 
         f"NanoIoT {version} is ready",
         f"  REST API and HTTP devices  http://{host}:{http_port}",
         f"  MQTT devices               tcp://{host}:{mqtt_port}",
+        f"  CoAP devices               udp://{host}:{coap_port}",
         f"  database                   {database}",
     ]
     if demo is None:

@@ -31,6 +31,7 @@ from nanoiot.persistence.repository import Repository
 from nanoiot.rpc.model import RpcCommand, RpcResult, RpcStatus, record_command
 from nanoiot.rpc.queue import PendingRpc, QueueSettings
 from nanoiot.rpc.server_methods import ServerMethods, load_configured_methods, load_entry_point_methods
+from nanoiot.transports.coap.server import CoapServer
 from nanoiot.transports.mqtt.protocol import MqttFactory
 from nanoiot.transports.mqtt.session import MqttSession
 from nanoiot.web.context import WebContext
@@ -119,8 +120,14 @@ class NanoService(MultiService):
             find_or_create_subdevice=self._find_or_create_subdevice,
         )
         self.mqtt_factory.noisy = False
+        self.coap_server = CoapServer(
+            authenticate=self.catalog.device_for_token,
+            attach=self._attach_session,
+            clock=reactor,
+        )
         self.http_port: IListeningPort | None = None
         self.mqtt_port: IListeningPort | None = None
+        self.coap_port: IListeningPort | None = None
         self.demo: DemoData | None = None
         self.failed = False
         #: Set by the twistd plugin: a server that cannot start must not linger half-started.
@@ -143,6 +150,9 @@ class NanoService(MultiService):
 
     def _attach_mqtt_session(self, device: Device, session: MqttSession) -> Any:
         return self.directory.tell(device, m.AttachSession(session))
+
+    def _attach_session(self, device: Device, session: Any, exclusive: bool) -> Any:
+        return self.directory.tell(device, m.AttachSession(session, exclusive))
 
     def _find_or_create_subdevice(self, gateway: Device, name: str, device_type: str) -> Deferred:
         """A gateway's sub-device by name in the gateway's tenant, created on first sight (as ThingsBoard does:
@@ -206,8 +216,10 @@ class NanoService(MultiService):
             self.demo = await seed_demo(self.repository, self.catalog)
         self.http_port = await self._endpoint(self.config.http_port).listen(self.site)
         self.mqtt_port = await self._endpoint(self.config.mqtt_port).listen(self.mqtt_factory)
+        self.coap_port = self.reactor.listenUDP(self.config.coap_port, self.coap_server, interface=self.config.host)
         log.info("{banner}", banner=banner(
-            self.config.host, self.http_port.getHost().port, self.mqtt_port.getHost().port, self.config.coap_port,
+            self.config.host, self.http_port.getHost().port, self.mqtt_port.getHost().port,
+            self.coap_port.getHost().port,
             self.config.database, self.demo, __version__))
         return self
 
@@ -247,8 +259,8 @@ class NanoService(MultiService):
             self.reactor.stop()
 
     def stopService(self) -> Deferred:
-        ports = [p for p in (self.http_port, self.mqtt_port) if p is not None]
-        self.http_port = self.mqtt_port = None
+        ports = [p for p in (self.http_port, self.mqtt_port, self.coap_port) if p is not None]
+        self.http_port = self.mqtt_port = self.coap_port = None
         d = DeferredList([maybeDeferred(p.stopListening) for p in ports])
         d.addCallback(lambda _: MultiService.stopService(self))
         d.addCallback(lambda _: self.journal.flushed())

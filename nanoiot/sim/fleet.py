@@ -1,8 +1,13 @@
-"""A fleet of simulated MQTT devices in one asyncio process, built on NanoIoT's own codec.
+"""``nanoiot-sim``: a fleet of simulated MQTT devices in one asyncio process, built on NanoIoT's own codec.
 
-Each device connects with its access token, subscribes to commands and answers them (echo by default). The
-process reports progress as JSON lines on stdout so that a test or benchmark can follow it without parsing logs:
+Each device connects with its access token, subscribes to commands and answers them the way it is told: echo the
+command, answer after a delay, fail at random, never answer, or drop the connection mid-command (and come back).
+Devices can also call the server (device-to-server RPC) at an interval. Devices come from a token file or are
+created through the REST API (``--create N``).
+
+With ``--json`` the process reports JSON lines on stdout for tests and benchmarks:
 ``{"event": "connected", "count": N, ...}``, ``{"event": "answered", "count": N}``, ``{"event": "done", ...}``.
+Without it, a progress bar while connecting and a summary table at the end.
 """
 
 from __future__ import annotations
@@ -10,17 +15,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import resource
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
 from nanoiot.transports.mqtt import codec
 
 RPC_FILTER = "v1/devices/me/rpc/request/+"
+REPLY_FILTER = "v1/devices/me/rpc/response/+"
 REQUEST_PREFIX = "v1/devices/me/rpc/request/"
 RESPONSE_PREFIX = "v1/devices/me/rpc/response/"
+
+
+@dataclass
+class Behaviour:
+    answer: str = "echo"  # echo | ok | delay | fail | none | disconnect
+    delay_ms: float = 100.0
+    fail_rate: float = 0.1
+    call_method: str | None = None
+    call_interval: float = 10.0
+    level: int = 4
 
 
 @dataclass
@@ -29,25 +47,41 @@ class FleetStats:
     failed: int = 0
     commands: int = 0
     answered: int = 0
+    failures_sent: int = 0
+    disconnects: int = 0
+    reconnects: int = 0
+    calls: int = 0
+    call_answers: int = 0
     connect_latencies: list[float] = field(default_factory=list)
+    call_latencies: list[float] = field(default_factory=list)
 
 
 class SimulatedDevice(asyncio.Protocol):
     """One device: CONNECT, SUBSCRIBE, then PUBACK and answer every command it gets."""
 
-    def __init__(self, token: str, stats: FleetStats, answer: str, level: int, ready: asyncio.Future) -> None:
+    def __init__(self, token: str, stats: FleetStats, behaviour: Behaviour, ready: asyncio.Future,
+                 loop: asyncio.AbstractEventLoop) -> None:
         self.token = token
         self.stats = stats
-        self.answer = answer
-        self.level = level
+        self.behaviour = behaviour
+        self.level = behaviour.level
         self.ready = ready
+        self.loop = loop
         self.reader = codec.FrameReader(16 * 1024 * 1024)
         self.transport: asyncio.Transport | None = None
         self.next_pid = 0
+        self.call_id = 0
+        self.calls: dict[str, float] = {}
+        self.lost: asyncio.Future = loop.create_future()
+        self.call_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         transport.write(codec.encode_connect("", protocol_level=self.level, username=self.token, keep_alive=300))
+
+    def _pid(self) -> int:
+        self.next_pid = self.next_pid % 65535 + 1
+        return self.next_pid
 
     def data_received(self, data: bytes) -> None:
         for frame in self.reader.feed(data):
@@ -56,26 +90,70 @@ class SimulatedDevice(asyncio.Protocol):
                 if connack.reason_code != 0:
                     self._finish(False)
                     return
-                self.next_pid += 1
-                self.transport.write(codec.encode_subscribe(self.next_pid, [(RPC_FILTER, 1)], self.level))
+                filters = [(RPC_FILTER, 1)]
+                if self.behaviour.call_method:
+                    filters.append((REPLY_FILTER, 1))
+                self.transport.write(codec.encode_subscribe(self._pid(), filters, self.level))
             elif frame.packet_type == codec.SUBACK:
                 self._finish(True)
+                if self.behaviour.call_method:
+                    self._schedule_call()
             elif frame.packet_type == codec.PUBLISH:
                 self._on_publish(codec.decode(frame, self.level))
 
     def _on_publish(self, publish: Any) -> None:
-        if publish.qos == 1:
-            self.transport.write(codec.encode_puback(publish.packet_id, self.level))
+        if publish.topic.startswith(RESPONSE_PREFIX):
+            started = self.calls.pop(publish.topic[len(RESPONSE_PREFIX):], None)
+            if started is not None:
+                self.stats.call_answers += 1
+                self.stats.call_latencies.append(time.perf_counter() - started)
+            if publish.qos == 1:
+                self.transport.write(codec.encode_puback(publish.packet_id, self.level))
+            return
         if not publish.topic.startswith(REQUEST_PREFIX):
             return
         self.stats.commands += 1
-        if self.answer == "none":
+        mode = self.behaviour.answer
+        if mode == "disconnect":
+            # Drop the connection before acknowledging: the server must send the command again later.
+            self.stats.disconnects += 1
+            self.transport.close()
+            return
+        if publish.qos == 1:
+            self.transport.write(codec.encode_puback(publish.packet_id, self.level))
+        if mode == "none":
             return
         request_id = publish.topic[len(REQUEST_PREFIX):]
-        body = publish.payload if self.answer == "echo" else b'{"ok":true}'
-        self.next_pid = self.next_pid % 65535 + 1
-        self.transport.write(codec.encode_publish(RESPONSE_PREFIX + request_id, body, 1, self.next_pid, self.level))
+        if mode == "delay":
+            self.loop.call_later(self.behaviour.delay_ms / 1000.0, self._answer, request_id, publish.payload)
+        elif mode == "fail" and random.random() < self.behaviour.fail_rate:
+            self.stats.failures_sent += 1
+            self._answer(request_id, b'{"error":"simulated failure"}')
+        elif mode == "ok":
+            self._answer(request_id, b'{"ok":true}')
+        else:
+            self._answer(request_id, publish.payload)
+
+    def _answer(self, request_id: str, body: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(codec.encode_publish(RESPONSE_PREFIX + request_id, body, 1, self._pid(), self.level))
         self.stats.answered += 1
+
+    def _schedule_call(self) -> None:
+        jitter = random.uniform(0.5, 1.5) * self.behaviour.call_interval
+        self.call_timer = self.loop.call_later(jitter, self._call)
+
+    def _call(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.call_id += 1
+        request_id = str(self.call_id)
+        self.calls[request_id] = time.perf_counter()
+        body = json.dumps({"method": self.behaviour.call_method, "params": {}}).encode()
+        self.transport.write(codec.encode_publish(REQUEST_PREFIX + request_id, body, 1, self._pid(), self.level))
+        self.stats.calls += 1
+        self._schedule_call()
 
     def _finish(self, ok: bool) -> None:
         if not self.ready.done():
@@ -83,6 +161,55 @@ class SimulatedDevice(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._finish(False)
+        if self.call_timer is not None:
+            self.call_timer.cancel()
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+class Fleet:
+    def __init__(self, args: argparse.Namespace, tokens: list[str]) -> None:
+        self.args = args
+        self.tokens = tokens
+        self.stats = FleetStats()
+        self.behaviour = Behaviour(args.answer, args.delay_ms, args.fail_rate, args.call_method,
+                                   args.call_interval, args.protocol)
+        self.devices: list[SimulatedDevice | None] = [None] * len(tokens)
+        self.running = True
+
+    async def connect(self, index: int) -> bool:
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future = loop.create_future()
+        started = time.perf_counter()
+        device = SimulatedDevice(self.tokens[index], self.stats, self.behaviour, ready, loop)
+        try:
+            await loop.create_connection(lambda: device, self.args.host, self.args.port,
+                                         local_addr=(self.args.bind, 0) if self.args.bind else None)
+            ok = await asyncio.wait_for(ready, 30)
+        except (OSError, asyncio.TimeoutError):
+            return False
+        if ok:
+            self.devices[index] = device
+            self.stats.connect_latencies.append(time.perf_counter() - started)
+            if self.behaviour.answer == "disconnect":
+                asyncio.ensure_future(self._reconnect_after_loss(index, device))
+        elif device.transport is not None:
+            device.transport.close()
+        return ok
+
+    async def _reconnect_after_loss(self, index: int, device: SimulatedDevice) -> None:
+        await device.lost
+        if not self.running:
+            return
+        await asyncio.sleep(1.0)
+        if await self.connect(index):
+            self.stats.reconnects += 1
+
+    def close(self) -> None:
+        self.running = False
+        for device in self.devices:
+            if device is not None and device.transport is not None:
+                device.transport.close()
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -90,25 +217,29 @@ def emit(event: str, **fields: Any) -> None:
     sys.stdout.flush()
 
 
-async def connect_one(loop: asyncio.AbstractEventLoop, host: str, port: int, token: str, stats: FleetStats,
-                      answer: str, level: int, bind: str | None = None) -> Any:
-    ready: asyncio.Future = loop.create_future()
-    started = time.perf_counter()
-    try:
-        transport, _ = await loop.create_connection(
-            lambda: SimulatedDevice(token, stats, answer, level, ready), host, port,
-            local_addr=(bind, 0) if bind else None)
-        ok = await asyncio.wait_for(ready, 30)
-    except (OSError, asyncio.TimeoutError):
-        stats.failed += 1
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
         return None
-    if ok:
-        stats.connected += 1
-        stats.connect_latencies.append(time.perf_counter() - started)
-        return transport
-    stats.failed += 1
-    transport.close()
-    return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
+
+
+def create_devices(url: str, user: str, password: str, count: int, prefix: str) -> list[str]:
+    """Devices through the REST API (as any ThingsBoard client would), returning their access tokens."""
+    login = urllib.request.Request(f"{url}/api/auth/login", json.dumps({"username": user, "password": password})
+                                   .encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(login, timeout=10) as response:
+        jwt = json.loads(response.read())["token"]
+    headers = {"Content-Type": "application/json", "X-Authorization": f"Bearer {jwt}"}
+    tokens = []
+    for i in range(count):
+        body = json.dumps({"name": f"{prefix}-{i}", "type": "simulated"}).encode()
+        with urllib.request.urlopen(urllib.request.Request(f"{url}/api/device", body, headers), timeout=10) as r:
+            device_id = json.loads(r.read())["id"]["id"]
+        request = urllib.request.Request(f"{url}/api/device/{device_id}/credentials", headers=headers)
+        with urllib.request.urlopen(request, timeout=10) as r:
+            tokens.append(json.loads(r.read())["credentialsId"])
+    return tokens
 
 
 async def run_fleet(args: argparse.Namespace) -> int:
@@ -117,64 +248,115 @@ async def run_fleet(args: argparse.Namespace) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (200_000, 200_000))  # allowed for root
     except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    with open(args.tokens_file) as handle:
-        tokens = [line.strip() for line in handle if line.strip()][args.skip:]
+    if args.create:
+        tokens = create_devices(args.url, args.user, args.password, args.create, args.prefix)
+        if args.tokens_file:
+            with open(args.tokens_file, "w") as handle:
+                handle.write("\n".join(tokens) + "\n")
+    else:
+        with open(args.tokens_file) as handle:
+            tokens = [line.strip() for line in handle if line.strip()][args.skip:]
     if args.count:
         tokens = tokens[: args.count]
-    loop = asyncio.get_running_loop()
-    stats = FleetStats()
+    fleet = Fleet(args, tokens)
+    stats = fleet.stats
     limit = asyncio.Semaphore(args.concurrency)
     started = time.perf_counter()
+    progress = None
+    if not args.json:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    async def guarded(index: int, token: str) -> Any:
+        progress = Progress(TextColumn("connecting"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TimeElapsedColumn())
+        progress.start()
+        task = progress.add_task("connect", total=len(tokens))
+
+    async def guarded(index: int) -> None:
         if args.rate:
             # A steady ramp: connection i starts i/rate seconds in.
             delay = started + index / args.rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
         async with limit:
-            return await connect_one(loop, args.host, args.port, token, stats, args.answer, args.protocol,
-                                     args.bind)
+            if await fleet.connect(index):
+                stats.connected += 1
+            else:
+                stats.failed += 1
+        if progress is not None:
+            progress.advance(task)
 
-    transports = await asyncio.gather(*(guarded(i, t) for i, t in enumerate(tokens)))
+    await asyncio.gather(*(guarded(i) for i in range(len(tokens))))
+    if progress is not None:
+        progress.stop()
     elapsed = time.perf_counter() - started
-    latencies = sorted(stats.connect_latencies)
-    emit("connected", count=stats.connected, failed=stats.failed, seconds=round(elapsed, 3),
-         p50_ms=round(latencies[len(latencies) // 2] * 1000, 2) if latencies else None)
+    connect_summary = dict(count=stats.connected, failed=stats.failed, seconds=round(elapsed, 3),
+                           rate=round(stats.connected / elapsed, 1) if elapsed else None,
+                           p50_ms=percentile(stats.connect_latencies, 0.5),
+                           p99_ms=percentile(stats.connect_latencies, 0.99))
+    if args.json:
+        emit("connected", **connect_summary)
     deadline = time.monotonic() + args.hold
     last = -1
     while time.monotonic() < deadline:
         if args.expect_commands and stats.commands >= args.expect_commands:
             break
-        if stats.answered != last:
+        if args.json and stats.answered != last:
             last = stats.answered
             emit("answered", count=stats.answered)
         await asyncio.sleep(0.2)
-    emit("done", connected=stats.connected, failed=stats.failed, commands=stats.commands, answered=stats.answered)
+    summary = dict(connected=stats.connected, failed=stats.failed, commands=stats.commands,
+                   answered=stats.answered, failures_sent=stats.failures_sent, disconnects=stats.disconnects,
+                   reconnects=stats.reconnects, calls=stats.calls, call_answers=stats.call_answers,
+                   call_p50_ms=percentile(stats.call_latencies, 0.5), call_p99_ms=percentile(stats.call_latencies,
+                                                                                           0.99))
     await asyncio.sleep(0.5)  # let the last answers leave the socket buffers
-    for transport in transports:
-        if transport is not None:
-            transport.close()
+    fleet.close()
+    if args.json:
+        emit("done", **summary)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="nanoiot-sim summary")
+        table.add_column("what")
+        table.add_column("value", justify="right")
+        for key, value in {**{f"connect {k}": v for k, v in connect_summary.items()}, **summary}.items():
+            table.add_row(key, str(value))
+        Console().print(table)
     return 0 if stats.failed == 0 else 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="nanoiot-sim", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=1883)
-    parser.add_argument("--tokens-file", required=True, help="one access token per line")
+    parser.add_argument("--tokens-file", help="one access token per line (written when --create is used)")
+    parser.add_argument("--create", type=int, default=0, help="create N devices through the REST API first")
+    parser.add_argument("--url", default="http://127.0.0.1:8080", help="REST API, for --create")
+    parser.add_argument("--user", default="tenant@nanoiot.io")
+    parser.add_argument("--password", default="tenant")
+    parser.add_argument("--prefix", default="sim", help="name prefix of created devices")
     parser.add_argument("--count", type=int, default=0, help="use only N tokens")
     parser.add_argument("--skip", type=int, default=0, help="skip the first N tokens (to split a fleet)")
+    parser.add_argument("--concurrency", type=int, default=200, help="connections being opened at once")
     parser.add_argument("--rate", type=float, default=0, help="connections started per second (0: as fast as "
                         "--concurrency allows)")
     parser.add_argument("--bind", default=None, help="local address to connect from, e.g. 127.0.0.2 (each "
                         "source address has its own ~28k ephemeral ports)")
-    parser.add_argument("--concurrency", type=int, default=200, help="connections being opened at once")
-    parser.add_argument("--answer", choices=("echo", "ok", "none"), default="echo")
+    parser.add_argument("--answer", choices=("echo", "ok", "delay", "fail", "none", "disconnect"), default="echo")
+    parser.add_argument("--delay-ms", type=float, default=100.0, help="for --answer delay")
+    parser.add_argument("--fail-rate", type=float, default=0.1, help="for --answer fail: share answered with an error")
+    parser.add_argument("--call-method", default=None, help="device-to-server method to call, e.g. getCurrentTime")
+    parser.add_argument("--call-interval", type=float, default=10.0, help="seconds between calls per device")
     parser.add_argument("--protocol", type=int, choices=(4, 5), default=4)
     parser.add_argument("--expect-commands", type=int, default=0, help="stop after this many commands")
     parser.add_argument("--hold", type=float, default=120.0, help="seconds to stay connected, at most")
-    return asyncio.run(run_fleet(parser.parse_args(argv)))
+    parser.add_argument("--json", action="store_true", help="JSON-line events instead of a progress bar")
+    args = parser.parse_args(argv)
+    if not args.create and not args.tokens_file:
+        parser.error("give --tokens-file or --create N")
+    return asyncio.run(run_fleet(args))
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ async def test_ten_thousand_devices_connect_and_each_answers_one_two_way_call(tm
         reactor.spawnProcess(fleet, sys.executable, [
             sys.executable, "-m", "nanoiot.sim.fleet", "--port", str(running.mqtt_port),
             "--tokens-file", str(tokens_file), "--concurrency", "200", "--answer", "echo",
-            "--expect-commands", str(DEVICES), "--hold", "300",
+            "--expect-commands", str(DEVICES), "--hold", "300", "--json",
         ], env=None)
         connected = await with_timeout(fleet.events["connected"], 300)
         assert (connected["count"], connected["failed"]) == (DEVICES, 0)

@@ -254,3 +254,13 @@ def test_one_sweeper_call_purges_every_map_at_the_earliest_deadline():
     assert len(short) == 0 and len(long) == 100
     clock.advance(50.0)
     assert len(long) == 0 and clock.getDelayedCalls() == []
+
+
+def test_refreshing_one_key_many_times_on_a_frozen_clock_keeps_the_bookkeeping_small():
+    # Regression: stale records were recognised by deadline, which a frozen clock makes equal: every put compacted.
+    entries = ExpiringMap(10.0)
+    for i in range(10_000):
+        entries.put("peer", i, 0.0)
+    assert len(entries) == 1 and entries.get("peer", 0.0) == 9_999
+    assert len(entries._order) <= 2 * len(entries) + 65
+    assert entries.next_deadline() == 10.0

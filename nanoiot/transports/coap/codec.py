@@ -16,8 +16,9 @@ How coapthon3 is used, and why (docs: /work/shared/spec/protocols.md §1.2, §1.
 * ``Serializer.serialize`` encodes (it returns a ctypes buffer: ``.raw``); empty ACK/RST are packed directly.
   Two coapthon bugs are worked around here: a zero-length string option decodes as the text ``"b''"``, and a
   non-ASCII string option is encoded with its length in characters instead of bytes (``build`` uses ``_Option``).
-* coapthon's code table lacks 4.01, 4.02, 2.31's neighbours and the FETCH/PATCH methods: the missing standard
-  codes are added to ``coapthon.defines.Codes.LIST`` once, at import (additive only).
+* coapthon's code table lacks 4.01 Unauthorized, 4.02 Bad Option, 4.15, 4.29 and FETCH/PATCH/iPATCH (its code
+  setter refuses them): they are added to ``coapthon.defines.Codes.LIST`` once, at import (additive only).
+* A request with an unrecognised critical option raises :class:`CoapBadOption` so the server can answer 4.02.
 """
 
 from __future__ import annotations

@@ -45,11 +45,20 @@ MAX_EXCHANGES = 100_000
 Address = tuple[str, int]
 
 
+class _Entry:
+    __slots__ = ("deadline", "value")
+
+    def __init__(self, deadline: float, value: Any) -> None:
+        self.deadline = deadline
+        self.value = value
+
+
 class ExpiringMap:
     """A dict whose entries live ``lifetime`` seconds after their last ``put``; bounded by ``max_size``.
 
-    ``order`` holds (deadline, key) in insertion order; since one map has one lifetime, it is also deadline order,
-    so a purge only looks at its head. A refreshed key leaves a stale record behind, skipped when it comes up.
+    ``order`` holds (deadline, key, entry) in insertion order; since one map has one lifetime, that is also deadline
+    order, so a purge only looks at its head. A refreshed or popped key leaves a stale record behind (its entry is no
+    longer the one in the dict), skipped when it comes up and compacted away when stale records pile up.
     """
 
     def __init__(self, lifetime: float, max_size: int | None = None,
@@ -58,8 +67,8 @@ class ExpiringMap:
         self.max_size = max_size
         self.on_expire = on_expire
         self.sweeper: Sweeper | None = None
-        self._data: dict[Hashable, tuple[float, Any]] = {}
-        self._order: deque[tuple[float, Hashable]] = deque()
+        self._data: dict[Hashable, _Entry] = {}
+        self._order: deque[tuple[float, Hashable, _Entry]] = deque()
 
     def __len__(self) -> int:
         return len(self._data)
@@ -69,28 +78,28 @@ class ExpiringMap:
 
     def get(self, key: Hashable, now: float, default: Any = None) -> Any:
         entry = self._data.get(key)
-        if entry is None or entry[0] <= now:
+        if entry is None or entry.deadline <= now:
             return default
-        return entry[1]
+        return entry.value
 
     def put(self, key: Hashable, value: Any, now: float) -> None:
-        deadline = now + self.lifetime
-        self._data[key] = (deadline, value)
-        self._order.append((deadline, key))
+        entry = _Entry(now + self.lifetime, value)
+        self._data[key] = entry
+        self._order.append((entry.deadline, key, entry))
         if self.max_size is not None:
             while len(self._data) > self.max_size and self._order:
-                self._drop_head(force=True, now=now)
+                self._drop_head()
         if len(self._order) > 2 * len(self._data) + 64:
             self._compact()
         if self.sweeper is not None:
-            self.sweeper.kick(deadline)
+            self.sweeper.kick(entry.deadline)
 
     def pop(self, key: Hashable, default: Any = None) -> Any:
         entry = self._data.pop(key, None)
-        return default if entry is None else entry[1]
+        return default if entry is None else entry.value
 
     def values(self) -> list[Any]:
-        return [value for _, value in self._data.values()]
+        return [entry.value for entry in self._data.values()]
 
     def clear(self) -> None:
         self._data.clear()
@@ -98,31 +107,27 @@ class ExpiringMap:
 
     def next_deadline(self) -> float | None:
         while self._order:
-            deadline, key = self._order[0]
-            entry = self._data.get(key)
-            if entry is not None and entry[0] == deadline:
+            deadline, key, entry = self._order[0]
+            if self._data.get(key) is entry:
                 return deadline
             self._order.popleft()  # stale: refreshed or popped since
         return None
 
     def purge(self, now: float) -> None:
         while self._order and self._order[0][0] <= now:
-            self._drop_head(force=False, now=now)
+            self._drop_head()
 
-    def _drop_head(self, force: bool, now: float) -> None:
-        deadline, key = self._order.popleft()
-        entry = self._data.get(key)
-        if entry is None or entry[0] != deadline:
-            return
-        if not force and entry[0] > now:  # pragma: no cover - purge only calls with expired heads
+    def _drop_head(self) -> None:
+        _, key, entry = self._order.popleft()
+        if self._data.get(key) is not entry:
             return
         del self._data[key]
         if self.on_expire is not None:
-            self.on_expire(key, entry[1])
+            self.on_expire(key, entry.value)
 
     def _compact(self) -> None:
-        self._order = deque((deadline, key) for deadline, key in self._order
-                            if self._data.get(key, (None,))[0] == deadline)
+        data = self._data
+        self._order = deque(record for record in self._order if data.get(record[1]) is record[2])
 
 
 class Sweeper:
@@ -252,6 +257,8 @@ class Exchange:
         self.layer.write(data, self.addr)
 
     def start_piggyback_timer(self) -> None:
+        if self.layer.stopped:
+            return
         if self.confirmable and not self.responded and not self.acked and self._piggyback is None:
             self._piggyback = self.layer.clock.callLater(self.layer.piggyback_timeout, self._piggyback_expired)
 
@@ -289,6 +296,7 @@ class MessageLayer:
         self.non_sent = self.sweeper.register(ExpiringMap(NON_LIFETIME, max_exchanges))
         #: addr -> the next message id for that peer.
         self.mids = self.sweeper.register(ExpiringMap(EXCHANGE_LIFETIME, max_exchanges))
+        self.stopped = False
 
     # --- message ids ----------------------------------------------------------------------------------------------
 
@@ -379,6 +387,8 @@ class MessageLayer:
         timeout = ACK_TIMEOUT * (1.0 + self.random() * (ACK_RANDOM_FACTOR - 1.0))
         now = self.clock.seconds()
         outgoing = Outgoing(addr, message.mid, data, timeout, on_ack, on_reset, on_timeout, now)
+        if self.stopped:  # a late answer after shutdown: nothing to send it on, no timer to leave behind
+            return outgoing
         self.outgoing[(addr, message.mid)] = outgoing
         self.write(data, addr)
         outgoing.call = self.clock.callLater(timeout, self._retransmit, outgoing)
@@ -392,9 +402,6 @@ class MessageLayer:
             self.non_sent.put((addr, message.mid), on_reset, self.clock.seconds())
         self.write(data, addr)
         return message.mid
-
-    def forget_non(self, addr: Address, mid: int) -> None:
-        self.non_sent.pop((addr, mid))
 
     def cancel(self, outgoing: Outgoing | None) -> None:
         """Stop retransmitting (the message is obsolete); a later ACK or RST for it is ignored."""
@@ -430,6 +437,7 @@ class MessageLayer:
 
     def stop(self) -> None:
         """Cancel every timer this layer owns (the sweeper is stopped by its owner)."""
+        self.stopped = True
         for outgoing in list(self.outgoing.values()):
             self._cancel_timer(outgoing)
         self.outgoing.clear()

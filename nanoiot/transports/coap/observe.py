@@ -26,7 +26,7 @@ ObserverKey = tuple["Address", bytes]
 
 class Observer:
     __slots__ = ("addr", "token", "confirmable", "path", "device_id", "session", "number", "queue", "in_flight",
-                 "in_flight_request", "transfer_key", "block_szx", "non_mid")
+                 "in_flight_request", "transfer_key", "block_szx")
 
     def __init__(self, addr: Address, token: bytes, confirmable: bool, path: tuple[str, ...], device_id: Any,
                  session: Any = None, number: int = 0, block_szx: int = 6) -> None:
@@ -48,8 +48,6 @@ class Observer:
         self.transfer_key: Hashable | None = None
         #: Block size exponent for notifications (a registration may ask for smaller blocks).
         self.block_szx = block_szx
-        #: The message id of the last NON notification (an RST to it cancels the observation).
-        self.non_mid: int | None = None
 
     @property
     def key(self) -> ObserverKey:

@@ -35,7 +35,6 @@ import random as _random
 from collections import Counter
 from typing import Any, Callable
 
-from coapthon.messages.message import Message
 from pykka import ActorDeadError
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -62,6 +61,8 @@ log = Logger(namespace="nanoiot.coap")
 
 #: ThingsBoard's client-side RPC timeout: a call the server has not answered by then gets {"error":"timeout"}.
 CALL_TIMEOUT = 60.0
+#: The largest UDP payload there is (IPv4).
+MAX_DATAGRAM = 65535
 #: Block1 transfers in progress at most (each holds up to ``max_payload`` bytes).
 MAX_BLOCK1_TRANSFERS = 1000
 
@@ -232,6 +233,10 @@ class CoapServer(DatagramProtocol):
 
     def startProtocol(self) -> None:
         self._stopped = False
+        # Twisted's UDP port reads 8192 bytes per datagram unless told otherwise; a longer one would be truncated
+        # silently. Read whole datagrams (a single-datagram body may be up to max_payload).
+        if getattr(self.transport, "maxPacketSize", MAX_DATAGRAM) < MAX_DATAGRAM:
+            self.transport.maxPacketSize = MAX_DATAGRAM
 
     def stopProtocol(self) -> None:
         """Cancel every timer; tell the actors their CoAP sessions are gone."""
