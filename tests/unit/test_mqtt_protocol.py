@@ -315,3 +315,25 @@ def test_packet_ids_skip_those_still_in_flight_and_the_receive_window_is_respect
     assert first.packet_id != second.packet_id
     h.feed(codec.encode_puback(first.packet_id, 5))
     assert session.send_command(2, "c", None, 1) is Delivery.AWAITING_ACK
+
+
+def test_a_device_that_stops_reading_gets_no_more_commands_until_its_socket_drains():
+    h = Harness()
+    h.connect()
+    session = h.sessions[0]
+    assert h.transport.producer is h.protocol  # Twisted pauses us when the write buffer fills
+    h.protocol.pauseProducing()
+    assert session.send_command(0, "m", None, 1) is Delivery.NOT_SENT
+    assert h.written_packets() == []
+    h.protocol.resumeProducing()
+    assert session.send_command(0, "m", None, 1) is Delivery.AWAITING_ACK
+
+
+def test_qos2_publishes_never_released_are_bounded_per_connection():
+    from nanoiot.transports.mqtt.protocol import MAX_QOS2_PENDING
+
+    h = Harness(max_packet_size=1 << 20)
+    h.connect()
+    stream = b"".join(codec.encode_publish("t/x", b"", 2, pid, 4) for pid in range(1, MAX_QOS2_PENDING + 2))
+    h.feed(stream)
+    assert h.closed

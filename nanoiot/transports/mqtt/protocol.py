@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from nanoiot.actors import messages as m
 from nanoiot.persistence.records import Device
@@ -39,7 +40,11 @@ _INBOUND = (
 
 WAIT_CONNECT, AUTHENTICATING, CONNECTED, CLOSED = range(4)
 
+#: QoS 2 publishes from one device awaiting their PUBREL, at most (the set is per connection and must stay bounded).
+MAX_QOS2_PENDING = 100
 
+
+@implementer(IPushProducer)
 class MqttDeviceProtocol(Protocol):
     factory: MqttFactory
 
@@ -149,6 +154,8 @@ class MqttDeviceProtocol(Protocol):
         )
         self.session = session
         self.state = CONNECTED
+        # We produce commands for this socket: Twisted pauses us when its write buffer fills up.
+        self.transport.registerProducer(self, True)
         self.factory.connected[session.session_id] = self
         session.actor_ref = self.factory.attach(device, session)
         connack_props = None
@@ -225,6 +232,9 @@ class MqttDeviceProtocol(Protocol):
             self.transport.write(codec.encode_pubrec(packet.packet_id, self.level))
             if packet.packet_id in self.qos2_received:
                 return
+            if len(self.qos2_received) >= MAX_QOS2_PENDING:
+                self._violation("too many QoS 2 messages without PUBREL", codec.REASON_RECEIVE_MAXIMUM_EXCEEDED)
+                return
             self.qos2_received.add(packet.packet_id)
         self._route_publish(packet.topic, packet.payload)
         if packet.qos == 1:
@@ -285,6 +295,20 @@ class MqttDeviceProtocol(Protocol):
 
     def _ignore(self, packet: Any) -> None:
         """PUBREC/PUBCOMP for QoS 2 commands we never send, AUTH we do not use."""
+
+    # --- IPushProducer: the socket's write buffer tells us when the device stops reading ------------------------
+
+    def pauseProducing(self) -> None:
+        if self.session is not None:
+            self.session.congested = True
+
+    def resumeProducing(self) -> None:
+        if self.session is not None:
+            self.session.congested = False
+
+    def stopProducing(self) -> None:
+        if self.session is not None:
+            self.session.congested = True
 
     # --- timers and closing ---------------------------------------------------------------------------------------
 

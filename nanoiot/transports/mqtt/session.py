@@ -18,6 +18,7 @@ class MqttSession:
     __slots__ = (
         "session_id", "device", "actor_ref", "protocol_level", "rpc_family", "_write", "_close",
         "_next_packet_id", "in_flight", "receive_maximum", "max_packet_size", "calls", "gateway_in_flight",
+        "congested",
     )
     transport = "mqtt"
 
@@ -41,6 +42,9 @@ class MqttSession:
         #: packet id -> request id of a QoS 1 command waiting for its PUBACK.
         self.in_flight: dict[int, int] = {}
         self.receive_maximum = receive_maximum
+        #: True while the socket's write buffer is full (a device that does not read): commands wait in the
+        #: actor's bounded queue instead of piling up in memory here.
+        self.congested = False
         self.max_packet_size = max_packet_size
         #: request id of a device-to-server call -> the topic family to answer on.
         self.calls: dict[int, str] = {}
@@ -69,6 +73,8 @@ class MqttSession:
     def publish_tracked(self, topic: str, payload: bytes, qos: int, in_flight: dict[int, Any], entry: Any) -> Delivery:
         """Write one command PUBLISH; at QoS 1 remember ``entry`` under its packet id in ``in_flight`` (this
         session's own map, or ``gateway_in_flight`` for a sub-device's command) until the PUBACK."""
+        if self.congested:
+            return Delivery.NOT_SENT  # the ack timer retries once the device reads again
         packet_id = None
         if qos:
             packet_id = self.allocate_packet_id()
