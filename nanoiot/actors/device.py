@@ -33,6 +33,7 @@ from nanoiot.rpc.queue import (
 )
 from nanoiot.rpc.server_methods import CallContext, ServerMethods
 from nanoiot.transports.session import Delivery, DeviceSession
+from nanoiot.transports.session import tell_actor as _tell_quietly
 
 if TYPE_CHECKING:
     from nanoiot.actors.directory import DeviceDirectory
@@ -486,14 +487,6 @@ def _record(command: RpcCommand, request_id: int, status: RpcStatus, response: A
     )
 
 
-def _tell_quietly(ref: Any, message: Any) -> None:
-    """Timers may fire after their actor stopped; that is not an error."""
-    from pykka import ActorDeadError
-
-    try:
-        ref.tell(message)
-    except ActorDeadError:
-        pass
 
 
 _HANDLERS: dict[type, Callable[[DeviceActor, Any], Any]] = {

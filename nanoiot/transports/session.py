@@ -10,6 +10,11 @@ import enum
 import itertools
 from typing import Any, Protocol
 
+from pykka import ActorDeadError
+from twisted.logger import Logger
+
+log = Logger(namespace="nanoiot.transports")
+
 _session_ids = itertools.count(1)
 
 
@@ -41,3 +46,16 @@ class DeviceSession(Protocol):
 
     def close(self, reason: str) -> None:
         """Drop the connection (device deleted, replaced by a newer session)."""
+
+
+def tell_actor(ref: Any, message: Any) -> bool:
+    """Tell a device actor; a session or timer may outlive its actor for a moment (passivation, shutdown), so a
+    message to a stopped actor is dropped, not an error. Returns whether it was delivered."""
+    if ref is None:
+        return False
+    try:
+        ref.tell(message)
+        return True
+    except ActorDeadError:
+        log.debug("message for a stopped device actor dropped: {kind}", kind=type(message).__name__)
+        return False

@@ -35,7 +35,6 @@ import random as _random
 from collections import Counter
 from typing import Any, Callable
 
-from pykka import ActorDeadError
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
@@ -56,6 +55,7 @@ from nanoiot.transports.coap.blockwise import (
 from nanoiot.transports.coap.messages import Address, Exchange, MessageLayer, Sweeper
 from nanoiot.transports.coap.observe import MAX_QUEUED, Observer, ObserveRegistry
 from nanoiot.transports.session import Delivery, next_session_id
+from nanoiot.transports.session import tell_actor as _tell
 
 log = Logger(namespace="nanoiot.coap")
 
@@ -115,13 +115,6 @@ def _is_json(payload: bytes) -> bool:
     return True
 
 
-def _tell(ref: Any, message: Any) -> None:
-    if ref is None:
-        return
-    try:
-        ref.tell(message)
-    except ActorDeadError:
-        log.debug("coap: message for a stopped device actor dropped: {kind}", kind=type(message).__name__)
 
 
 class CoapSession:

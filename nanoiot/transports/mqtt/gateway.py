@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from nanoiot.actors import messages as m
 from nanoiot.persistence.records import Device
 from nanoiot.transports.session import Delivery, next_session_id
+from nanoiot.transports.session import tell_actor as _tell
 
 if TYPE_CHECKING:
     from nanoiot.transports.mqtt.session import MqttSession
@@ -239,12 +240,3 @@ class GatewayRouter:
                 gateway_in_flight[packet_id] = None
 
 
-def _tell(ref: Any, message: Any) -> None:
-    if ref is None:
-        return
-    from pykka import ActorDeadError
-
-    try:
-        ref.tell(message)
-    except ActorDeadError:
-        log.debug("mqtt gateway: message for a stopped device actor dropped: {kind}", kind=type(message).__name__)

@@ -21,6 +21,7 @@ from nanoiot.transports.mqtt import codec
 from nanoiot.transports.mqtt.gateway import GATEWAY_PREFIX, FindOrCreate, GatewayRouter
 from nanoiot.transports.mqtt.session import MqttSession
 from nanoiot.transports.mqtt.topics import topic_matches, valid_topic_filter
+from nanoiot.transports.session import tell_actor as _tell
 
 log = Logger(namespace="nanoiot.mqtt")
 
@@ -377,15 +378,6 @@ class MqttDeviceProtocol(Protocol):
         return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
 
 
-def _tell(ref: Any, message: Any) -> None:
-    if ref is None:
-        return
-    from pykka import ActorDeadError
-
-    try:
-        ref.tell(message)
-    except ActorDeadError:
-        log.debug("mqtt: message for a stopped device actor dropped: {kind}", kind=type(message).__name__)
 
 
 _PACKET_HANDLERS: dict[type, Callable[[MqttDeviceProtocol, Any], None]] = {
