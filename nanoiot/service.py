@@ -149,10 +149,10 @@ class NanoService(MultiService):
             self.events.publish(RpcStatusEvent(record, command.persistent))
 
     def _attach_mqtt_session(self, device: Device, session: MqttSession) -> Any:
-        return self.directory.tell(device, m.AttachSession(session))
+        return self.directory.attach(device, m.AttachSession(session))
 
     def _attach_session(self, device: Device, session: Any, exclusive: bool) -> Any:
-        return self.directory.tell(device, m.AttachSession(session, exclusive))
+        return self.directory.attach(device, m.AttachSession(session, exclusive))
 
     def _find_or_create_subdevice(self, gateway: Device, name: str, device_type: str) -> Deferred:
         """A gateway's sub-device by name in the gateway's tenant, created on first sight (as ThingsBoard does:

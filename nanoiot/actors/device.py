@@ -16,6 +16,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from nanoiot.actors import messages as m
+from pykka import ActorDeadError
+
 from nanoiot.actors.runtime import ReactorActor
 from nanoiot.persistence.records import Device, RpcRecord
 from nanoiot.rpc.model import RpcCommand, RpcFailure, RpcResult, RpcStatus
@@ -49,7 +51,7 @@ class NonJsonResponse(str):
 def parse_device_payload(payload: bytes) -> Any:
     try:
         return json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):  # a deeply nested payload must not kill the actor
         return NonJsonResponse(payload.decode("utf-8", "replace"))
 
 
@@ -303,15 +305,26 @@ class DeviceActor(ReactorActor):
         now = self.now()
         for pending in list(self.queue.pending.values()):
             self._apply(self.queue.delete(pending.command.rpc_id, now))
-        self.directory.forget(self.device.id, self.actor_ref)
-        self.passivated = True
-        self.stop()
+        self._retire()
 
     def _passivate(self, msg: m.Passivate) -> None:
         if msg.generation != self._idle_generation or not self._is_idle():
             return
+        self._retire()
+
+    def _retire(self) -> None:
+        """Leave the directory and hand the mail still queued here to the device's next actor, in order, in
+        this same step: nothing sent before can be overtaken by what is sent after, and nothing is lost."""
         self.directory.forget(self.device.id, self.actor_ref)
         self.passivated = True
+        inbox = self.actor_inbox
+        while not inbox.empty():
+            envelope = inbox.get()
+            if envelope.reply_to is None:
+                self.directory.tell(self.device, envelope.message)
+            else:
+                envelope.reply_to.set_exception(exc_info=(ActorDeadError, ActorDeadError(
+                    f"device actor {self.device.id} passivated"), None))
         self.stop()
 
     def _inspect(self, msg: m.Inspect) -> None:
@@ -419,11 +432,16 @@ class DeviceActor(ReactorActor):
 
     def _send(self, effect: Send) -> bool:
         session = self.sessions.get(effect.session_id)
-        if session is None:
-            return False
         command = effect.pending.command
         qos = self.settings.qos if command.qos is None else command.qos
-        outcome = session.send_command(effect.pending.request_id, command.method, command.params, qos)
+        if session is None:
+            outcome = Delivery.NOT_SENT
+        else:
+            outcome = session.send_command(effect.pending.request_id, command.method, command.params, qos)
+        if outcome is Delivery.NOT_SENT:
+            # Nothing was written (window full, socket congested): the ack timer resends it without
+            # counting a retry.
+            self.queue.not_sent(effect.pending.request_id)
         return outcome is Delivery.DELIVERED
 
     def _start_timer(self, effect: StartTimer) -> None:

@@ -20,6 +20,20 @@ from nanoiot.rpc.server_methods import ServerMethods
 log = Logger(namespace="nanoiot.actors")
 
 
+class DeviceMailbox:
+    """What a session holds to reach its device: always the live actor, never a stale ref of one that was
+    passivated (a session's later messages would otherwise be lost)."""
+
+    __slots__ = ("directory", "device")
+
+    def __init__(self, directory: DeviceDirectory, device: Device) -> None:
+        self.directory = directory
+        self.device = device
+
+    def tell(self, message: Any) -> None:
+        self.directory.tell(self.device, message)
+
+
 class DeviceDirectory(Service):
     name = "device-directory"
 
@@ -67,6 +81,11 @@ class DeviceDirectory(Service):
             except ActorDeadError:
                 self._actors.pop(device.id, None)
         raise ActorDeadError(f"no live actor for device {device.id}")
+
+    def attach(self, device: Device, message: Any) -> DeviceMailbox:
+        """Deliver an attach message and return the mailbox the session should use from now on."""
+        self.tell(device, message)
+        return DeviceMailbox(self, device)
 
     def existing(self, device_id: UUID) -> ActorRef[DeviceActor] | None:
         return self._actors.get(device_id)

@@ -39,6 +39,8 @@ class PendingRpc:
     delivered: bool = False
     #: The session the command was last written to and whose ack we wait for; None when not in flight.
     in_flight_on: int | None = None
+    #: The last send wrote nothing (the session could not take it): its ack timeout is not a retry.
+    unsent: bool = False
 
 
 # --- effects -----------------------------------------------------------------------------------------------------
@@ -231,6 +233,13 @@ class DeviceRpcQueue:
         self._pump(now, effects)
         return effects
 
+    def not_sent(self, request_id: int) -> None:
+        """The session took nothing (its window was full, its socket congested): the ack timer stays armed and
+        resends the command when it fires, without counting that as a retry."""
+        pending = self.pending.get(request_id)
+        if pending is not None and pending.in_flight_on is not None:
+            pending.unsent = True
+
     def ack_timed_out(self, request_id: int, now: int) -> list[Effect]:
         """No acknowledgement in time: retry while the budget lasts, then fail."""
         pending = self.pending.get(request_id)
@@ -238,6 +247,10 @@ class DeviceRpcQueue:
         if pending is None or pending.delivered or pending.in_flight_on is None:
             return effects
         pending.in_flight_on = None
+        if pending.unsent:
+            pending.unsent = False
+            self._pump(now, effects)
+            return effects
         limit = self._retry_limit(pending.command)
         if pending.attempts < limit:
             pending.attempts += 1
@@ -358,6 +371,7 @@ class DeviceRpcQueue:
                 if self.subscriptions[session_id]:
                     del self.subscriptions[session_id]  # a long-poll takes one command
                 pending.in_flight_on = session_id
+                pending.unsent = False
                 pending.ever_sent = True
                 if pending.status is not RpcStatus.SENT:
                     pending.status = RpcStatus.SENT

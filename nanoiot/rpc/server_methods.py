@@ -106,7 +106,7 @@ class ServerMethods:
             method = request["method"]
             if not isinstance(method, str) or not isinstance(request, dict):
                 raise TypeError
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, RecursionError):
             d: Deferred = Deferred()
             d.callback({"error": "Invalid request: expected a JSON object with a string 'method'"})
             return d

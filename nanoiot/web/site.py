@@ -1,4 +1,5 @@
-"""The twisted.web resource tree: ``/api`` is a JSON router; everything else is a JSON 404."""
+"""The twisted.web resource tree: ``/api/v1/...`` is the HTTP device API, the rest of ``/api`` a JSON router;
+everything else is a JSON 404."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from nanoiot.actors.messages import AttachSession
+from nanoiot.transports.http.device_api import DeviceApiResource
 from nanoiot.web.auth import AuthApi
 from nanoiot.web.context import WebContext
 from nanoiot.web.devices import DeviceApi
@@ -35,9 +38,37 @@ class QuietSite(Site):
             super().log(request)
 
 
+class ApiRoot(Resource):
+    """``/api``: ``v1`` (ThingsBoard's device API, token in the path) goes to the device API, the rest to the JSON
+    router, which routes on the whole path as before."""
+
+    def __init__(self, json_api: JsonApi, device_api: Resource) -> None:
+        super().__init__()
+        self.json_api = json_api
+        self.device_api = device_api
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return self.device_api if path == b"v1" else self.json_api
+
+    def render(self, request: Request) -> Any:
+        return self.json_api.render(request)
+
+
+def build_device_api(context: WebContext) -> DeviceApiResource:
+    directory = context.directory
+    return DeviceApiResource(
+        authenticate=context.catalog.device_for_token,
+        attach=lambda device, session, exclusive: directory.attach(device, AttachSession(session, exclusive)),
+        clock=context.clock,
+        max_poll_ms=context.config.http_max_poll_timeout,
+        default_poll_ms=context.config.http_poll_timeout,
+        tell=directory.tell,
+    )
+
+
 def build_site(context: WebContext) -> Site:
     api = JsonApi(build_router(context), context.tokens, context.clock, context.config.max_payload_size)
     root = Resource()
-    root.putChild(b"api", api)
+    root.putChild(b"api", ApiRoot(api, build_device_api(context)))
     root.putChild(b"", api)  # "/" answers with the API's JSON 404 instead of an HTML page
     return QuietSite(root, access_log=context.config.log_level == "debug")

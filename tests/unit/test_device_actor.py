@@ -1,0 +1,235 @@
+"""The device actor on a task.Clock-driven dispatcher, with fake sessions and a recording journal: no reactor."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+from uuid import uuid4
+
+import pytest
+from pykka import ActorRegistry
+from twisted.internet import task
+from twisted.internet.defer import Deferred, succeed
+
+from nanoiot.actors import messages as m
+from nanoiot.actors.device import ActorSettings, DeviceActor
+from nanoiot.actors.directory import DeviceDirectory
+from nanoiot.actors.runtime import Dispatcher, RefTable, set_dispatcher, stop_all_deferred
+from nanoiot.persistence.records import NULL_UUID, Device
+from nanoiot.rpc.model import RpcCommand, RpcFailure, RpcStatus
+from nanoiot.rpc.queue import QueueSettings
+from nanoiot.transports.session import Delivery
+
+DEVICE = Device(uuid4(), 0, uuid4(), NULL_UUID, "dev", "default", None, None)
+
+
+class FakeSession:
+    transport = "fake"
+
+    def __init__(self, session_id: int, outcome: Delivery = Delivery.AWAITING_ACK) -> None:
+        self.session_id = session_id
+        self.outcome = outcome
+        self.sent: list[tuple[int, str]] = []
+        self.replies: list[tuple[int, bytes]] = []
+        self.closed: list[str] = []
+
+    def send_command(self, request_id: int, method: str, params: Any, qos: int) -> Delivery:
+        if self.outcome is not Delivery.NOT_SENT:
+            self.sent.append((request_id, method))
+        return self.outcome
+
+    def send_reply(self, request_id: int, body: bytes) -> None:
+        self.replies.append((request_id, body))
+
+    def close(self, reason: str) -> None:
+        self.closed.append(reason)
+
+
+class RecordingJournal:
+    """Stands in for RpcJournal: every write is durable when the test says so."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[str, Any, Any]] = []
+        self.waiting: list[Deferred] = []
+
+    def _record(self, kind: str, key: Any, value: Any) -> Deferred:
+        self.writes.append((kind, key, value))
+        d: Deferred = Deferred()
+        self.waiting.append(d)
+        return d
+
+    def insert(self, record: Any) -> Deferred:
+        return self._record("insert", record.id, record.status)
+
+    def change(self, rpc_id: Any, status: RpcStatus, response: Any = None, retries: Any = None) -> Deferred:
+        return self._record("change", rpc_id, status)
+
+    def delete(self, rpc_id: Any) -> Deferred:
+        return self._record("delete", rpc_id, None)
+
+    def commit(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for d in waiting:
+            d.callback(None)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[task.Clock]:
+    monkeypatch.setattr(ActorRegistry, "_actor_refs", RefTable())
+    clock = task.Clock()
+    clock.advance(1_700_000_000)
+    set_dispatcher(Dispatcher(clock))
+    try:
+        yield clock
+        stop_all_deferred()
+        clock.advance(0)
+    finally:
+        set_dispatcher(None)
+
+
+def directory_on(clock: task.Clock, journal: Any = None, **queue: Any) -> DeviceDirectory:
+    settings = ActorSettings(queue=QueueSettings(ack_timeout_ms=1000, **queue), idle_timeout=5.0)
+    return DeviceDirectory(clock, settings, journal=journal)
+
+
+def command(clock: task.Clock, method: str = "m", persistent: bool = False, oneway: bool = False,
+            ttl_ms: int = 60_000) -> RpcCommand:
+    now = int(clock.seconds() * 1000)
+    return RpcCommand(uuid4(), DEVICE.tenant_id, DEVICE.id, method, None, oneway, now + ttl_ms, now,
+                      persistent=persistent)
+
+
+def run(clock: task.Clock) -> None:
+    clock.advance(0)
+    clock.advance(0)
+
+
+def test_an_idle_actor_is_passivated_and_the_next_message_starts_a_new_one(clock):
+    directory = directory_on(clock)
+    first = directory.ref_for(DEVICE)
+    run(clock)
+    clock.advance(5.0)
+    run(clock)
+    assert not first.is_alive() and DEVICE.id not in directory
+    session = FakeSession(1)
+    directory.attach(DEVICE, m.AttachSession(session))
+    run(clock)
+    assert DEVICE.id in directory and directory.existing(DEVICE.id) is not first
+
+
+def test_mail_queued_behind_passivation_reaches_the_next_actor_in_order(clock):
+    directory = directory_on(clock)
+    first = directory.ref_for(DEVICE)
+    run(clock)
+    first.tell(m.Passivate(1))  # as the idle timer would, with more mail right behind it
+    session = FakeSession(1)
+    first.tell(m.AttachSession(session))
+    first.tell(m.SubscribeCommands(1))
+    submit = m.SubmitRpc(command(clock, "after-passivation"))
+    first.tell(submit)
+    run(clock)
+    assert session.sent == [(session.sent[0][0], "after-passivation")]
+    assert not first.is_alive()
+
+
+def test_a_session_mailbox_reaches_the_live_actor_after_passivation(clock):
+    directory = directory_on(clock)
+    session = FakeSession(1)
+    mailbox = directory.attach(DEVICE, m.AttachSession(session))
+    mailbox.tell(m.DetachSession(1))
+    run(clock)
+    clock.advance(5.0)
+    run(clock)
+    assert DEVICE.id not in directory
+    again = FakeSession(2)
+    mailbox.tell(m.AttachSession(again))
+    mailbox.tell(m.SubscribeCommands(2))
+    directory.tell(DEVICE, m.SubmitRpc(command(clock, "hello")))
+    run(clock)
+    assert [method for _, method in again.sent] == ["hello"]
+
+
+def test_a_session_that_takes_nothing_is_retried_without_spending_a_retry(clock):
+    directory = directory_on(clock, max_retries=0)
+    session = FakeSession(1, Delivery.NOT_SENT)
+    directory.attach(DEVICE, m.AttachSession(session))
+    directory.tell(DEVICE, m.SubscribeCommands(1))
+    submit = m.SubmitRpc(command(clock, "later"))
+    directory.tell(DEVICE, submit)
+    run(clock)
+    session.outcome = Delivery.AWAITING_ACK
+    clock.advance(1.0)  # the ack timeout resends; with max_retries=0 a counted retry would have failed it
+    run(clock)
+    assert [method for _, method in session.sent] == ["later"]
+    assert not submit.reply.called
+
+
+def test_a_deeply_nested_answer_does_not_kill_the_actor(clock):
+    directory = directory_on(clock)
+    session = FakeSession(1)
+    directory.attach(DEVICE, m.AttachSession(session))
+    directory.tell(DEVICE, m.SubscribeCommands(1))
+    submit = m.SubmitRpc(command(clock))
+    directory.tell(DEVICE, submit)
+    run(clock)
+    request_id = session.sent[0][0]
+    directory.tell(DEVICE, m.CommandAnswered(1, request_id, b"[" * 100_000))
+    directory.tell(DEVICE, m.DeviceCall(1, 7, b"[" * 100_000))
+    run(clock)
+    assert submit.reply.called and submit.reply.result.failure is None
+    assert directory.existing(DEVICE.id).is_alive()
+    assert b"error" in session.replies[0][1]
+
+
+def test_a_persistent_command_is_answered_after_its_insert_and_written_after_its_sent_status(clock):
+    journal = RecordingJournal()
+    directory = directory_on(clock, journal=journal)
+    session = FakeSession(1)
+    directory.attach(DEVICE, m.AttachSession(session))
+    directory.tell(DEVICE, m.SubscribeCommands(1))
+    submit = m.SubmitRpc(command(clock, "durable", persistent=True))
+    directory.tell(DEVICE, submit)
+    run(clock)
+    assert [(kind, status) for kind, _, status in journal.writes] == [("insert", RpcStatus.QUEUED),
+                                                                      ("change", RpcStatus.SENT)]
+    assert not submit.reply.called and session.sent == []
+    journal.commit()
+    run(clock)
+    assert submit.reply.result.response == {"rpcId": str(submit.command.rpc_id)}
+    assert [method for _, method in session.sent] == ["durable"]
+
+
+def test_a_failed_insert_fails_the_caller_and_drops_the_command(clock):
+    journal = RecordingJournal()
+    directory = directory_on(clock, journal=journal)
+    submit = m.SubmitRpc(command(clock, "doomed", persistent=True))
+    directory.tell(DEVICE, submit)
+    run(clock)
+    journal.waiting.pop(0).errback(RuntimeError("disk full"))
+    run(clock)
+    failures = []
+    submit.reply.addErrback(failures.append)
+    assert failures and failures[0].check(RuntimeError)
+    inspect = m.Inspect()
+    directory.tell(DEVICE, inspect)
+    run(clock)
+    assert inspect.reply.result["pending"] == []
+
+
+def test_the_pending_limit_rejects_with_the_limit_named(clock):
+    directory = directory_on(clock)
+    directory.settings.max_pending = 1
+    first, second = m.SubmitRpc(command(clock)), m.SubmitRpc(command(clock))
+    directory.tell(DEVICE, first)
+    directory.tell(DEVICE, second)
+    run(clock)
+    assert second.reply.result.failure is RpcFailure.REJECTED
+    assert second.reply.result.response == {"limit": "rpc-max-pending", "value": 1}
+
+
+def test_an_mqtt_reconnect_replaces_the_old_session_of_the_same_transport(clock):
+    directory = directory_on(clock)
+    old, new = FakeSession(1), FakeSession(2)
+    directory.attach(DEVICE, m.AttachSession(old))
+    directory.attach(DEVICE, m.AttachSession(new))
+    run(clock)
+    assert old.closed and not new.closed
