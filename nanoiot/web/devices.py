@@ -6,7 +6,7 @@ from dataclasses import replace
 from typing import Any
 
 from nanoiot.actors import messages as m
-from nanoiot.errors import BadRequest, NotFound, PermissionDenied
+from nanoiot.errors import BadRequest, InvalidArguments, NotFound, PermissionDenied
 from nanoiot.persistence.records import NULL_UUID, Authority, Device
 from nanoiot.web.access import SYSADMIN_DENIED, check_device_access, parse_uuid, require_authority
 from nanoiot.web.context import WebContext
@@ -44,6 +44,7 @@ class DeviceApi:
         router.add("DELETE", "/api/device/{deviceId}", self.delete_device)
         router.add("GET", "/api/device/{deviceId}/credentials", self.get_credentials)
         router.add("GET", "/api/tenant/devices", self.tenant_devices)
+        router.add("GET", "/api/tenant/device", self.tenant_device_by_name)
         router.add("GET", "/api/customer/{customerId}/devices", self.customer_devices)
         router.add("POST", "/api/customer/{customerId}/device/{deviceId}", self.assign)
         router.add("DELETE", "/api/customer/device/{deviceId}", self.unassign)
@@ -121,6 +122,17 @@ class DeviceApi:
         link = page_link(request, DEVICE_SORTS)
         page = await repository.list_tenant_devices(request.user.tenant_id, link, request.query("type") or None)
         return page_json(page, device_json)
+
+    async def tenant_device_by_name(self, request: ApiRequest) -> dict[str, Any]:
+        """ThingsBoard's current ``GET /api/tenant/device?deviceName=`` (tb-rest-client's get_tenant_device)."""
+        require_authority(request.user, Authority.TENANT_ADMIN)
+        name = request.query("deviceName")
+        if not name:
+            raise InvalidArguments("Required request parameter 'deviceName' is not present")
+        device = await self.context.repository.get_tenant_device_by_name(request.user.tenant_id, name)
+        if device is None:
+            raise NotFound(f"Device with name '{name}' wasn't found!")
+        return device_json(device)
 
     async def customer_devices(self, request: ApiRequest) -> dict[str, Any]:
         customer = await self._customer(request)

@@ -3,7 +3,12 @@
 ``tb-rest-client`` (4.x) logs in as the tenant admin, creates a device and reads its access token; ``tb-mqtt-client``
 (MQTT 5) connects with that token and answers server-side RPC through its handler; two-way and one-way calls sent with
 the REST client's RPC API come back with the SDK handler's answer; the SDK's own ``getSessionLimits`` request on connect
-and its client-side ``getCurrentTime`` call are answered.
+and its client-side ``getCurrentTime`` call are answered. Client-side calls to user-registered server methods (loaded
+with ``--rpc-methods``, as a user would) come back to the SDK: ``echoTwice`` answers its params doubled and
+``forwardCommand`` commands a second SDK device of the same tenant through ``context.send_rpc`` and answers with what
+that device answered. Then the SDK's gateway client (``TBGatewayMqttClient``) connects a sub-device, "Sub A"; two-way
+and one-way calls to it sent with the REST client reach the gateway's handler, and its ``gw_send_rpc_reply`` answers
+come back to the REST client.
 
 Those clients live in their own virtualenv, ``.venv-tb`` (made here when missing): ``tb-mqtt-client`` ships a
 ``paho`` package that clashes with paho-mqtt in ``.venv``, and pip-installs ``mmh3`` at import when it is missing.
@@ -20,12 +25,15 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.python.failure import Failure
 
+from nanoiot.rpc.model import RpcResult
+from nanoiot.rpc.server_methods import CallContext
 from tests.fixtures.server import make_config, start_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,6 +47,40 @@ PIP_TIMEOUT = 900
 #: The scenario bounds itself (--deadline); the test kills it if it overran even that.
 SCENARIO_DEADLINE = 55
 PROCESS_TIMEOUT = 75
+SUB_DEVICE = "Sub A"
+
+
+# --- user server methods, registered with --rpc-methods as a user would -----------------------------------------------
+
+
+def doubled(value: Any) -> Any:
+    """Numbers times two, strings twice, lists and objects element by element; booleans and null unchanged."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, float, str)):
+        return value * 2
+    if isinstance(value, list):
+        return [doubled(item) for item in value]
+    if isinstance(value, dict):
+        return {key: doubled(item) for key, item in value.items()}
+    return value
+
+
+def echo_twice(context: CallContext, params: Any) -> Any:
+    return doubled(params)
+
+
+def forward_command(context: CallContext, params: Any) -> Any:
+    """Command another device of the caller's tenant and answer with what it answered (or the failure)."""
+    target = params["deviceId"]
+
+    def answered(result: RpcResult) -> Any:
+        return {"forwardedTo": target, "answer": result.response} if result.ok else result
+
+    return context.send_rpc(target, params["method"], params.get("params"), timeout_ms=5000).addCallback(answered)
+
+
+USER_METHODS = f"echoTwice={__name__}:echo_twice,forwardCommand={__name__}:forward_command"
 
 
 def _installed_versions(python: Path) -> dict[str, str] | None:
@@ -148,12 +190,14 @@ def _result(out: str, err: str, code: int | None) -> dict[str, Any]:
 @pytest_twisted.ensureDeferred
 async def test_thingsboard_rest_client_and_device_sdk_work_unchanged(tb_venv: Path, tmp_path: Path) -> None:
     running = await start_server(make_config(f"sqlite:///{tmp_path / 'nanoiot.db'}",
-                                             jwt_key_file=str(tmp_path / "nanoiot.key")))
+                                             jwt_key_file=str(tmp_path / "nanoiot.key"), rpc_methods=USER_METHODS))
     try:
         before_ms = int(time.time() * 1000)
         out, err, code = await run_scenario(tb_venv, [
             "--http-url", running.http_url, "--mqtt-host", "127.0.0.1", "--mqtt-port", str(running.mqtt_port),
             "--username", "tenant@nanoiot.io", "--password", "tenant", "--deadline", str(SCENARIO_DEADLINE),
+            "--echo-method", "echoTwice", "--forward-method", "forwardCommand",
+            "--sub-device", SUB_DEVICE, "--sub-device-type", "thermostat",
         ])
         after_ms = int(time.time() * 1000)
         result = _result(out, err, code)
@@ -205,10 +249,104 @@ async def test_thingsboard_rest_client_and_device_sdk_work_unchanged(tb_venv: Pa
         assert isinstance(now, int) and not isinstance(now, bool)
         assert before_ms - 1000 <= now <= after_ms + 1000
         assert result["client_rpc"]["getSessionLimits"]["answer"] == limits
+        assert result["client_rpc"]["unknown"]["answer"] == {"error": "Unsupported method: noSuchMethod"}
+
+        # A user-registered method called with the SDK's send_rpc_call: echoTwice answers its params doubled.
+        echo = result["user_methods"]["echo"]
+        assert echo["method"] == "echoTwice"
+        assert echo["answer"] == doubled(echo["sent"]) != echo["sent"]
+        assert echo["answer"]["word"] == "abab" and echo["answer"]["n"] == 42
+
+        # forwardCommand: the server method commanded a second SDK device of the same tenant (its own
+        # TBDeviceMqttClient and handler) with context.send_rpc, and the first device got that device's answer.
+        valve = result["valve"]
+        status, valve_device = await running.call("GET", f"/api/device/{valve['id']}")
+        assert status == 200, valve_device
+        assert valve_device["tenantId"] == device["tenantId"]
+        assert valve["connack"]["reason_code"] == 0
+        forward = result["user_methods"]["forward"]
+        assert forward["method"] == "forwardCommand"
+        assert forward["sent"]["deviceId"] == valve["id"]
+        assert forward["valve_request"] == {"method": "setValve", "params": {"open": 40, "rampMs": 1500}}
+        assert forward["valve_commands"] == 1
+        assert forward["valve_answer"] == {"handledBy": "tb-mqtt-client (valve)", "method": "setValve",
+                                           "echo": {"open": 40, "rampMs": 1500}, "opened": True}
+        assert forward["answer"] == {"forwardedTo": valve["id"], "answer": forward["valve_answer"]}
+
+        # Gateway RPC with the SDK's gateway client. The gateway device was made as ThingsBoard's UI makes one.
+        gateway = result["gateway"]
+        status, gateway_device = await running.call("GET", f"/api/device/{gateway['device']['id']}")
+        assert status == 200, gateway_device
+        assert gateway_device["additionalInfo"] == {"gateway": True}
+        status, credentials = await running.call("GET", f"/api/device/{gateway['device']['id']}/credentials")
+        assert status == 200 and credentials["credentialsId"] == gateway["token"]
+        assert gateway["mqtt_protocol"] == 5 and gateway["connack"]["reason_code"] == 0
+        granted = {entry["topic"]: entry.get("granted") for entry in gateway["subscriptions"]}
+        assert granted["v1/gateway/rpc"] == [1]
+        assert granted["v1/devices/me/rpc/request/+"] == [1]
+        assert gateway["session_limits"]["maxPayloadSize"] == running.service.config.mqtt_max_packet_size
+        assert gateway["connect_device_rc"] == 0
+
+        # gw_connect_device("Sub A", "thermostat") created the sub-device in the gateway's tenant, which
+        # get_tenant_device found; our own REST API agrees.
+        sub = gateway["sub_device"]
+        assert (sub["name"], sub["type"]) == (SUB_DEVICE, "thermostat")
+        status, sub_device = await running.call("GET", f"/api/tenant/devices?deviceName={quote(SUB_DEVICE)}")
+        assert status == 200, sub_device
+        assert sub_device["id"]["id"] == sub["id"]
+        assert sub_device["tenantId"] == gateway_device["tenantId"]
+        assert sub_device["additionalInfo"]["lastConnectedGateway"] == gateway["device"]["id"]
+
+        # Two-way calls to the sub-device (RPC v2 and v1) return what the gateway's handler answered with
+        # gw_send_rpc_reply; the handler got ThingsBoard's gateway shape {"device", "data": {"id", "method",
+        # "params"}}.
+        gw_rpc = gateway["rest_rpc"]
+        for key, method, params in (("twoway_v2", "getTemperature", {"zone": "kitchen"}),
+                                    ("twoway_v1", "getSetpoint", [21.5])):
+            call = gw_rpc[key]
+            assert call["answer"] == call["handler_answer"] == {
+                "handledBy": "tb-gateway-mqtt-client", "device": SUB_DEVICE, "method": method, "echo": params}
+            request = call["handler_request"]
+            assert request["device"] == SUB_DEVICE
+            assert {k: request["data"][k] for k in ("method", "params")} == {"method": method, "params": params}
+            assert isinstance(request["data"]["id"], int)
+        # One-way calls to the sub-device reached the handler and returned an empty 200.
+        for key, mode in (("oneway_v2", "eco"), ("oneway_v1", "away")):
+            assert gw_rpc[key]["answer"] is None
+            request = gw_rpc[key]["handler_request"]
+            assert request["device"] == SUB_DEVICE
+            assert (request["data"]["method"], request["data"]["params"]) == ("setMode", {"mode": mode})
+        # Every command reached the handler exactly once, each with its own request id.
+        assert gateway["handler_calls"] == 4
+        assert len({gw_rpc[key]["handler_request_id"] for key in gw_rpc}) == 4
+        # The REST client looks the sub-device up while the gateway is still connecting it (retrying both of
+        # ThingsBoard's spellings); test_thingsboard_rest_client_finds_a_tenant_device_by_name pins get_tenant_device.
+        assert gateway["lookup"]["found_with"] in ("get_tenant_device", "GET /api/tenant/devices?deviceName=")
 
         # Nothing the clients logged beyond the SDK's own CONNACK-properties quirk (the scenario fails on anything
         # else; this keeps the tolerated set visible here too).
         assert all(w["logger"] == "tb_connection" and w["message"].startswith("Cannot retrieve service configuration")
                    for w in result["client_warnings"]), result["client_warnings"]
+    finally:
+        await running.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_thingsboard_rest_client_finds_a_tenant_device_by_name(tb_venv: Path, tmp_path: Path) -> None:
+    running = await start_server(make_config(f"sqlite:///{tmp_path / 'nanoiot.db'}",
+                                             jwt_key_file=str(tmp_path / "nanoiot.key")))
+    try:
+        demo_id, _ = await running.demo_device()
+        out, err, code = await run_scenario(tb_venv, [
+            "--http-url", running.http_url, "--username", "tenant@nanoiot.io", "--password", "tenant",
+            "--deadline", str(SCENARIO_DEADLINE), "--lookup-device", "Demo Device",
+        ])
+        result = _result(out, err, code)
+        if code != 0 or not result.get("ok"):
+            pytest.fail(f"the lookup failed at stage {result.get('stage')!r} (exit code {code}): "
+                        f"{result.get('error')}\nstderr (tail):\n{err[-3000:]}", pytrace=False)
+        lookup = result["get_tenant_device"]
+        assert lookup["ok"], f"RestClient.get_tenant_device('Demo Device') failed: {lookup}"
+        assert (lookup["id"], lookup["name"]) == (demo_id, "Demo Device")
     finally:
         await running.service.stopService()
