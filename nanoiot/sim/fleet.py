@@ -1,9 +1,24 @@
-"""``nanoiot-sim``: a fleet of simulated MQTT devices in one asyncio process, built on NanoIoT's own codec.
+"""``nanoiot-sim``: a fleet of simulated devices in one asyncio process, over MQTT, HTTP or CoAP.
 
 Each device connects with its access token, subscribes to commands and answers them the way it is told: echo the
 command, answer after a delay, fail at random, never answer, or drop the connection mid-command (and come back).
 Devices can also call the server (device-to-server RPC) at an interval. Devices come from a token file or are
 created through the REST API (``--create N``).
+
+``--transport`` picks how devices talk (default ``mqtt``):
+
+* ``mqtt`` (this module, on NanoIoT's own MQTT codec): connected = SUBACK received; ``disconnect`` drops the
+  connection before the PUBACK, so the server sends the command again after the device is back (1 s later).
+* ``http`` (``nanoiot.sim.http_devices``): a long poll ``GET /api/v1/{token}/rpc?timeout=--poll-timeout`` per
+  device on one keep-alive connection; connected = TCP up and the first poll sent. ``disconnect``: the device takes
+  the command, does not answer, closes its connection and polls again 1 s later (an HTTP command counts as
+  delivered once its poll response was written, so the server does not resend it).
+* ``coap`` (``nanoiot.sim.coap_devices``): one UDP socket per device, an observation of ``/api/v1/{token}/rpc``;
+  connected = 2.03 received. ``disconnect`` answers the command's notification with an RST (the observation ends,
+  the command goes back to the queue) and registers again 1 s later.
+
+Devices connect to ``--host``/``--port``: by default 127.0.0.1 and 1883 (MQTT) or 5683 (CoAP); for HTTP, the host
+and port of ``--url``.
 
 With ``--json`` the process reports JSON lines on stdout for tests and benchmarks:
 ``{"event": "connected", "count": N, ...}``, ``{"event": "answered", "count": N}``, ``{"event": "done", ...}``.
@@ -22,6 +37,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from nanoiot.transports.mqtt import codec
 
@@ -224,6 +240,36 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
 
 
+def make_fleet(args: argparse.Namespace, tokens: list[str]) -> Any:
+    """The fleet for ``--transport``: ``connect(index) -> bool`` (awaitable), ``close()``, ``stats``."""
+    if args.transport == "mqtt":
+        return Fleet(args, tokens)
+    behaviour = Behaviour(args.answer, args.delay_ms, args.fail_rate, args.call_method, args.call_interval,
+                          args.protocol)
+    if args.transport == "http":
+        from nanoiot.sim.http_devices import HttpFleet
+
+        return HttpFleet(args, tokens, FleetStats(), behaviour)
+    from nanoiot.sim.coap_devices import CoapFleet
+
+    return CoapFleet(args, tokens, FleetStats(), behaviour)
+
+
+def resolve_address(args: argparse.Namespace) -> None:
+    """Fill in ``--host``/``--port`` left out: per transport, for HTTP from ``--url``."""
+    if args.transport == "http":
+        url = urlsplit(args.url)
+        default_host = url.hostname or "127.0.0.1"
+        default_port = url.port or 80  # plain HTTP: the simulated devices speak no TLS
+    else:
+        default_host = "127.0.0.1"
+        default_port = 1883 if args.transport == "mqtt" else 5683
+    if args.host is None:
+        args.host = default_host
+    if args.port is None:
+        args.port = default_port
+
+
 def create_devices(url: str, user: str, password: str, count: int, prefix: str) -> list[str]:
     """Devices through the REST API (as any ThingsBoard client would), returning their access tokens."""
     login = urllib.request.Request(f"{url}/api/auth/login", json.dumps({"username": user, "password": password})
@@ -258,7 +304,7 @@ async def run_fleet(args: argparse.Namespace) -> int:
             tokens = [line.strip() for line in handle if line.strip()][args.skip:]
     if args.count:
         tokens = tokens[: args.count]
-    fleet = Fleet(args, tokens)
+    fleet = make_fleet(args, tokens)
     stats = fleet.stats
     limit = asyncio.Semaphore(args.concurrency)
     started = time.perf_counter()
@@ -298,7 +344,8 @@ async def run_fleet(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.hold
     last = -1
     while time.monotonic() < deadline:
-        if args.expect_commands and stats.commands >= args.expect_commands:
+        if ((args.expect_commands or args.expect_call_answers) and stats.commands >= args.expect_commands
+                and stats.call_answers >= args.expect_call_answers):
             break
         if args.json and stats.answered != last:
             last = stats.answered
@@ -317,7 +364,8 @@ async def run_fleet(args: argparse.Namespace) -> int:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title="nanoiot-sim summary")
+        table = Table(title="nanoiot-sim summary" if args.transport == "mqtt" else
+                      f"nanoiot-sim summary ({args.transport})")
         table.add_column("what")
         table.add_column("value", justify="right")
         for key, value in {**{f"connect {k}": v for k, v in connect_summary.items()}, **summary}.items():
@@ -329,11 +377,15 @@ async def run_fleet(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nanoiot-sim", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=1883)
+    parser.add_argument("--transport", choices=("mqtt", "http", "coap"), default="mqtt",
+                        help="how the devices talk to the server")
+    parser.add_argument("--host", default=None, help="server address (default 127.0.0.1; for http, --url's host)")
+    parser.add_argument("--port", type=int, default=None,
+                        help="server port (default: mqtt 1883, coap 5683, http --url's port)")
     parser.add_argument("--tokens-file", help="one access token per line (written when --create is used)")
     parser.add_argument("--create", type=int, default=0, help="create N devices through the REST API first")
-    parser.add_argument("--url", default="http://127.0.0.1:8080", help="REST API, for --create")
+    parser.add_argument("--url", default="http://127.0.0.1:8080", help="REST API, for --create (and where http devices "
+                        "connect unless --host/--port say otherwise)")
     parser.add_argument("--user", default="tenant@nanoiot.io")
     parser.add_argument("--password", default="tenant")
     parser.add_argument("--prefix", default="sim", help="name prefix of created devices")
@@ -350,12 +402,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--call-method", default=None, help="device-to-server method to call, e.g. getCurrentTime")
     parser.add_argument("--call-interval", type=float, default=10.0, help="seconds between calls per device")
     parser.add_argument("--protocol", type=int, choices=(4, 5), default=4)
+    parser.add_argument("--poll-timeout", type=int, default=30000, help="http: ms each long poll asks to wait")
     parser.add_argument("--expect-commands", type=int, default=0, help="stop after this many commands")
+    parser.add_argument("--expect-call-answers", type=int, default=0,
+                        help="stop once the server answered this many device calls (and --expect-commands came)")
     parser.add_argument("--hold", type=float, default=120.0, help="seconds to stay connected, at most")
     parser.add_argument("--json", action="store_true", help="JSON-line events instead of a progress bar")
     args = parser.parse_args(argv)
     if not args.create and not args.tokens_file:
         parser.error("give --tokens-file or --create N")
+    resolve_address(args)
     return asyncio.run(run_fleet(args))
 
 
