@@ -41,6 +41,9 @@ class PendingRpc:
     in_flight_on: int | None = None
     #: The last send wrote nothing (the session could not take it): its ack timeout is not a retry.
     unsent: bool = False
+    #: Restored as DELIVERED (two-way): the device acknowledged it before the restart, so failing to answer is
+    #: NO_RESPONSE even while it is resent and not yet acknowledged again.
+    delivered_before_restart: bool = False
 
 
 # --- effects -----------------------------------------------------------------------------------------------------
@@ -143,15 +146,22 @@ class DeviceRpcQueue:
         """Re-take a stored command after a restart, keeping its id, its place and what it already went through.
 
         QUEUED was never written to a device. SENT and TIMEOUT may have reached it: they are sent again (same
-        request id) and expire as NOT_DELIVERED. DELIVERED (two-way) reached it: it is not sent again, the answer
-        is awaited. A one-way command stored as DELIVERED has succeeded (its SUCCESSFUL was not stored before the
-        restart): it ends at once as SUCCESSFUL.
+        request id) and expire as NOT_DELIVERED. A one-way command stored as DELIVERED has succeeded (its
+        SUCCESSFUL was not stored before the restart): it ends at once as SUCCESSFUL. A two-way command stored as
+        DELIVERED reached the device, but its answer may have died with the crash (sent while the server was
+        down, or received and not yet stored): it is sent again with its original request id so that the device,
+        which de-duplicates on that id, can answer again; until then it stays DELIVERED, and it ends as NO_RESPONSE
+        if it expires (or runs out of retries) unanswered.
         """
         pending = self._new_pending(command, request_id)
         pending.status = status
         pending.attempts = attempts
         pending.ever_sent = status is not RpcStatus.QUEUED
-        pending.delivered = status is RpcStatus.DELIVERED
+        was_delivered = status is RpcStatus.DELIVERED
+        pending.delivered = was_delivered and command.oneway
+        if was_delivered and not command.oneway:
+            pending.delivered_before_restart = True
+            pending.status = RpcStatus.SENT  # in memory only: the resend does not report SENT again
         effects: list[Effect] = []
         if pending.delivered and command.oneway:
             effects.append(StatusChanged(pending, RpcStatus.SUCCESSFUL))
@@ -159,14 +169,11 @@ class DeviceRpcQueue:
             return effects
         if command.expiration_time <= now:
             effects.append(StatusChanged(pending, RpcStatus.EXPIRED))
-            failure = (RpcFailure.NO_RESPONSE if pending.delivered else
+            failure = (RpcFailure.NO_RESPONSE if was_delivered else
                        RpcFailure.NOT_DELIVERED if pending.ever_sent else RpcFailure.DEVICE_OFFLINE)
             effects.append(Finished(command.rpc_id, RpcResult(failure=failure)))
             return effects
         self._admit(pending, effects)
-        if pending.delivered and self.settings.strategy is SubmitStrategy.SEQUENTIAL_ON_RESPONSE_FROM_DEVICE:
-            at = min(now + self.settings.response_timeout_ms, command.expiration_time)
-            effects.append(StartTimer(Timer.RESPONSE, pending.request_id, at))
         self._pump(now, effects)
         return effects
 
@@ -260,7 +267,8 @@ class DeviceRpcQueue:
             self._remove(pending, effects)
             error = {"error": RETRIES_EXHAUSTED.format(n=limit)}
             effects.append(StatusChanged(pending, RpcStatus.FAILED, error))
-            effects.append(Finished(pending.command.rpc_id, RpcResult(failure=RpcFailure.NOT_DELIVERED)))
+            failure = RpcFailure.NO_RESPONSE if pending.delivered_before_restart else RpcFailure.NOT_DELIVERED
+            effects.append(Finished(pending.command.rpc_id, RpcResult(failure=failure)))
         self._pump(now, effects)
         return effects
 
@@ -283,7 +291,7 @@ class DeviceRpcQueue:
         if pending is None:
             return effects
         self._remove(pending, effects)
-        if pending.delivered:
+        if pending.delivered or pending.delivered_before_restart:
             failure = RpcFailure.NO_RESPONSE
         elif pending.ever_sent:
             failure = RpcFailure.NOT_DELIVERED

@@ -1214,26 +1214,43 @@ def test_restore_keeps_the_stored_order_and_does_not_report_queued_again():
     assert [h.queue.find(c.rpc_id).request_id for c, _ in stored] == [0, 1, 2, 3]
     assert started(effects) == [(Timer.EXPIRY, rid, T0 + 60_000) for rid in range(4)]
     effects = h.subscribe(1)
-    # The delivered one is not written again; the rest go in their stored order.
-    assert sends(effects) == [(1, 0), (1, 1), (1, 2)]
-    # SENT is already SENT: only the never-sent and the timed-out ones report SENT.
+    # All go in their stored order, the delivered two-way one too (its answer may have died with the crash).
+    assert sends(effects) == [(1, 0), (1, 1), (1, 2), (1, 3)]
+    # SENT is already SENT and DELIVERED stays DELIVERED: only the never-sent and the timed-out ones report SENT.
     assert statuses(effects) == [(0, SENT), (2, SENT)]
 
 
-@pytest.mark.parametrize("status", [Q, SENT, TIMEOUT, DELIVERED])
+@pytest.mark.parametrize("status", [Q, SENT, TIMEOUT])
 def test_restore_keeps_the_stored_request_id_status_and_attempts_and_reports_no_status(status):
     h = Harness(max_retries=5)
     c = h.command(ttl=30_000)
     effects = h.restore(c, status, request_id=1234, attempts=2)
     assert statuses(effects) == []
-    assert started(effects)[0] == (Timer.EXPIRY, 1234, T0 + 30_000)
+    assert started(effects) == [(Timer.EXPIRY, 1234, T0 + 30_000)]
     assert sends(effects) == [] and results(effects) == {}
     pending = h.queue.find(c.rpc_id)
     assert pending.request_id == 1234 and list(h.queue.pending) == [1234]
     assert pending.status is status
     assert pending.attempts == 2
     assert pending.ever_sent == (status is not Q)
-    assert pending.delivered == (status is DELIVERED)
+    assert not pending.delivered and not pending.delivered_before_restart
+    assert pending.in_flight_on is None
+
+
+def test_restore_holds_a_delivered_two_way_command_as_sent_but_unconfirmed_keeping_its_request_id_and_attempts():
+    """In memory it is SENT (so its resend reports nothing) and not delivered (so it is resent); nothing is
+    reported, so its stored status stays DELIVERED."""
+    h = Harness(max_retries=5)
+    c = h.command(ttl=30_000)
+    effects = h.restore(c, DELIVERED, request_id=1234, attempts=2)
+    assert statuses(effects) == []
+    assert started(effects) == [(Timer.EXPIRY, 1234, T0 + 30_000)]
+    assert sends(effects) == [] and results(effects) == {}
+    pending = h.queue.find(c.rpc_id)
+    assert pending.request_id == 1234 and list(h.queue.pending) == [1234]
+    assert pending.status is SENT
+    assert pending.attempts == 2
+    assert pending.ever_sent and not pending.delivered and pending.delivered_before_restart
     assert pending.in_flight_on is None
 
 
@@ -1295,7 +1312,9 @@ def test_a_restored_sent_command_resent_does_not_report_sent_again_but_a_timed_o
     assert statuses(h.subscribe(1)) == [(2, SENT)]
 
 
-@pytest.mark.parametrize(("status", "reported"), [(Q, [(0, SENT)]), (SENT, []), (TIMEOUT, [(0, SENT)])])
+@pytest.mark.parametrize(
+    ("status", "reported"), [(Q, [(0, SENT)]), (SENT, []), (TIMEOUT, [(0, SENT)]), (DELIVERED, [])]
+)
 def test_restore_while_subscribed_sends_the_command_at_once_reporting_sent_only_if_it_was_not_sent(
     status, reported
 ):
@@ -1356,24 +1375,102 @@ def test_a_restored_command_that_was_only_queued_reports_the_device_offline_on_e
 
 
 @pytest.mark.parametrize("strategy", ALL_STRATEGIES)
-def test_a_restored_delivered_two_way_command_is_not_resent_and_completes_on_its_answer(strategy):
+def test_a_restored_delivered_two_way_command_is_resent_with_its_request_id_on_subscribe_without_reporting_sent(
+    strategy
+):
+    """Its answer may have died with the crash: the device de-duplicates on the request id and can answer again."""
+    h = Harness(strategy, ack_timeout_ms=1_000)
+    c = h.command()
+    h.restore(c, DELIVERED, request_id=60)
+    effects = h.subscribe(3)
+    assert sends(effects) == [(3, 60)]
+    assert statuses(effects) == []
+    assert started(effects) == [(Timer.ACK, 60, h.now + 1_000)]
+    pending = h.queue.find(c.rpc_id)
+    assert pending.in_flight_on == 3 and pending.status is SENT and pending.attempts == 0
+    assert not pending.delivered
+
+
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_the_ack_of_a_resent_restored_delivered_two_way_command_reports_delivered_again_and_cancels_its_ack_timer(
+    strategy
+):
+    h = Harness(strategy, response_timeout_ms=30_000)
+    c = h.command()
+    h.restore(c, DELIVERED, request_id=60)
+    h.subscribe(1)
+    effects = h.ack(60)
+    assert statuses(effects) == [(60, DELIVERED)]
+    assert cancelled(effects) == [(Timer.ACK, 60)]
+    assert results(effects) == {} and sends(effects) == []
+    expected = [(Timer.RESPONSE, 60, h.now + 30_000)] if strategy is ON_RESPONSE else []
+    assert started(effects) == expected
+    pending = h.queue.find(c.rpc_id)
+    assert pending.delivered and pending.status is DELIVERED
+    assert h.ack(60) == []  # a duplicate ack is ignored as usual
+
+
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_an_answer_completes_a_resent_restored_delivered_two_way_command_as_successful_with_the_device_response(
+    strategy
+):
+    """The answer implies the delivery: DELIVERED is reported again, then SUCCESSFUL."""
     h = Harness(strategy)
     c = h.command()
     h.restore(c, DELIVERED, request_id=60)
-    assert h.subscribe(1) == []
-    assert h.ack(60) == []  # already delivered
+    h.subscribe(1)
     effects = h.answer(60, "value")
-    assert statuses(effects) == [(60, SUCCESSFUL)]
+    assert statuses(effects) == [(60, DELIVERED), (60, SUCCESSFUL)]
+    assert status_changes(effects)[-1].response == "value"
     assert results(effects) == {c.rpc_id: RpcResult(response="value", has_response=True)}
+    assert (Timer.ACK, 60) in cancelled(effects)
     assert len(h.queue) == 0 and h.armed == {}
 
 
-def test_a_restored_delivered_two_way_command_is_not_resent_after_a_session_close_either():
-    h = Harness()
-    h.restore(h.command(), DELIVERED)
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_an_answer_after_the_renewed_ack_completes_a_restored_delivered_two_way_command_as_successful(strategy):
+    h = Harness(strategy)
+    c = h.command()
+    h.restore(c, DELIVERED, request_id=60)
     h.subscribe(1)
-    assert h.close(1) == []
-    assert h.subscribe(2) == []
+    h.ack(60)
+    effects = h.answer(60, {"ok": True})
+    assert statuses(effects) == [(60, SUCCESSFUL)]
+    assert results(effects) == {c.rpc_id: RpcResult(response={"ok": True}, has_response=True)}
+    assert len(h.queue) == 0 and h.armed == {}
+
+
+def test_an_answer_to_a_restored_delivered_two_way_command_before_it_is_resent_completes_it():
+    """The device answers with the same request id on a new session before the command is written again."""
+    h = Harness()
+    c = h.command()
+    h.restore(c, DELIVERED, request_id=12)
+    effects = h.answer(12, 42)
+    assert statuses(effects) == [(12, DELIVERED), (12, SUCCESSFUL)]
+    assert results(effects) == {c.rpc_id: RpcResult(response=42, has_response=True)}
+    assert h.armed == {}
+    assert h.subscribe(1) == []
+
+
+def test_an_ack_of_a_restored_delivered_two_way_command_before_it_is_resent_reports_delivered_so_it_is_not_resent():
+    h = Harness()
+    h.restore(h.command(), DELIVERED, request_id=12)
+    effects = h.ack(12)
+    assert statuses(effects) == [(12, DELIVERED)]
+    assert cancelled(effects) == []
+    assert h.subscribe(1) == []
+
+
+def test_a_restored_delivered_two_way_command_is_resent_again_after_a_session_close_without_counting_a_retry():
+    h = Harness()
+    c = h.command()
+    h.restore(c, DELIVERED)
+    h.subscribe(1)
+    assert h.close(1) == [CancelTimer(Timer.ACK, 0)]
+    effects = h.subscribe(2)
+    assert sends(effects) == [(2, 0)]
+    assert statuses(effects) == []
+    assert h.queue.find(c.rpc_id).attempts == 0
 
 
 @pytest.mark.parametrize("strategy", ALL_STRATEGIES)
@@ -1387,41 +1484,131 @@ def test_a_restored_delivered_two_way_command_reports_no_response_on_expiry(stra
     assert h.armed == {}
 
 
-def test_under_sequential_on_response_a_restored_delivered_command_arms_its_response_timer_at_restore():
-    h = Harness(ON_RESPONSE, response_timeout_ms=30_000)
-    effects = h.restore(h.command(ttl=120_000), DELIVERED, request_id=3)
-    assert started(effects) == [(Timer.EXPIRY, 3, T0 + 120_000), (Timer.RESPONSE, 3, T0 + 30_000)]
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_a_restored_delivered_two_way_command_resent_but_not_acked_again_still_reports_no_response_on_expiry(
+    strategy
+):
+    """The device acknowledged it before the restart: the stored status was DELIVERED."""
+    h = Harness(strategy, ack_timeout_ms=10_000, response_timeout_ms=60_000)
+    c = h.command(ttl=5_000)
+    h.restore(c, DELIVERED)
+    h.subscribe(1)
+    effects = h.advance(5_000)
+    assert statuses(effects) == [(0, EXPIRED)]
+    assert failure(effects, c) is RpcFailure.NO_RESPONSE
+    assert (Timer.ACK, 0) in cancelled(effects)
+    assert h.armed == {}
 
 
-def test_under_sequential_on_response_the_response_timer_armed_at_restore_is_capped_at_the_expiration_time():
-    h = Harness(ON_RESPONSE, response_timeout_ms=30_000)
-    effects = h.restore(h.command(ttl=10_000), DELIVERED)
-    assert (Timer.RESPONSE, 0, T0 + 10_000) in started(effects)
+def test_a_resent_restored_delivered_two_way_command_whose_ack_times_out_is_retried_then_fails_as_no_response():
+    """Its resend is an ordinary send: an ack timeout reports TIMEOUT and resends it, counting a retry against the
+    restored attempts; when the budget is spent it fails, and the failure is NO_RESPONSE (it was delivered)."""
+    h = Harness(max_retries=2, ack_timeout_ms=1_000)
+    c = h.command(ttl=1_000_000)
+    h.restore(c, DELIVERED, attempts=1)
+    h.subscribe(1)
+    effects = h.fire(Timer.ACK, 0)
+    assert statuses(effects) == [(0, TIMEOUT), (0, SENT)]
+    assert sends(effects) == [(1, 0)]
+    assert h.queue.find(c.rpc_id).attempts == 2
+    effects = h.fire(Timer.ACK, 0)
+    assert statuses(effects) == [(0, FAILED)]
+    assert status_changes(effects)[0].response == {"error": RETRIES_TEXT.format(2)}
+    assert failure(effects, c) is RpcFailure.NO_RESPONSE
+    assert h.armed == {}
 
 
-@pytest.mark.parametrize("strategy", [BURST, ON_ACK])
-def test_a_restored_delivered_command_arms_no_response_timer_when_the_strategy_does_not_wait_for_answers(strategy):
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_a_restored_delivered_two_way_command_arms_no_response_timer_at_restore(strategy):
     h = Harness(strategy)
     effects = h.restore(h.command(), DELIVERED)
     assert started(effects) == [(Timer.EXPIRY, 0, T0 + 60_000)]
 
 
-def test_under_sequential_on_response_a_restored_delivered_head_holds_back_the_next_until_it_is_answered():
+def test_under_sequential_on_response_a_restored_delivered_command_arms_its_response_timer_when_acked_again():
+    h = Harness(ON_RESPONSE, response_timeout_ms=30_000)
+    h.restore(h.command(ttl=120_000), DELIVERED, request_id=3)
+    h.subscribe(1)
+    h.advance(1_000)
+    effects = h.ack(3)
+    assert started(effects) == [(Timer.RESPONSE, 3, T0 + 31_000)]
+
+
+def test_under_sequential_on_response_the_response_timer_of_a_restored_delivered_command_is_capped_at_expiry():
+    h = Harness(ON_RESPONSE, response_timeout_ms=30_000)
+    h.restore(h.command(ttl=10_000), DELIVERED)
+    h.subscribe(1)
+    effects = h.ack(0)
+    assert started(effects) == [(Timer.RESPONSE, 0, T0 + 10_000)]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected"),
+    [(BURST, [(1, 1), (1, 2), (1, 3)]), (ON_ACK, [(1, 1)]), (ON_RESPONSE, [(1, 1)])],
+)
+def test_under_every_strategy_a_restored_delivered_head_is_resent_first_in_the_stored_order(strategy, expected):
+    h = Harness(strategy)
+    h.restore(h.command(), DELIVERED, request_id=1)
+    h.restore(h.command(), Q, request_id=2)
+    h.restore(h.command(), SENT, request_id=3)
+    effects = h.subscribe(1)
+    assert sends(effects) == expected
+    assert (1, SENT) not in statuses(effects)
+
+
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_under_every_strategy_a_one_shot_session_takes_the_restored_delivered_head_first(strategy):
+    h = Harness(strategy)
+    h.restore(h.command(), DELIVERED, request_id=1)
+    h.restore(h.command(), Q, request_id=2)
+    effects = h.subscribe(7, one_shot=True)
+    assert sends(effects) == [(7, 1)]
+    assert statuses(effects) == []
+    assert h.queue.subscriptions == {}
+
+
+def test_under_burst_a_restored_delivered_command_does_not_hold_back_the_next():
+    h = Harness(BURST)
+    h.restore(h.command(), DELIVERED, request_id=1)
+    h.restore(h.command(), SENT, request_id=2)
+    assert sends(h.subscribe(1)) == [(1, 1), (1, 2)]
+
+
+def test_under_sequential_on_ack_a_restored_delivered_head_is_resent_first_and_releases_the_next_once_acked_again():
+    h = Harness(ON_ACK)
+    c = h.command()
+    h.restore(c, DELIVERED, request_id=1)
+    h.restore(h.command(), SENT, request_id=2)
+    assert sends(h.subscribe(1)) == [(1, 1)]
+    effects = h.ack(1)
+    assert statuses(effects) == [(1, DELIVERED)]
+    assert sends(effects) == [(1, 2)]  # acked again, it awaits its answer without blocking the next
+    effects = h.answer(1, "ok")
+    assert statuses(effects) == [(1, SUCCESSFUL)]
+    assert results(effects) == {c.rpc_id: RpcResult(response="ok", has_response=True)}
+
+
+def test_under_sequential_on_response_a_restored_delivered_head_is_resent_first_and_holds_back_the_next():
     h = Harness(ON_RESPONSE)
     h.restore(h.command(), DELIVERED, request_id=1)
     h.restore(h.command(), Q, request_id=2)
-    assert h.subscribe(1) == []
+    assert sends(h.subscribe(1)) == [(1, 1)]
+    effects = h.ack(1)
+    assert statuses(effects) == [(1, DELIVERED)]
+    assert sends(effects) == []
     effects = h.answer(1, "ok")
     assert (Timer.RESPONSE, 1) in cancelled(effects)
+    assert statuses(effects) == [(1, SUCCESSFUL), (2, SENT)]
     assert sends(effects) == [(1, 2)]
 
 
-def test_under_sequential_on_response_a_restored_delivered_head_unanswered_in_time_fails_and_releases_the_next():
+def test_under_sequential_on_response_a_restored_delivered_head_acked_again_but_unanswered_fails_and_frees_the_next():
     h = Harness(ON_RESPONSE, response_timeout_ms=30_000)
     c = h.command(ttl=120_000)
     h.restore(c, DELIVERED, request_id=1)
     h.restore(h.command(ttl=120_000), SENT, request_id=2)
     h.subscribe(1)
+    h.ack(1)
     effects = h.advance(30_000)
     assert statuses(effects) == [(1, FAILED)]
     assert status_changes(effects)[0].response == {"error": RESPONSE_TEXT}
@@ -1430,14 +1617,17 @@ def test_under_sequential_on_response_a_restored_delivered_head_unanswered_in_ti
     h.assert_timers_match_pending()
 
 
-@pytest.mark.parametrize("strategy", [BURST, ON_ACK])
-def test_a_restored_delivered_command_does_not_hold_back_the_next_when_the_strategy_does_not_wait_for_answers(
-    strategy
-):
-    h = Harness(strategy)
-    h.restore(h.command(), DELIVERED, request_id=1)
-    h.restore(h.command(), SENT, request_id=2)
-    assert sends(h.subscribe(1)) == [(1, 2)]
+def test_under_sequential_on_response_a_restored_delivered_head_never_acked_again_expires_as_no_response_then_next():
+    h = Harness(ON_RESPONSE, ack_timeout_ms=1_000, max_retries=5)
+    c = h.command(ttl=3_500)
+    h.restore(c, DELIVERED, request_id=1)
+    h.restore(h.command(ttl=120_000), Q, request_id=2)
+    h.subscribe(1)
+    effects = h.advance(3_500)
+    assert sends(effects) == [(1, 1), (1, 1), (1, 1), (1, 2)]
+    assert results(effects) == {c.rpc_id: RpcResult(failure=RpcFailure.NO_RESPONSE)}
+    assert statuses(effects)[-2:] == [(1, EXPIRED), (2, SENT)]
+    h.assert_timers_match_pending()
 
 
 @pytest.mark.parametrize("strategy", ALL_STRATEGIES)
@@ -1585,7 +1775,9 @@ def test_the_harness_flags_a_timer_armed_twice():
 
 #: Valid status transitions; None is "not yet submitted". A restored command starts in its stored status (never
 #: reported again). DELIVERED -> SUCCESSFUL is an answer, or a one-way command's ack (in the same batch), or a
-#: one-way command restored as DELIVERED.
+#: one-way command restored as DELIVERED. A two-way command restored as DELIVERED is resent as sent but
+#: unconfirmed: until its next reported status it may also go to DELIVERED again (acked or answered again) or
+#: TIMEOUT (its resend not acked), see ``_UNCONFIRMED_EXTRA``.
 _ALLOWED = {
     None: {Q, EXPIRED},
     Q: {SENT, EXPIRED, DELETED},
@@ -1593,6 +1785,7 @@ _ALLOWED = {
     TIMEOUT: {SENT, DELIVERED, EXPIRED, DELETED},
     DELIVERED: {SUCCESSFUL, FAILED, EXPIRED, DELETED},
 }
+_UNCONFIRMED_EXTRA = {DELIVERED, TIMEOUT}
 _TERMINAL = {SUCCESSFUL, FAILED, EXPIRED, DELETED}
 _RESTORABLE = [Q, SENT, TIMEOUT, DELIVERED]
 UNKNOWN_REQUEST_ID = 10**12
@@ -1616,6 +1809,11 @@ class QueueMachine(RuleBasedStateMachine):
         self.seen: dict[int, set[RpcStatus]] = defaultdict(set)
         #: Restored with a stored status other than QUEUED: the device may have it, so acks and answers count.
         self.restored_as_sent: set[int] = set()
+        #: Two-way commands restored as DELIVERED: the device acknowledged them before the restart.
+        self.restored_delivered: set[int] = set()
+        #: Of those, the ones with no status reported since the restore: stored DELIVERED, in memory SENT and not
+        #: delivered, so they are resent (without reporting SENT) until the device acks or answers again.
+        self.unconfirmed: set[int] = set()
         #: Written to a session in this run (by a Send effect).
         self.ever_sent: set[int] = set()
         self.first_sends: list[int] = []
@@ -1634,7 +1832,10 @@ class QueueMachine(RuleBasedStateMachine):
                 if self.subscribed[sid]:
                     del self.subscribed[sid]  # a long-poll takes one command
                 assert self.commands[rid].rpc_id not in self.finished
-                assert self.last_status[rid] is SENT, "a command is written only once it is SENT"
+                if rid in self.unconfirmed:
+                    assert self.last_status[rid] is DELIVERED, "resent as stored, without reporting SENT"
+                else:
+                    assert self.last_status[rid] is SENT, "a command is written only once it is SENT"
                 if rid not in self.ever_sent:
                     assert not self.first_sends or rid > self.first_sends[-1], "first sends out of order"
                     per_session = self.first_sends_by_session[sid]
@@ -1646,9 +1847,10 @@ class QueueMachine(RuleBasedStateMachine):
                 rid, new = effect.pending.request_id, effect.status
                 old = self.last_status[rid]
                 assert old not in _TERMINAL, f"{rid}: {new} after terminal {old}"
-                assert new in _ALLOWED[old], f"{rid}: {old} -> {new} is not a valid transition"
+                allowed = _ALLOWED[old] | (_UNCONFIRMED_EXTRA if rid in self.unconfirmed else set())
+                assert new in allowed, f"{rid}: {old} -> {new} is not a valid transition"
                 if new is FAILED:
-                    if old is SENT:
+                    if old is SENT or rid in self.unconfirmed:  # its (re)sends were never acked in this run
                         limit = retry_limit(self.commands[rid], self.h.queue.settings.max_retries)
                         assert effect.response == {"error": RETRIES_TEXT.format(limit)}
                     else:
@@ -1661,6 +1863,7 @@ class QueueMachine(RuleBasedStateMachine):
                         assert self.commands[rid].oneway and effect.response is None
                 self.last_status[rid] = new
                 self.seen[rid].add(new)
+                self.unconfirmed.discard(rid)
                 if new in _TERMINAL:
                     terminal_in_batch.add(rid)
             elif isinstance(effect, Finished):
@@ -1733,13 +1936,19 @@ class QueueMachine(RuleBasedStateMachine):
         self.seen[rid].add(status)
         if status is not Q:
             self.restored_as_sent.add(rid)
+        if status is DELIVERED and not oneway:
+            self.restored_delivered.add(rid)
+            self.unconfirmed.add(rid)
         effects = self.check(self.h.restore(command, status, explicit, attempts))
         assert Q not in [s for _, s in statuses(effects)], "restore never reports QUEUED"
         assert self.h.queue.next_request_id == rid + 1
         if status is DELIVERED:
-            assert rid not in [r for _, r in sends(effects)], "a delivered command is not written again"
             if oneway:
                 assert statuses(effects) == [(rid, SUCCESSFUL)]
+                assert rid not in [r for _, r in sends(effects)], "a delivered one-way command is not written again"
+            elif command.expiration_time > self.h.now:
+                # Resent (at once if a session and the strategy allow) with its request id, reporting nothing.
+                assert [s for r, s in statuses(effects) if r == rid] == []
         pending = self.h.queue.pending.get(rid)
         if pending is not None:
             assert pending.attempts == attempts
@@ -1789,7 +1998,7 @@ class QueueMachine(RuleBasedStateMachine):
         """An ack for anything written: duplicates, acks after a close or a timeout, after the answer, and acks of
         restored commands that reached the device before the restart."""
         rid = data.draw(st.sampled_from(sorted(self._reached_device())))
-        ignored = not self._is_active(rid) or self.last_status[rid] is DELIVERED
+        ignored = not self._is_active(rid) or (self.last_status[rid] is DELIVERED and rid not in self.unconfirmed)
         effects = self.check(self.h.ack(rid))
         if ignored:
             assert effects == []
@@ -1911,7 +2120,11 @@ class QueueMachine(RuleBasedStateMachine):
     @invariant()
     def each_command_state_is_consistent(self) -> None:
         for rid, p in self.h.queue.pending.items():
-            assert p.status is self.last_status[rid]
+            if rid in self.unconfirmed:
+                assert self.last_status[rid] is DELIVERED and p.status is SENT and not p.delivered
+            else:
+                assert p.status is self.last_status[rid]
+            assert p.delivered_before_restart == (rid in self.restored_delivered)
             assert p.attempts <= retry_limit(p.command, self.h.queue.settings.max_retries)
             assert p.delivered == (p.status is DELIVERED)
             assert p.ever_sent == (rid in self._reached_device())
