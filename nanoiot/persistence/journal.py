@@ -72,9 +72,9 @@ class RpcJournal:
             d: Deferred = Deferred()
             d.callback(None)
             return d
-        return self._wait(count=False)
+        return self._wait()
 
-    def _wait(self, count: bool = True) -> Deferred:
+    def _wait(self) -> Deferred:
         d: Deferred = Deferred()
         self._open.waiters.append(d)
         self._schedule()
@@ -120,7 +120,8 @@ class RpcJournal:
 
 
 def _split(batch: _Batch, size: int) -> tuple[_Batch, _Batch]:
-    """First ``size`` operations in journal order... approximated per kind: inserts before changes before deletes."""
+    """The first ``size`` operations, taken kind by kind (inserts, then changes, then deletes): a change never
+    precedes the insert of its RPC nor a delete its change, so splitting this way keeps every RPC's own order."""
     first, rest = _Batch(), _Batch()
     room = size
     first.inserts, rest.inserts = batch.inserts[:room], batch.inserts[room:]
