@@ -81,7 +81,7 @@ class RpcJournal:
         return d
 
     def _schedule(self) -> None:
-        if self._flushing or self._scheduled:
+        if self._flushing or self._scheduled or not (len(self._open) or self._open.waiters):
             return
         self._scheduled = True
         self.clock.callLater(self.linger, self._flush)
