@@ -228,8 +228,13 @@ class DeviceActor(ReactorActor):
         pending = self.queue.pending.get(msg.request_id)
         if pending is None or pending.in_flight_on != msg.session_id or pending.delivered:
             return  # acknowledged, answered, deleted or moved to another session meanwhile
+        # The wait for an acknowledgement starts now that the command is written, not when it was scheduled: a
+        # long journal backlog must not turn into ack timeouts and retries of commands never sent.
+        now = self.now()
+        ack_at = min(now + self.settings.queue.ack_timeout_ms, pending.command.expiration_time)
+        self._start_timer(StartTimer(Timer.ACK, msg.request_id, ack_at))
         if self._send(Send(msg.session_id, pending)):
-            self._apply(self.queue.acked(msg.request_id, self.now()))
+            self._apply(self.queue.acked(msg.request_id, now))
 
     def _delete(self, msg: m.DeleteRpc) -> None:
         effects = self.queue.delete(msg.rpc_id, self.now())
@@ -353,6 +358,8 @@ class DeviceActor(ReactorActor):
                 elif self._send(effect):
                     delivered_on_write.append(effect.pending.request_id)
             elif isinstance(effect, StartTimer):
+                if effect.kind is Timer.ACK and effect.request_id in self._sent_durable:
+                    continue  # armed when the command is actually written (see _send_now)
                 self._start_timer(effect)
             elif isinstance(effect, CancelTimer):
                 armed = self.timers.pop((effect.kind, effect.request_id), None)

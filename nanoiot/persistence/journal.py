@@ -9,7 +9,8 @@ does not collapse into one commit per status change.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -24,15 +25,16 @@ from nanoiot.persistence.repository import UNCHANGED, Repository
 log = Logger(namespace="nanoiot.journal")
 
 
-@dataclass
-class _Batch:
-    inserts: list[RpcRecord] = field(default_factory=list)
-    changes: list[tuple[UUID, RpcStatus, Any, int | None]] = field(default_factory=list)
-    deletes: list[UUID] = field(default_factory=list)
-    waiters: list[Deferred] = field(default_factory=list)
+INSERT, CHANGE, DELETE, MARK = range(4)
 
-    def __len__(self) -> int:
-        return len(self.inserts) + len(self.changes) + len(self.deletes)
+
+@dataclass(slots=True)
+class _Op:
+    """One journalled operation and the caller waiting for it to be durable (MARK: a barrier, no write)."""
+
+    kind: int
+    payload: Any
+    waiter: Deferred
 
 
 class RpcJournal:
@@ -43,7 +45,8 @@ class RpcJournal:
         self.max_batch = max_batch
         #: Seconds to wait for more changes before flushing an idle journal (0: next reactor turn).
         self.linger = linger
-        self._open = _Batch()
+        #: Operations not yet written, in the order they were recorded.
+        self._ops: deque[_Op] = deque()
         self._flushing = False
         self._scheduled = False
         self.batches_written = 0
@@ -51,84 +54,65 @@ class RpcJournal:
 
     @property
     def pending(self) -> int:
-        return len(self._open)
+        return len(self._ops)
 
     def insert(self, record: RpcRecord) -> Deferred:
-        self._open.inserts.append(record)
-        return self._wait()
+        return self._record(INSERT, record)
 
     def change(self, rpc_id: UUID, status: RpcStatus, response: Any = UNCHANGED,
                retries: int | None = None) -> Deferred:
-        self._open.changes.append((rpc_id, status, response, retries))
-        return self._wait()
+        return self._record(CHANGE, (rpc_id, status, response, retries))
 
     def delete(self, rpc_id: UUID) -> Deferred:
-        self._open.deletes.append(rpc_id)
-        return self._wait()
+        return self._record(DELETE, rpc_id)
 
     def flushed(self) -> Deferred:
         """Fires once everything recorded so far is durable (used at shutdown and by tests)."""
-        if not len(self._open) and not self._flushing:
+        if not self._ops and not self._flushing:
             d: Deferred = Deferred()
             d.callback(None)
             return d
-        return self._wait()
+        return self._record(MARK, None)
 
-    def _wait(self) -> Deferred:
+    def _record(self, kind: int, payload: Any) -> Deferred:
         d: Deferred = Deferred()
-        self._open.waiters.append(d)
+        self._ops.append(_Op(kind, payload, d))
         self._schedule()
         return d
 
     def _schedule(self) -> None:
-        if self._flushing or self._scheduled or not (len(self._open) or self._open.waiters):
+        if self._flushing or self._scheduled or not self._ops:
             return
         self._scheduled = True
         self.clock.callLater(self.linger, self._flush)
 
     def _flush(self) -> None:
+        """Write the oldest ``max_batch`` operations in one transaction. Each caller waits for its own batch only,
+        so a long backlog delays nobody more than the batches recorded before them."""
         self._scheduled = False
-        if self._flushing or not (len(self._open) or self._open.waiters):
+        if self._flushing or not self._ops:
             return
-        batch, self._open = self._open, _Batch()
-        if len(batch) > self.max_batch:
-            # Keep batches bounded; order is kept because the rest goes first into the next batch.
-            batch, rest = _split(batch, self.max_batch)
-            rest.inserts += self._open.inserts
-            rest.changes += self._open.changes
-            rest.deletes += self._open.deletes
-            rest.waiters += self._open.waiters
-            self._open = rest
+        batch = [self._ops.popleft() for _ in range(min(self.max_batch, len(self._ops)))]
+        inserts = [op.payload for op in batch if op.kind == INSERT]
+        changes = [op.payload for op in batch if op.kind == CHANGE]
+        deletes = [op.payload for op in batch if op.kind == DELETE]
         self._flushing = True
-        d = self.repository.write_rpc_batch(batch.inserts, batch.changes, batch.deletes)
+        # In one transaction inserts go first, then changes, then deletes: within a batch an RPC is always
+        # inserted before it changes and changes before it is deleted, so its own order is kept.
+        d = self.repository.write_rpc_batch(inserts, changes, deletes)
         d.addCallbacks(self._written, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
 
-    def _written(self, _: Any, batch: _Batch) -> None:
+    def _written(self, _: Any, batch: list[_Op]) -> None:
         self._flushing = False
         self.batches_written += 1
-        self.changes_written += len(batch)
-        for waiter in batch.waiters:
-            waiter.callback(None)
+        self.changes_written += sum(1 for op in batch if op.kind != MARK)
+        for op in batch:
+            op.waiter.callback(None)
         self._schedule()
 
-    def _failed(self, failure: Failure, batch: _Batch) -> None:
+    def _failed(self, failure: Failure, batch: list[_Op]) -> None:
         self._flushing = False
         log.failure("journal: a batch of {n} RPC changes could not be written", failure, n=len(batch))
-        for waiter in batch.waiters:
-            waiter.errback(failure)
+        for op in batch:
+            op.waiter.errback(failure)
         self._schedule()
-
-
-def _split(batch: _Batch, size: int) -> tuple[_Batch, _Batch]:
-    """The first ``size`` operations, taken kind by kind (inserts, then changes, then deletes): a change never
-    precedes the insert of its RPC nor a delete its change, so splitting this way keeps every RPC's own order."""
-    first, rest = _Batch(), _Batch()
-    room = size
-    first.inserts, rest.inserts = batch.inserts[:room], batch.inserts[room:]
-    room -= len(first.inserts)
-    first.changes, rest.changes = batch.changes[:max(room, 0)], batch.changes[max(room, 0):]
-    room -= len(first.changes)
-    first.deletes, rest.deletes = batch.deletes[:max(room, 0)], batch.deletes[max(room, 0):]
-    # Waiters cannot be split by kind reliably: everyone waits for the later batch, which is never earlier.
-    rest.waiters = batch.waiters
-    return first, rest

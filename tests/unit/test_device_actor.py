@@ -233,3 +233,23 @@ def test_an_mqtt_reconnect_replaces_the_old_session_of_the_same_transport(clock)
     directory.attach(DEVICE, m.AttachSession(new))
     run(clock)
     assert old.closed and not new.closed
+
+
+def test_the_ack_wait_of_a_persistent_command_starts_when_it_is_written_not_when_it_was_scheduled(clock):
+    journal = RecordingJournal()
+    directory = directory_on(clock, journal=journal, max_retries=0)
+    session = FakeSession(1)
+    directory.attach(DEVICE, m.AttachSession(session))
+    directory.tell(DEVICE, m.SubscribeCommands(1))
+    submit = m.SubmitRpc(command(clock, "slow-disk", persistent=True))
+    directory.tell(DEVICE, submit)
+    run(clock)
+    clock.advance(5.0)  # the journal is slow: five ack timeouts pass before SENT is durable
+    run(clock)
+    assert [status for kind, _, status in journal.writes] == [RpcStatus.QUEUED, RpcStatus.SENT]
+    journal.commit()
+    run(clock)
+    assert [method for _, method in session.sent] == ["slow-disk"]
+    clock.advance(0.9)
+    run(clock)
+    assert RpcStatus.FAILED not in [status for _, _, status in journal.writes]

@@ -86,23 +86,36 @@ def test_a_failed_batch_fails_its_callers_and_the_journal_carries_on():
     assert ok.called and ok.result is None
 
 
-def test_an_oversized_batch_is_split_without_a_change_overtaking_its_insert():
+def test_an_oversized_backlog_is_written_in_bounded_batches_in_recorded_order():
     j, repo, clock = journal()
     j.max_batch = 3
     records = [record() for _ in range(4)]
-    for r in records:
-        j.insert(r)
-    j.change(records[3].id, RpcStatus.SENT)
-    j.delete(records[0].id)
+    waiters = [j.insert(r) for r in records]
+    waiters.append(j.change(records[3].id, RpcStatus.SENT))
+    waiters.append(j.delete(records[0].id))
     clock.advance(0)
-    first_inserts, first_changes, first_deletes = repo.batches[0]
-    assert first_inserts == records[:3] and first_changes == [] and first_deletes == []
+    assert repo.batches[0] == (records[:3], [], [])
     repo.commit()
+    # Each caller waits for its own batch only, not for the whole backlog.
+    assert [d.called for d in waiters] == [True, True, True, False, False, False]
     clock.advance(0)
-    second_inserts, second_changes, second_deletes = repo.batches[1]
-    assert second_inserts == records[3:]
-    assert [rpc_id for rpc_id, *_ in second_changes] == [records[3].id]
-    assert second_deletes == [records[0].id]
+    inserts, changes, deletes = repo.batches[1]
+    assert inserts == records[3:]
+    assert [rpc_id for rpc_id, *_ in changes] == [records[3].id]
+    assert deletes == [records[0].id]
+    repo.commit()
+    assert all(d.called for d in waiters)
+
+
+def test_a_caller_behind_a_long_backlog_waits_only_for_the_batches_before_it():
+    j, repo, clock = journal()
+    j.max_batch = 100
+    first = j.insert(record())
+    for _ in range(499):
+        j.insert(record())
+    clock.advance(0)
+    repo.commit()
+    assert first.called and j.pending == 400
 
 
 def test_flushed_fires_at_once_when_idle_and_after_the_last_batch_otherwise():
