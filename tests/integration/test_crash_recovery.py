@@ -13,6 +13,14 @@ What is checked, on SQLite and PostgreSQL:
   strictly increasing request ids, and no command was received under two request ids;
 - a request id received more than once (at-least-once on the wire) was only received again on a later connection,
   i.e. after a kill, and the number of such redeliveries is reported.
+
+Kill points: once while queuing (devices offline, a third of the commands acknowledged), and three times while
+delivering: "in flight" (as soon as the devices got a quarter of the commands: written, acknowledgements not yet
+stored); "answers pending" (every command reached its device and is stored as acknowledged, DELIVERED for two-way
+ones, while the devices still hold their answers); "answer acknowledged, not stored" (the devices answer while the
+test holds the database's write lock, as a slow database would, and the server dies once it has acknowledged
+(PUBACK) answers it could not store yet: the devices will not send those answers again, so the server has to get
+those commands answered again after its restart).
 """
 
 from __future__ import annotations
@@ -20,14 +28,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import sys
+import traceback
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import pytest_twisted
 import treq
-from twisted.internet import defer, error, protocol, reactor
+from sqlalchemy.engine import make_url
+from twisted.internet import defer, error, protocol, reactor, threads
 from twisted.internet.task import deferLater
 from twisted.web.client import HTTPConnectionPool
 
@@ -42,9 +53,14 @@ IN_FLIGHT = 20
 SERVER_MAX_IN_FLIGHT = 100
 #: Generous: nothing may expire during the test; every command is expected to end SUCCESSFUL.
 RPC_TIMEOUT_MS = 600_000
-#: Kill points, as fractions: while queuing (of the commands submitted), while delivering (of those stored).
+#: The kill while queuing comes once this fraction of the commands was acknowledged (see the module's docstring).
 KILL_WHILE_QUEUING = 1 / 3
-KILL_WHILE_DELIVERING = (1 / 4, 2 / 3)
+KILLS_WHILE_DELIVERING = 3
+#: "answer acknowledged, not stored": seconds the database is held, at most (well below the server's SQLite busy
+#: timeout of 5 s, after which its write would fail instead of waiting).
+DATABASE_HOLD = 3.0
+#: Settling fails early when nothing changed for this long (a stuck command would otherwise wait for its expiry).
+STALL_TIMEOUT = 20.0
 
 TERMINAL = {"SUCCESSFUL", "FAILED", "EXPIRED"}
 JWT_KEY = "crash-test-signing-key-not-secret-" * 2
@@ -76,6 +92,7 @@ class OutputProcess(protocol.ProcessProtocol):
         self._partial = {1: b"", 2: b""}
         self.ended: defer.Deferred = defer.Deferred()
         self.pid: int | None = None
+        self.errors: list[str] = []
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -84,7 +101,10 @@ class OutputProcess(protocol.ProcessProtocol):
         buffer = self._partial.get(fd, b"") + data
         *complete, self._partial[fd] = buffer.split(b"\n")
         for raw in complete:
-            self.line_received(fd, raw.decode("utf-8", "replace"))
+            try:
+                self.line_received(fd, raw.decode("utf-8", "replace"))
+            except Exception:  # an error here would make Twisted close the pipe: keep it, report it
+                self.errors.append(traceback.format_exc())
 
     def line_received(self, fd: int, line: str) -> None:
         self.lines.append(line)
@@ -129,7 +149,7 @@ class NanoServer:
             "--host", "127.0.0.1", "--http-port", str(self.http_port), "--mqtt-port", str(self.mqtt_port),
             "--coap-port", "0", "--database", self.database_url, "--demo",
             "--jwt-key", JWT_KEY, "--jwt-key-file", str(self.workdir / "nanoiot.key"),
-            "--log-level", "warn",
+            "--log-level", "info",
         ]
 
     async def start(self) -> None:
@@ -193,14 +213,14 @@ class NanoServer:
             await pool.closeCachedConnections()
 
     def _collect(self, process: OutputProcess) -> None:
-        if process.lines:
-            self.log.extend(process.lines)
-            process.lines = []
+        # The start banner's indented lines (logins, curl examples) are left out.
+        self.log.extend(line for line in process.lines if not line.startswith("\t"))
+        process.lines = []
 
     def tail(self, n: int = 60) -> str:
         lines = list(self.log)
         if self.process is not None:
-            lines += self.process.lines
+            lines += [line for line in self.process.lines if not line.startswith("\t")]
         return "\n".join(lines[-n:])
 
     async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -222,10 +242,15 @@ class Fleet(OutputProcess):
         super().__init__("fleet")
         self.records: list[dict[str, Any]] = []
         self.distinct: set[int] = set()
-        self.connected: set[str] = set()
+        self.connected_tokens: set[str] = set()
         self.gave_up: list[str] = []
         self.stderr: list[str] = []
         self._waiters: list[tuple[int, defer.Deferred]] = []
+        self.answers_written = 0
+        self.answers_acked = 0
+        #: request id -> [(event, device connection)] for "answered" and "answer_acked", in order.
+        self.answer_events: dict[int, list[tuple[str, int]]] = defaultdict(list)
+        self._answer_waiters: list[tuple[int, defer.Deferred]] = []
 
     def line_received(self, fd: int, line: str) -> None:
         if fd != 1:
@@ -241,16 +266,48 @@ class Fleet(OutputProcess):
             for waiter in [w for w in self._waiters if len(self.distinct) >= w[0]]:
                 self._waiters.remove(waiter)
                 waiter[1].callback(len(self.distinct))
+        elif kind == "answer_acked":
+            self.answer_events[event["request_id"]].append(("server PUBACKed the answer", event["connection"]))
+            self.answers_acked += 1
+            for waiter in [w for w in self._answer_waiters if self.answers_acked >= w[0]]:
+                self._answer_waiters.remove(waiter)
+                waiter[1].callback(self.answers_acked)
+        elif kind == "answered":
+            self.answer_events[event["request_id"]].append(("answer written", event["connection"]))
+            self.answers_written += 1
         elif kind == "connected":
-            self.connected.add(event["token"])
+            self.connected_tokens.add(event["token"])
+        elif kind == "disconnected":
+            self.connected_tokens.discard(event["token"])
         elif kind == "gave_up":
             self.gave_up.append(event["token"])
 
     def processEnded(self, reason: Any) -> None:
         super().processEnded(reason)
-        for _, d in self._waiters:
-            d.errback(AssertionError(f"device fleet ended early: {self.stderr[-20:]}"))
+        for _, d in self._waiters + self._answer_waiters:
+            d.errback(AssertionError(f"device fleet ended early: {self.stderr[-20:]} {self.errors[-3:]}"))
         self._waiters = []
+        self._answer_waiters = []
+
+    def release_answers(self) -> None:
+        """The devices answer what they hold, and from now on answer at once."""
+        self.transport.write(b"release\n")
+
+    def pause(self) -> None:
+        if self.running and self.pid is not None:
+            os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.running and self.pid is not None:
+            os.kill(self.pid, signal.SIGCONT)
+
+    def answers_acked_at_least(self, count: int) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        if self.answers_acked >= count:
+            d.callback(self.answers_acked)
+        else:
+            self._answer_waiters.append((count, d))
+        return d
 
     def distinct_at_least(self, count: int) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
@@ -259,6 +316,45 @@ class Fleet(OutputProcess):
         else:
             self._waiters.append((count, d))
         return d
+
+
+class DatabaseHold:
+    """Holds the database's write lock from another connection, as a slow database would: the server's writes wait
+    (SQLite: an open write transaction, which the server's busy timeout outlasts; PostgreSQL: the ``rpc`` table locked
+    in SHARE mode, which blocks INSERT/UPDATE/DELETE but not reads)."""
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+
+    @classmethod
+    async def acquire(cls, database_url: str) -> DatabaseHold:
+        url = make_url(database_url)
+
+        def hold() -> Any:
+            if url.get_backend_name() == "sqlite":
+                connection = sqlite3.connect(url.database, timeout=10, isolation_level=None,
+                                             check_same_thread=False)
+                connection.execute("BEGIN IMMEDIATE")
+                return connection
+            import psycopg2
+
+            connection = psycopg2.connect(host=url.host, port=url.port, user=url.username, password=url.password,
+                                          dbname=url.database, connect_timeout=10)
+            with connection.cursor() as cursor:
+                cursor.execute("SET lock_timeout = '10s'")
+                cursor.execute("LOCK TABLE rpc IN SHARE MODE")  # the transaction stays open
+            return connection
+
+        return cls(await bounded(threads.deferToThread(hold), 30, "taking the database's write lock"))
+
+    async def release(self) -> None:
+        def release() -> None:
+            try:
+                self.connection.rollback()
+            finally:
+                self.connection.close()
+
+        await bounded(threads.deferToThread(release), 30, "releasing the database's write lock")
 
 
 class Gate:
@@ -377,11 +473,25 @@ async def stored_rpcs(server: NanoServer, device_ids: list[str]) -> dict[int, li
     return dict(enumerate(pages))
 
 
+async def all_delivered(server: NanoServer, device_ids: list[str]) -> int:
+    """Polls until no stored command waits to be sent or acknowledged (QUEUED, SENT, TIMEOUT) and some are
+    DELIVERED; returns how many are DELIVERED."""
+    while True:
+        stored = await stored_rpcs(server, device_ids)
+        statuses = [r["status"] for page in stored.values() for r in page]
+        delivered = statuses.count("DELIVERED")
+        if delivered and all(status == "DELIVERED" or status in TERMINAL for status in statuses):
+            return delivered
+        await sleep(0.1)
+
+
 async def wait_until_settled(server: NanoServer, device_ids: list[str], acknowledged: dict[tuple[int, int], str],
-                             fleet: Fleet) -> dict[int, list[dict[str, Any]]]:
+                             fleet: Fleet, kills: list[str]) -> dict[int, list[dict[str, Any]]]:
     """Polls (bounded) until every stored RPC is terminal and every acknowledged one is among them."""
     wanted = set(acknowledged.values())
     waited = 0.0
+    last_state: Any = None
+    unchanged = 0.0
     while True:
         stored = await stored_rpcs(server, device_ids)
         rows = [r for page in stored.values() for r in page]
@@ -389,14 +499,26 @@ async def wait_until_settled(server: NanoServer, device_ids: list[str], acknowle
         open_rows = [r for r in rows if r["status"] not in TERMINAL]
         if not open_rows and wanted <= present:
             return stored
-        if waited > SETTLE_TIMEOUT or not fleet.running:
+        state = sorted((r["id"]["id"], r["status"]) for r in rows)
+        unchanged = unchanged + 0.25 if state == last_state else 0.0
+        last_state = state
+        if waited > SETTLE_TIMEOUT or unchanged > STALL_TIMEOUT or not fleet.running:
+            print(f"\n[crash recovery on {server.database_url.split(':', 1)[0]}] kills while delivering: {kills}")
             by_status: dict[str, int] = defaultdict(int)
             for r in open_rows:
                 by_status[r["status"]] += 1
-            sample = [(r["request"]["body"]["method"], r["request"]["requestId"], r["status"]) for r in open_rows[:20]]
+            receipts: dict[int, list[int]] = defaultdict(list)
+            for record in fleet.records:
+                receipts[record["request_id"]].append(record["connection"])
+            # (method, request id, status, the device connections on which the device received it, what became
+            # of its answer on which connection)
+            sample = [(r["request"]["body"]["method"], r["request"]["requestId"], r["status"],
+                       receipts.get(r["request"]["requestId"], []), fleet.answer_events.get(r["request"]["requestId"]))
+                      for r in open_rows[:10]]
             missing = sorted(wanted - present)[:20]
             raise AssertionError(
-                f"not settled after {waited:.0f} s (fleet running: {fleet.running}): {len(open_rows)} stored RPCs "
+                f"not settled after {waited:.0f} s, no change for {unchanged:.0f} s (devices connected: "
+                f"{len(fleet.connected_tokens)}, fleet running: {fleet.running}): {len(open_rows)} stored RPCs "
                 f"not terminal {dict(by_status)}, e.g. {sample}; {len(wanted - present)} acknowledged rpcIds missing, "
                 f"e.g. {missing}\nserver log tail:\n{server.tail()}")
         await sleep(0.25)
@@ -419,26 +541,65 @@ async def test_persistent_rpcs_survive_kill_9_while_queuing_and_while_delivering
         assert submissions.generation_killed, "the kill while queuing did not happen"
         assert len(acknowledged) + len(submissions.unacknowledged) == TOTAL
 
-        # --- phase B: the fleet connects; kill -9 twice while commands are being delivered ------------------------
+        # --- phase B: the fleet connects; kill -9 three times while commands are being delivered -------------------
         fleet = Fleet()
         reactor.spawnProcess(fleet, sys.executable, [
             sys.executable, DEVICE_SCRIPT, "--port", str(server.mqtt_port), "--tokens-file", str(tokens_file),
-            "--give-up", "60",
+            "--give-up", "60", "--hold-answers",
         ], env=dict(os.environ, PYTHONUNBUFFERED="1"), path=str(tmp_path))
-        kills_while_delivering = []
-        for fraction in KILL_WHILE_DELIVERING:
-            seen = await bounded(fleet.distinct_at_least(int(len(acknowledged) * fraction)), 60,
-                                 f"devices to receive {fraction:.0%} of the commands")
-            await server.kill()
-            kills_while_delivering.append((seen, len(fleet.distinct)))
-            await server.start()
+        kills_while_delivering: list[str] = []
 
-        stored = await wait_until_settled(server, device_ids, acknowledged, fleet)
+        def record_kill(point: str, delivered: int | None = None) -> None:
+            note = f"{point}: {len(fleet.distinct)} commands received, {fleet.answers_written} answers written, " \
+                   f"{fleet.answers_acked} acknowledged by the server"
+            kills_while_delivering.append(note if delivered is None else f"{note}, {delivered} stored as DELIVERED")
+
+        # 1. "in flight": as soon as the devices got a quarter of the commands (their acks are not stored yet).
+        await bounded(fleet.distinct_at_least(len(acknowledged) // 4), 60, "devices to receive a quarter")
+        record_kill("in flight")
+        await server.kill()
+        await server.start()
+
+        # 2. "answers pending": every command reached its device and is stored as acknowledged (one-way ones have
+        # succeeded, two-way ones are DELIVERED); the devices are still working on their answers (held for now).
+        await bounded(fleet.distinct_at_least(len(acknowledged) * 2 // 3), 60, "devices to receive two thirds")
+        delivered = await bounded(all_delivered(server, device_ids), 60, "every command stored as delivered")
+        record_kill("answers pending", delivered)
+        await server.kill()
+
+        # 3. "answer acknowledged, not stored": the devices answer (all at once) while the database is slow (the test
+        # holds its write lock), so the server has acknowledged (PUBACK) answers it has not stored yet when it dies.
+        # The fleet is paused until the lock is held, so that nothing reaches the restarted server before.
+        fleet.pause()
+        try:
+            await server.start()
+            hold = await DatabaseHold.acquire(database_url)
+        finally:
+            fleet.resume()
+        try:
+            acked = fleet.answers_acked
+            fleet.release_answers()
+            # The server acknowledges answers while it cannot store them: wait for the first acknowledgement, then
+            # until every answer written so far was acknowledged (bounded).
+            await defer.DeferredList([fleet.answers_acked_at_least(acked + 1), sleep(DATABASE_HOLD - 1)],
+                                     fireOnOneCallback=True, fireOnOneErrback=True, consumeErrors=True)
+            waited = 0.0
+            while fleet.answers_acked < fleet.answers_written and waited < 1.0:
+                await sleep(0.05)
+                waited += 0.05
+            record_kill("answer acknowledged, not stored")
+            await server.kill()
+        finally:
+            await hold.release()
+        await server.start()
+
+        stored = await wait_until_settled(server, device_ids, acknowledged, fleet, kills_while_delivering)
 
         # Stop the fleet; once it has ended, every record it wrote has been read.
         fleet.signal("TERM")
         await bounded(fleet.ended, 30, "the device fleet to stop")
         records = fleet.records
+        assert fleet.errors == [], fleet.errors[:3]
 
         # --- every acknowledged rpcId: stored, SUCCESSFUL, for the command that was sent ---------------------------
         limiter = defer.DeferredSemaphore(IN_FLIGHT)
@@ -496,19 +657,20 @@ async def test_persistent_rpcs_survive_kill_9_while_queuing_and_while_delivering
         twice = {method: sorted(ids) for method, ids in ids_by_method.items() if len(ids) > 1}
         assert twice == {}, f"commands received under two different request ids (real duplicates): {twice}"
         for k, token in enumerate(tokens):
-            first_connection: dict[int, int] = {}
+            connections: dict[int, list[int]] = {}  # request id -> the device connections that received it
             order: list[int] = []
             for record in by_token.get(token, []):
                 rid = record["request_id"]
-                if rid in first_connection:
+                if rid in connections:
                     redeliveries += 1
                     redelivered_ids.add(rid)
                     # At-least-once only across a reconnect (a kill): never twice on one connection.
-                    assert record["connection"] > first_connection[rid], (
-                        f"device {k}: request {rid} ({record['method']}) received twice on connection "
-                        f"{record['connection']}")
+                    assert record["connection"] > connections[rid][-1], (
+                        f"device {k}: request {rid} ({record['method']}) received again on connection "
+                        f"{record['connection']} after connections {connections[rid]}")
+                    connections[rid].append(record["connection"])
                     continue
-                first_connection[rid] = record["connection"]
+                connections[rid] = [record["connection"]]
                 order.append(rid)
             received_methods = [methods_by_id[rid] for rid in order]
             expected = [r["request"]["body"]["method"] for r in stored[k]]
@@ -518,16 +680,21 @@ async def test_persistent_rpcs_survive_kill_9_while_queuing_and_while_delivering
             assert order == [stored_ids[m] for m in expected], f"device {k}: request ids {order}"
             assert order == sorted(order)
 
-        # At-least-once on the wire, only for commands in flight at a kill: at most a window per device per kill.
-        bound = DEVICES * SERVER_MAX_IN_FLIGHT * len(KILL_WHILE_DELIVERING)
+        # At-least-once on the wire, only for commands in flight at a kill: at most one in-flight window per device
+        # per kill (and, by the check above, at most once per kill for any one command).
+        bound = DEVICES * SERVER_MAX_IN_FLIGHT * KILLS_WHILE_DELIVERING
         print(f"\n[crash recovery on {database_url.split(':', 1)[0]}] submitted {TOTAL}, acknowledged "
               f"{len(acknowledged)}, in flight at the kill while queuing {len(submissions.unacknowledged)} "
-              f"(stored anyway: {len(unacknowledged_stored)}); kills while delivering at distinct receipts "
-              f"{kills_while_delivering}; device receipts {len(records)}, distinct {len(methods_by_id)}; "
-              f"raw redeliveries of the same request id {redeliveries} ({len(redelivered_ids)} ids); "
-              f"server generations {server.generation}")
+              f"(stored anyway: {len(unacknowledged_stored)}); kills while delivering: {kills_while_delivering}; "
+              f"device receipts {len(records)}, distinct request ids {len(methods_by_id)}; raw redeliveries of "
+              f"the same request id {redeliveries} ({len(redelivered_ids)} ids); server generations "
+              f"{server.generation}")
         assert redeliveries <= bound, (redeliveries, bound)
         assert not fleet.gave_up
+        await server.stop()
+        errors = [line for line in server.log if "Traceback" in line or "Unhandled" in line or "[critical]" in line
+                  or "could not" in line]
+        assert errors == [], "\n".join(server.log[-60:])
     finally:
         if fleet is not None and fleet.running:
             fleet.signal("KILL")
