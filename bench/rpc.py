@@ -23,6 +23,10 @@ What happens, per run (a fresh server each run):
 The saturation point of a mode is the first level after which throughput grows by less than 5 %, or whose p99 is
 above 1 s, or whose error rate is above 0.1 %.
 
+The machine may be shared: each point also reports the CPU that other processes used meanwhile ("others' cores",
+/proc/stat minus the server, the simulator and the load generator), and each run and mode first waits (at most
+``--load-wait`` s) for the 1-minute load average to fall below ``--max-load``.
+
 Load generator: ``wrk`` (C, one thread, a Lua script rotating device ids) for the closed loop when it is installed
 (``apt-get install -y wrk``), as it costs the least CPU per request on a machine the server shares; an asyncio
 HTTP/1.1 client on raw sockets (in this file) otherwise (``--client python``) and always for the open loop, which
