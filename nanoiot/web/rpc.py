@@ -103,9 +103,10 @@ class RpcApi:
         device_id = parse_uuid(request.params["deviceId"])
         config = self.context.config
         now = request.now()
-        body = parse_rpc_body(request.json_body(), now, config.rpc_default_timeout, config.rpc_min_timeout)
+        raw = request.json_body()
+        body = parse_rpc_body(raw, now, config.rpc_default_timeout, config.rpc_min_timeout)
         device = check_device_access(request.user, await self.context.catalog.get_device(device_id))
-        if body.persistent and isinstance(request.json_body().get("requestUUID"), str):
+        if body.persistent and isinstance(raw.get("requestUUID"), str):
             known = await self.context.repository.get_rpc(body.request_uuid)
             if known is not None:
                 # The same requestUUID again: the command is already held; it is not sent twice.

@@ -27,21 +27,11 @@ from nanoiot.rpc.model import RpcCommand, RpcFailure, RpcResult
 from nanoiot.rpc.queue import QueueSettings
 from nanoiot.transports.http.device_api import DeviceApiResource, HttpCallSession, HttpPollSession
 from nanoiot.transports.session import Delivery
+from tests.fixtures.recording import RecordingRef
 
 TOKEN = "GOOD_TOKEN"
 DEVICE = Device(uuid4(), 0, uuid4(), NULL_UUID, "dev", "default", None, None)
 DECLARED = {200, 400, 401, 404, 405, 408, 413}
-
-
-class RecordingRef:
-    def __init__(self) -> None:
-        self.told: list[object] = []
-
-    def tell(self, message: object) -> None:
-        self.told.append(message)
-
-    def of(self, kind: type) -> list:
-        return [msg for msg in self.told if isinstance(msg, kind)]
 
 
 class Harness:

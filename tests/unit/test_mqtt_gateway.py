@@ -14,22 +14,11 @@ from nanoiot.persistence.records import NULL_UUID, Device
 from nanoiot.transports.mqtt import codec
 from nanoiot.transports.mqtt.protocol import MqttFactory
 from nanoiot.transports.session import Delivery
+from tests.fixtures.recording import RecordingRef
 
 TOKEN = "GATEWAY_TOKEN"
 TENANT = uuid4()
 GATEWAY = Device(uuid4(), 0, TENANT, NULL_UUID, "gw", "gateway", None, None)
-
-
-class RecordingRef:
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.told: list[object] = []
-
-    def tell(self, message: object) -> None:
-        self.told.append(message)
-
-    def of(self, kind: type) -> list:
-        return [msg for msg in self.told if isinstance(msg, kind)]
 
 
 class GatewayHarness:

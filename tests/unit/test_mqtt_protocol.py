@@ -14,20 +14,10 @@ from nanoiot.persistence.records import NULL_UUID, Device
 from nanoiot.transports.mqtt import codec
 from nanoiot.transports.mqtt.protocol import MqttFactory
 from nanoiot.transports.session import Delivery
+from tests.fixtures.recording import RecordingRef
 
 TOKEN = "GOOD_TOKEN"
 DEVICE = Device(uuid4(), 0, uuid4(), NULL_UUID, "dev", "default", None, None)
-
-
-class RecordingRef:
-    def __init__(self) -> None:
-        self.told: list[object] = []
-
-    def tell(self, message: object) -> None:
-        self.told.append(message)
-
-    def of(self, kind: type) -> list:
-        return [msg for msg in self.told if isinstance(msg, kind)]
 
 
 class Harness:
