@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import asynccontextmanager
 from uuid import uuid4
 
 import paho.mqtt.client as paho
@@ -12,18 +13,29 @@ from twisted.internet import defer
 
 from nanoiot.passwords import hash_password
 from nanoiot.persistence.records import Authority
-from tests.fixtures.server import PahoDevice, make_config, server, start_server, with_timeout  # noqa: F401
+from tests.fixtures.server import PahoDevice, server, with_timeout  # noqa: F401
+from tests.fixtures.server_context import server_running
 
 RPC = "v1/devices/me/rpc/request/+"
 
 
-async def connected_device(server, token, protocol=paho.MQTTv311, topic=RPC):
+@asynccontextmanager
+async def online(server, token, protocol=paho.MQTTv311, topic=RPC):
+    """A paho device with ``token``, connected and subscribed to ``topic`` for the block, stopped after it."""
     device = PahoDevice(server.mqtt_port, token, protocol)
-    code = await device.connect()
-    assert int(getattr(code, "value", code)) == 0
-    granted = await device.subscribe(topic)
-    assert granted == [1]
-    return device
+    try:
+        code = await device.connect()
+        assert int(getattr(code, "value", code)) == 0
+        granted = await device.subscribe(topic)
+        assert granted == [1]
+        yield device
+    finally:
+        device.stop()
+
+
+def rpc_call(server, path, body):
+    """A REST RPC POST started now and awaited later (``with_timeout``), once the device has seen the command."""
+    return defer.ensureDeferred(server.call("POST", path, body=body))
 
 
 async def create_device(server, name):
@@ -39,10 +51,8 @@ async def create_device(server, name):
 @pytest_twisted.ensureDeferred
 async def test_a_device_created_over_rest_answers_a_two_way_call_over_mqtt(server):
     device_id, token = await create_device(server, "Thermostat 1")
-    device = await connected_device(server, token)
-    try:
-        call = defer.ensureDeferred(server.call("POST", f"/api/rpc/twoway/{device_id}",
-                                                body={"method": "getTemperature", "params": {"unit": "C"}}))
+    async with online(server, token) as device:
+        call = rpc_call(server, f"/api/rpc/twoway/{device_id}", {"method": "getTemperature", "params": {"unit": "C"}})
         topic, payload, qos = await device.next_message()
         prefix, request_id = topic.rsplit("/", 1)
         assert prefix == "v1/devices/me/rpc/request" and request_id.isdigit()
@@ -51,83 +61,65 @@ async def test_a_device_created_over_rest_answers_a_two_way_call_over_mqtt(serve
         await device.publish(f"v1/devices/me/rpc/response/{request_id}", {"temperature": 21.5})
         status, body = await with_timeout(call)
         assert (status, body) == (200, {"temperature": 21.5})
-    finally:
-        device.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_the_v1_two_way_endpoint_returns_the_device_answer(server):
     device_id, token = await server.demo_device()
-    device = await connected_device(server, token)
-    try:
-        call = defer.ensureDeferred(server.call("POST", f"/api/plugins/rpc/twoway/{device_id}",
-                                                body={"method": "getValue", "params": 7}))
+    async with online(server, token) as device:
+        call = rpc_call(server, f"/api/plugins/rpc/twoway/{device_id}", {"method": "getValue", "params": 7})
         topic, payload, _ = await device.next_message()
         request_id = topic.rsplit("/", 1)[1]
         assert json.loads(payload) == {"method": "getValue", "params": 7}
         await device.publish(f"v1/devices/me/rpc/response/{request_id}", [1, 2, 3])
         assert await with_timeout(call) == (200, [1, 2, 3])
-    finally:
-        device.stop()
 
 
 @pytest.mark.parametrize("path", ["/api/rpc/oneway", "/api/plugins/rpc/oneway"])
 @pytest_twisted.ensureDeferred
 async def test_a_one_way_call_returns_an_empty_200_once_the_device_acknowledged_it(server, path):
     device_id, token = await server.demo_device()
-    device = await connected_device(server, token)
-    try:
+    async with online(server, token) as device:
         status, body = await server.call("POST", f"{path}/{device_id}",
                                          body={"method": "setGpio", "params": {"pin": 7, "value": 1}})
         assert (status, body) == (200, None)
         topic, payload, _ = await device.next_message()
         assert json.loads(payload) == {"method": "setGpio", "params": {"pin": 7, "value": 1}}
-    finally:
-        device.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_device_on_the_v2_short_topics_gets_commands_there_and_answers_there(server):
     device_id, token = await server.demo_device()
-    device = await connected_device(server, token, topic="v2/r/req/+")
-    try:
-        call = defer.ensureDeferred(server.call("POST", f"/api/rpc/twoway/{device_id}", body={"method": "ping"}))
+    async with online(server, token, topic="v2/r/req/+") as device:
+        call = rpc_call(server, f"/api/rpc/twoway/{device_id}", {"method": "ping"})
         topic, payload, _ = await device.next_message()
         assert topic.startswith("v2/r/req/")
         assert json.loads(payload) == {"method": "ping", "params": None}
         await device.publish("v2/r/res/" + topic.rsplit("/", 1)[1], {"pong": True})
         assert await with_timeout(call) == (200, {"pong": True})
-    finally:
-        device.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_an_mqtt5_device_with_an_empty_client_id_is_served(server):
     device_id, token = await server.demo_device()
-    device = await connected_device(server, token, protocol=paho.MQTTv5)
-    try:
-        call = defer.ensureDeferred(server.call("POST", f"/api/rpc/twoway/{device_id}", body={"method": "v5"}))
+    async with online(server, token, protocol=paho.MQTTv5) as device:
+        call = rpc_call(server, f"/api/rpc/twoway/{device_id}", {"method": "v5"})
         topic, _, _ = await device.next_message()
         await device.publish(topic.replace("request", "response"), {"ok": 5})
         assert await with_timeout(call) == (200, {"ok": 5})
-    finally:
-        device.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_non_json_answer_gives_406_with_the_raw_text(server):
     device_id, token = await server.demo_device()
-    device = await connected_device(server, token)
-    try:
-        call = defer.ensureDeferred(server.call("POST", f"/api/rpc/twoway/{device_id}", body={"method": "m"}))
+    async with online(server, token) as device:
+        call = rpc_call(server, f"/api/rpc/twoway/{device_id}", {"method": "m"})
         topic, _, _ = await device.next_message()
         await device.publish(topic.replace("request", "response"), b"not json {")
         status, body = await with_timeout(call)
         assert status == 406
         assert body["rpcError"] == "NON_JSON_RESPONSE"
         assert body["response"] == "not json {"
-    finally:
-        device.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -145,16 +137,13 @@ async def test_an_offline_device_gives_504_on_v2_and_409_on_v1_saying_it_was_off
 @pytest_twisted.ensureDeferred
 async def test_a_device_that_never_answers_gives_504_on_v2_and_408_on_v1_saying_it_did_not_answer(server):
     device_id, token = await server.demo_device()
-    device = await connected_device(server, token)
-    try:
+    async with online(server, token):
         status, body = await server.call("POST", f"/api/rpc/twoway/{device_id}",
                                          body={"method": "m", "timeout": 300})
         assert (status, body["rpcError"]) == (504, "NO_RESPONSE")
         status, body = await server.call("POST", f"/api/plugins/rpc/twoway/{device_id}",
                                          body={"method": "m", "timeout": 300})
         assert (status, body["rpcError"]) == (408, "NO_RESPONSE")
-    finally:
-        device.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -195,17 +184,12 @@ async def test_a_device_of_another_tenant_is_forbidden(server):
 
 @pytest_twisted.ensureDeferred
 async def test_a_body_over_the_size_limit_gives_413(tmp_path):
-    config = make_config(f"sqlite:///{tmp_path / 'small.db'}", max_payload_size=1024,
-                         jwt_key_file=str(tmp_path / "k"))
-    small = await start_server(config)
-    try:
+    async with server_running(tmp_path, "small.db", max_payload_size=1024) as small:
         device_id, _ = await small.demo_device()
         status, body = await small.call("POST", f"/api/rpc/twoway/{device_id}",
                                         body={"method": "m", "params": "x" * 2000})
         assert status == 413
         assert "1024" in body["message"]
-    finally:
-        await small.service.stopService()
 
 
 @pytest_twisted.ensureDeferred
@@ -221,8 +205,7 @@ async def test_an_unknown_access_token_is_refused_with_not_authorized(server):
 @pytest_twisted.ensureDeferred
 async def test_a_device_calling_the_server_gets_an_answer_and_its_request_is_never_routed_back(server):
     _, token = await server.demo_device()
-    device = await connected_device(server, token)
-    try:
+    async with online(server, token) as device:
         assert await device.subscribe("v1/devices/me/rpc/response/+") == [1]
         await device.publish("v1/devices/me/rpc/request/42", {"method": "getCurrentTime", "params": {}})
         topic, payload, _ = await device.next_message()
@@ -232,25 +215,18 @@ async def test_a_device_calling_the_server_gets_an_answer_and_its_request_is_nev
         topic, payload, _ = await device.next_message()
         assert topic == "v1/devices/me/rpc/response/43"
         assert "noSuchMethod" in json.loads(payload)["error"]
-    finally:
-        device.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_reconnect_of_the_same_device_replaces_the_old_session(server):
     device_id, token = await server.demo_device()
-    first = await connected_device(server, token)
-    second = await connected_device(server, token)
-    try:
+    async with online(server, token) as first, online(server, token) as second:
         await with_timeout(first.disconnected)
-        call = defer.ensureDeferred(server.call("POST", f"/api/rpc/twoway/{device_id}", body={"method": "who"}))
+        call = rpc_call(server, f"/api/rpc/twoway/{device_id}", {"method": "who"})
         topic, _, _ = await second.next_message()
         await second.publish(topic.replace("request", "response"), {"session": 2})
         assert await with_timeout(call) == (200, {"session": 2})
         assert first.messages.pending == []
-    finally:
-        first.stop()
-        second.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -263,13 +239,11 @@ async def test_commands_queued_while_offline_are_delivered_in_order_on_subscribe
     try:
         for i in range(5):
             # One at a time: each command is queued in the device actor before the next is sent.
-            calls.append(defer.ensureDeferred(server.call("POST", f"/api/rpc/oneway/{device_id}",
-                                                          body={"method": f"step{i}", "timeout": 10000})))
+            calls.append(rpc_call(server, f"/api/rpc/oneway/{device_id}", {"method": f"step{i}", "timeout": 10000}))
             await with_timeout(queued.get())
     finally:
         unsubscribe()
-    device = await connected_device(server, token)
-    try:
+    async with online(server, token) as device:
         methods = []
         for _ in range(5):
             _, payload, _ = await device.next_message()
@@ -277,5 +251,3 @@ async def test_commands_queued_while_offline_are_delivered_in_order_on_subscribe
         assert methods == [f"step{i}" for i in range(5)]
         for call in calls:
             assert await with_timeout(call) == (200, None)
-    finally:
-        device.stop()

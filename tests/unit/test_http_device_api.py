@@ -372,150 +372,148 @@ def actors(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[task.Clock, Device
         set_dispatcher(None)
 
 
-def real_api(clock: task.Clock, directory: DeviceDirectory) -> DeviceApiResource:
-    return DeviceApiResource(
-        lambda token: succeed(DEVICE if token == TOKEN else None),
-        lambda device, session, exclusive: directory.tell(device, m.AttachSession(session, exclusive)),
-        clock, tell=directory.tell,
-    )
+class LiveApi:
+    """The device API wired to the real device actor of the ``actors`` fixture, all on the one clock."""
+
+    def __init__(self, clock: task.Clock, directory: DeviceDirectory) -> None:
+        self.clock = clock
+        self.directory = directory
+        self.api = DeviceApiResource(
+            lambda token: succeed(DEVICE if token == TOKEN else None),
+            lambda device, session, exclusive: directory.tell(device, m.AttachSession(session, exclusive)),
+            clock, tell=directory.tell,
+        )
+
+    def _render(self, request: DummyRequest, method: bytes = b"GET", body: bytes = b"") -> DummyRequest:
+        request.method = method
+        request.content = BytesIO(body)
+        self.api.render(request)
+        return request
+
+    def poll(self, kind: type[DummyRequest] = DummyRequest) -> DummyRequest:
+        """A GET .../rpc long poll, once the actor has taken its session in."""
+        request = self._render(kind([TOKEN.encode(), b"rpc"]))
+        self.clock.advance(0)
+        return request
+
+    def call(self, body: bytes) -> DummyRequest:
+        """A device-to-server call (POST .../rpc), once the actor has handled it."""
+        request = self._render(DummyRequest([TOKEN.encode(), b"rpc"]), b"POST", body)
+        self.clock.advance(0)
+        return request
+
+    def answer(self, request_id: int, body: bytes) -> DummyRequest:
+        """A device's answer (POST .../rpc/<id>), rendered only: the actor takes it on the next advance."""
+        return self._render(DummyRequest([TOKEN.encode(), b"rpc", str(request_id).encode()]), b"POST", body)
+
+    def submit(self, method: str, oneway: bool = False) -> Deferred:
+        now = int(self.clock.seconds() * 1000)
+        command = RpcCommand(uuid4(), DEVICE.tenant_id, DEVICE.id, method, {"n": 1}, oneway, now + 100_000, now)
+        message = m.SubmitRpc(command)
+        self.directory.tell(DEVICE, message)
+        return message.reply
+
+    def inspect(self) -> dict:
+        message = m.Inspect()
+        self.directory.tell(DEVICE, message)
+        self.clock.advance(0)
+        assert message.reply.called
+        return message.reply.result
 
 
-def render(api: DeviceApiResource, request: DummyRequest, method: bytes = b"GET", body: bytes = b"") -> DummyRequest:
-    request.method = method
-    request.content = BytesIO(body)
-    api.render(request)
-    return request
+@pytest.fixture
+def live(actors: tuple[task.Clock, DeviceDirectory]) -> LiveApi:
+    return LiveApi(*actors)
 
 
-def submit(clock: task.Clock, directory: DeviceDirectory, method: str, oneway: bool = False) -> Deferred:
-    now = int(clock.seconds() * 1000)
-    command = RpcCommand(uuid4(), DEVICE.tenant_id, DEVICE.id, method, {"n": 1}, oneway, now + 100_000, now)
-    message = m.SubmitRpc(command)
-    directory.tell(DEVICE, message)
-    return message.reply
-
-
-def inspect(clock: task.Clock, directory: DeviceDirectory) -> dict:
-    message = m.Inspect()
-    directory.tell(DEVICE, message)
-    clock.advance(0)
-    assert message.reply.called
-    return message.reply.result
-
-
-def test_a_command_queued_between_polls_waits_for_the_next_poll_and_its_answer_reaches_the_caller(actors) -> None:
-    clock, directory = actors
-    api = real_api(clock, directory)
-    first = render(api, DummyRequest([TOKEN.encode(), b"rpc"]))
-    clock.advance(0)
-    clock.advance(60)  # the poll times out: no session is open any more
+def test_a_command_queued_between_polls_waits_for_the_next_poll_and_its_answer_reaches_the_caller(live) -> None:
+    first = live.poll()
+    live.clock.advance(60)  # the poll times out: no session is open any more
     assert first.responseCode == 408
-    reply = submit(clock, directory, "getTemperature")
-    clock.advance(1)
-    assert inspect(clock, directory)["sessions"] == []
-    poll = render(api, DummyRequest([TOKEN.encode(), b"rpc"]))
-    clock.advance(0)
+    reply = live.submit("getTemperature")
+    live.clock.advance(1)
+    assert live.inspect()["sessions"] == []
+    poll = live.poll()
     command = json_of(poll)
     assert (poll.responseCode, command["method"], command["params"]) == (200, "getTemperature", {"n": 1})
-    clock.advance(0)
-    assert inspect(clock, directory)["pending"] == [(command["id"], "DELIVERED")]
-    answer = render(api, DummyRequest([TOKEN.encode(), b"rpc", str(command["id"]).encode()]), b"POST",
-                    b'{"t":21.5}')
+    live.clock.advance(0)
+    assert live.inspect()["pending"] == [(command["id"], "DELIVERED")]
+    answer = live.answer(command["id"], b'{"t":21.5}')
     assert answer.responseCode == 200
-    clock.advance(0)
+    live.clock.advance(0)
     assert reply.called
     assert reply.result == RpcResult(response={"t": 21.5}, has_response=True)
-    assert inspect(clock, directory)["sessions"] == []
+    assert live.inspect()["sessions"] == []
 
 
-def test_a_one_way_command_completes_when_the_poll_response_was_written(actors) -> None:
-    clock, directory = actors
-    api = real_api(clock, directory)
-    poll = render(api, DummyRequest([TOKEN.encode(), b"rpc"]))
-    clock.advance(0)
-    reply = submit(clock, directory, "setGpio", oneway=True)
-    clock.advance(0)
+def test_a_one_way_command_completes_when_the_poll_response_was_written(live) -> None:
+    poll = live.poll()
+    reply = live.submit("setGpio", oneway=True)
+    live.clock.advance(0)
     assert poll.responseCode == 200
-    clock.advance(0)
+    live.clock.advance(0)
     assert reply.called and reply.result == RpcResult()
 
 
-def test_a_client_that_left_mid_poll_does_not_swallow_the_next_command(actors) -> None:
-    clock, directory = actors
-    api = real_api(clock, directory)
-    gone = render(api, DummyRequest([TOKEN.encode(), b"rpc"]))
-    clock.advance(0)
+def test_a_client_that_left_mid_poll_does_not_swallow_the_next_command(live) -> None:
+    gone = live.poll()
     gone.processingFailed(Failure(ConnectionError("client cancelled")))
-    reply = submit(clock, directory, "setGpio", oneway=True)
-    clock.advance(0)
+    reply = live.submit("setGpio", oneway=True)
+    live.clock.advance(0)
     assert gone.written == []
-    assert inspect(clock, directory)["pending"][0][1] == "QUEUED"
-    poll = render(api, DummyRequest([TOKEN.encode(), b"rpc"]))
-    clock.advance(0)
+    assert live.inspect()["pending"][0][1] == "QUEUED"
+    poll = live.poll()
     assert json_of(poll)["method"] == "setGpio"
-    clock.advance(0)
+    live.clock.advance(0)
     assert reply.called and reply.result == RpcResult()
 
 
-def test_a_command_whose_poll_died_while_it_was_written_goes_to_the_next_poll_not_to_the_bin(actors) -> None:
-    clock, directory = actors
-    api = real_api(clock, directory)
-    dying = render(api, UnfinishedRequest([TOKEN.encode(), b"rpc"]))
-    clock.advance(0)
-    reply = submit(clock, directory, "reboot")
-    clock.advance(0)
+def test_a_command_whose_poll_died_while_it_was_written_goes_to_the_next_poll_not_to_the_bin(live) -> None:
+    dying = live.poll(UnfinishedRequest)
+    reply = live.submit("reboot")
+    live.clock.advance(0)
     first = json_of(dying)
     dying.processingFailed(Failure(ConnectionError("reset")))
-    clock.advance(0)
-    assert inspect(clock, directory)["pending"] == [(first["id"], "SENT")]
+    live.clock.advance(0)
+    assert live.inspect()["pending"] == [(first["id"], "SENT")]
     assert not reply.called
-    poll = render(api, DummyRequest([TOKEN.encode(), b"rpc"]))
-    clock.advance(0)
+    poll = live.poll()
     again = json_of(poll)
     assert again == first  # the same command, same id: the device can de-duplicate
-    clock.advance(0)
-    assert inspect(clock, directory)["pending"] == [(first["id"], "DELIVERED")]
+    live.clock.advance(0)
+    assert live.inspect()["pending"] == [(first["id"], "DELIVERED")]
 
 
-def test_a_command_that_reaches_a_poll_which_just_timed_out_goes_to_the_next_poll(actors) -> None:
-    clock, directory = actors
-    api = real_api(clock, directory)
+def test_a_command_that_reaches_a_poll_which_just_timed_out_goes_to_the_next_poll(live) -> None:
     replies: list[Deferred] = []
     # Scheduled before the poll, so at t=60 it runs before the poll's timer: the actor then finds the command and
     # the poll's DetachSession in its mailbox, in that order, with the poll already answered 408.
-    clock.callLater(60, lambda: replies.append(submit(clock, directory, "ping", oneway=True)))
-    poll = render(api, DummyRequest([TOKEN.encode(), b"rpc"]))
-    clock.advance(0)
-    clock.advance(60)
+    live.clock.callLater(60, lambda: replies.append(live.submit("ping", oneway=True)))
+    poll = live.poll()
+    live.clock.advance(60)
     assert poll.responseCode == 408 and poll.written == []
     (reply,) = replies
     assert not reply.called
-    assert inspect(clock, directory)["pending"][0][1] == "SENT"  # it was offered to the ended poll: NOT_SENT
-    nxt = render(api, DummyRequest([TOKEN.encode(), b"rpc"]))
-    clock.advance(0)
+    assert live.inspect()["pending"][0][1] == "SENT"  # it was offered to the ended poll: NOT_SENT
+    nxt = live.poll()
     assert json_of(nxt)["method"] == "ping"
-    clock.advance(0)
+    live.clock.advance(0)
     assert reply.called and reply.result == RpcResult()
 
 
-def test_a_device_call_is_answered_by_the_server_methods(actors) -> None:
-    clock, directory = actors
-    api = real_api(clock, directory)
-    clock.advance(1234.5)
-    call = render(api, DummyRequest([TOKEN.encode(), b"rpc"]), b"POST", b'{"method":"getCurrentTime","params":{}}')
-    clock.advance(0)
+def test_a_device_call_is_answered_by_the_server_methods(live) -> None:
+    live.clock.advance(1234.5)
+    call = live.call(b'{"method":"getCurrentTime","params":{}}')
     assert call.responseCode == 200 and json_of(call) == 1234500
-    unknown = render(api, DummyRequest([TOKEN.encode(), b"rpc"]), b"POST", b'{"method":"nope"}')
-    clock.advance(0)
+    unknown = live.call(b'{"method":"nope"}')
     assert json_of(unknown) == {"error": "Unsupported method: nope"}
-    clock.advance(0)
-    assert inspect(clock, directory)["sessions"] == []
+    live.clock.advance(0)
+    assert live.inspect()["sessions"] == []
 
 
-def test_an_expired_command_tells_its_caller_the_device_was_offline(actors) -> None:
-    clock, directory = actors
-    reply = submit(clock, directory, "nobodyHome")
-    clock.advance(101)
+def test_an_expired_command_tells_its_caller_the_device_was_offline(live) -> None:
+    reply = live.submit("nobodyHome")
+    live.clock.advance(101)
     assert reply.called and reply.result.failure is RpcFailure.DEVICE_OFFLINE
 
 
