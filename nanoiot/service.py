@@ -9,7 +9,6 @@ from uuid import UUID, uuid4
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import ILogObserver, Logger
@@ -34,6 +33,7 @@ from nanoiot.rpc.server_methods import ServerMethods, load_configured_methods, l
 from nanoiot.transports.coap.server import CoapServer
 from nanoiot.transports.mqtt.protocol import MqttFactory
 from nanoiot.transports.mqtt.session import MqttSession
+from nanoiot.transports.tcp import listen_tcp
 from nanoiot.web.context import WebContext
 from nanoiot.web.site import build_site
 from nanoiot.web.tokens import TokenIssuer, load_signing_key
@@ -196,9 +196,8 @@ class NanoService(MultiService):
 
         return ensureDeferred(send())
 
-    def _endpoint(self, port: int) -> Any:
-        cls = TCP6ServerEndpoint if ":" in self.config.host else TCP4ServerEndpoint
-        return cls(self.reactor, port, backlog=LISTEN_BACKLOG, interface=self.config.host)
+    def _listen(self, port: int, factory: Any) -> IListeningPort:
+        return listen_tcp(self.reactor, port, factory, LISTEN_BACKLOG, self.config.host)
 
     def startService(self) -> None:
         super().startService()
@@ -214,8 +213,8 @@ class NanoService(MultiService):
             self._ttl.setServiceParent(self)
         if self.config.demo:
             self.demo = await seed_demo(self.repository, self.catalog)
-        self.http_port = await self._endpoint(self.config.http_port).listen(self.site)
-        self.mqtt_port = await self._endpoint(self.config.mqtt_port).listen(self.mqtt_factory)
+        self.http_port = self._listen(self.config.http_port, self.site)
+        self.mqtt_port = self._listen(self.config.mqtt_port, self.mqtt_factory)
         self.coap_port = self.reactor.listenUDP(self.config.coap_port, self.coap_server, interface=self.config.host)
         log.info("{banner}", banner=banner(
             self.config.host, self.http_port.getHost().port, self.mqtt_port.getHost().port,

@@ -1,0 +1,112 @@
+"""TCP ports whose connections send their bytes at the end of the reactor turn instead of waiting for EPOLLOUT.
+
+Twisted buffers every ``transport.write`` and registers the socket for write readiness (``epoll_ctl``), sends on
+the next poll, then unregisters it (``epoll_ctl`` again): three system calls and a trip through the poller per
+write. A REST RPC writes twice (the MQTT PUBLISH to the device, the HTTP response) and the profile put those
+``epoll_ctl`` calls at 11-12 % of the server's CPU (BENCHMARKS.md). Here a write still only buffers, but the
+connection is put on a list that is flushed once, by ``callLater(0)``, when the reactor has handled everything the
+current poll returned: every write of that turn to one socket goes out in one ``send``, and the poller hears about
+the socket only if the kernel would not take it all (a slow reader): then the connection falls back to Twisted's
+own path until its buffer is empty. asyncio does much the same (it sends at once when nothing is buffered).
+
+This relies on ``FileDescriptor``'s buffer attributes and ``doWrite`` and on the reactor's ``_disconnectSelectable``
+(Twisted 22 to 26 alike); ``tests/unit/test_tcp_flush.py`` pins the behaviour on a real reactor, socket pairs
+included.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime
+from twisted.internet.posixbase import PosixReactorBase
+
+
+class TurnFlusher:
+    """Connections that wrote during this reactor turn, flushed together once the turn's events are handled."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self.pending: list[CoalescingServer] = []
+        self.scheduled = False
+        #: Flushes that could not send everything and handed the rest to the poller (slow readers).
+        self.fallbacks = 0
+
+    def queue(self, connection: CoalescingServer) -> None:
+        self.pending.append(connection)
+        if not self.scheduled:
+            self.scheduled = True
+            self.clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        pending, self.pending = self.pending, []
+        for connection in pending:
+            if connection.flush_now():
+                self.fallbacks += 1
+
+
+def flusher_for(reactor: Any) -> TurnFlusher:
+    """The reactor's one flusher (kept on the reactor, so it goes with it)."""
+    flusher = getattr(reactor, "_nanoiot_flusher", None)
+    if flusher is None:
+        flusher = reactor._nanoiot_flusher = TurnFlusher(reactor)
+    return flusher
+
+
+class CoalescingServer(tcp.Server):
+    """A server-side connection whose writes are sent by the turn's :class:`TurnFlusher`."""
+
+    _flush_queued = False
+    #: True while the socket is registered for write readiness (a send did not take everything).
+    _polling_writes = False
+    _host: Any = None
+
+    def startWriting(self) -> None:
+        # Called by write(), writeSequence(), loseConnection() and loseWriteConnection(): there is something to do
+        # on the write side; do it at the end of this turn.
+        if self._polling_writes or self._flush_queued:
+            return
+        self._flush_queued = True
+        flusher_for(self.reactor).queue(self)
+
+    def stopWriting(self) -> None:
+        if self._polling_writes:
+            self._polling_writes = False
+            super().stopWriting()
+
+    def flush_now(self) -> bool:
+        """Send what is buffered; True if the rest had to wait for the poller."""
+        self._flush_queued = False
+        if self._polling_writes or not self.connected or self._aborting:
+            return False
+        why = self.doWrite()
+        if why is not None:
+            # Closed (loseConnection once drained) or a socket error: what the reactor does after doWrite.
+            self.reactor._disconnectSelectable(self, why, False)  # type: ignore[attr-defined]
+            return False
+        if self._tempDataLen or self.offset < len(self.dataBuffer):
+            self._polling_writes = True
+            super().startWriting()
+            return True
+        return False
+
+    def getHost(self) -> Any:
+        # twisted.web asks for it on every request; it cannot change, so one getsockname per connection.
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+
+class CoalescingPort(tcp.Port):
+    transport = CoalescingServer
+
+
+def listen_tcp(reactor: Any, port: int, factory: IProtocolFactory, backlog: int, interface: str) -> IListeningPort:
+    """Listen like ``reactor.listenTCP``, with :class:`CoalescingServer` connections on a POSIX reactor."""
+    if not isinstance(reactor, PosixReactorBase):
+        return reactor.listenTCP(port, factory, backlog=backlog, interface=interface)
+    listening = CoalescingPort(port, factory, backlog, interface, reactor)
+    listening.startListening()
+    return listening
