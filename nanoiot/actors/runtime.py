@@ -48,7 +48,6 @@ import queue
 import sys
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
@@ -62,6 +61,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python import threadable
 from twisted.python.failure import Failure
+
+from nanoiot.ids import uuid4
 
 if TYPE_CHECKING:
     from pykka._envelope import Envelope
@@ -702,7 +703,7 @@ class ReactorActor(pykka.Actor):
         Sets exactly the attributes ``Actor.__init__`` sets (pinned by a test), so subclasses call
         ``super().__init__()`` as usual.
         """
-        self.actor_urn = uuid.uuid4().urn
+        self.actor_urn = uuid4().urn
         inbox = self._create_actor_inbox()
         self.actor_inbox = inbox
         self.actor_stopped = _StoppedFlag(inbox.dispatcher)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
 from nanoiot.errors import BadRequest
+from nanoiot.ids import uuid4
 
 _MISSING = object()
 
@@ -41,7 +41,7 @@ def parse_rpc_body(
     now: int,
     default_timeout: int,
     min_timeout: int,
-    new_uuid: Any = uuid.uuid4,
+    new_uuid: Any = uuid4,
 ) -> RpcBody:
     """``expirationTime`` is used as given; otherwise ``now + max(min_timeout, timeout)`` (ThingsBoard's rule)."""
     if not isinstance(raw, dict):
