@@ -33,6 +33,10 @@ class DeviceCatalog:
 
     # --- reads ----------------------------------------------------------------------------------------------------
 
+    def cached_device(self, device_id: UUID) -> Device | None:
+        """The device if it is in memory, without a Deferred (the REST RPC path's fast case)."""
+        return self._by_id.get(device_id)
+
     def get_device(self, device_id: UUID) -> Deferred:
         device = self._by_id.get(device_id)
         if device is not None:
