@@ -19,15 +19,25 @@ from tests.fixtures.server_context import server_running
 RPC = "v1/devices/me/rpc/request/+"
 
 
-@asynccontextmanager
-async def online(server, token, protocol=paho.MQTTv311, topic=RPC):
-    """A paho device with ``token``, connected and subscribed to ``topic`` for the block, stopped after it."""
+async def connected_device(server, token, protocol=paho.MQTTv311, topic=RPC):
+    """A paho device with ``token``, connected and subscribed to ``topic``; the caller stops it."""
     device = PahoDevice(server.mqtt_port, token, protocol)
     try:
         code = await device.connect()
         assert int(getattr(code, "value", code)) == 0
         granted = await device.subscribe(topic)
         assert granted == [1]
+    except BaseException:
+        device.stop()
+        raise
+    return device
+
+
+@asynccontextmanager
+async def online(server, token, protocol=paho.MQTTv311, topic=RPC):
+    """:func:`connected_device` for the block, stopped after it."""
+    device = await connected_device(server, token, protocol, topic)
+    try:
         yield device
     finally:
         device.stop()
