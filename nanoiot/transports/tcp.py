@@ -62,6 +62,7 @@ class CoalescingServer(tcp.Server):
     #: True while the socket is registered for write readiness (a send did not take everything).
     _polling_writes = False
     _host: Any = None
+    _peer: Any = None
 
     def startWriting(self) -> None:
         # Called by write(), writeSequence(), loseConnection() and loseWriteConnection(): there is something to do
@@ -93,10 +94,16 @@ class CoalescingServer(tcp.Server):
         return False
 
     def getHost(self) -> Any:
-        # twisted.web asks for it on every request; it cannot change, so one getsockname per connection.
+        # twisted.web asks for both addresses on every request; they cannot change, so build them once
+        # (getHost is a getsockname system call each time).
         if self._host is None:
             self._host = super().getHost()
         return self._host
+
+    def getPeer(self) -> Any:
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
 
 
 class CoalescingPort(tcp.Port):

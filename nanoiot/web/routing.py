@@ -86,6 +86,8 @@ class Route:
     pattern: re.Pattern[str]
     handler: Handler
     authenticated: bool = True
+    #: The template's text before its first parameter: a cheap test before the regular expression.
+    prefix: str = ""
 
 
 @dataclass
@@ -95,11 +97,14 @@ class Router:
     def add(self, method: str, template: str, handler: Handler, authenticated: bool = True) -> None:
         """``template`` like ``/api/device/{deviceId}``; a parameter matches one path segment."""
         regex = "^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template) + "$"
-        self.routes.append(Route(method.encode(), re.compile(regex), handler, authenticated))
+        prefix = template.split("{", 1)[0]
+        self.routes.append(Route(method.encode(), re.compile(regex), handler, authenticated, prefix))
 
     def match(self, method: bytes, path: str) -> tuple[Route, dict[str, str]]:
         allowed = False
         for route in self.routes:
+            if not path.startswith(route.prefix):
+                continue
             found = route.pattern.match(path)
             if found is None:
                 continue

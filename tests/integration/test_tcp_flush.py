@@ -218,12 +218,14 @@ async def test_a_streaming_producer_is_paused_and_resumed_by_the_buffer() -> Non
 
 
 @pytest_twisted.ensureDeferred
-async def test_get_host_is_asked_of_the_socket_once() -> None:
+async def test_host_and_peer_addresses_are_built_once() -> None:
     port, server, client = await connected_pair()
     try:
         first = server.transport.getHost()
         assert first.port == port.getHost().port and first.host == "127.0.0.1"
         assert server.transport.getHost() is first
+        peer = server.transport.getPeer()
+        assert peer.port == client.transport.getHost().port and server.transport.getPeer() is peer
     finally:
         server.transport.loseConnection()
         await server.lost
