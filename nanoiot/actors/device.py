@@ -157,7 +157,10 @@ class DeviceActor(ReactorActor):
         return int(self.ctx.clock.seconds() * 1000)
 
     def on_start(self) -> None:
-        self._schedule_idle_check()
+        # An actor is started for a message (a session to attach, a command), which arms or cancels the idle
+        # timer right after; arming one here too was a callLater and a cancel per new actor.
+        if self.actor_inbox.empty():
+            self._schedule_idle_check()
 
     def on_stop(self) -> None:
         for _, call in self.timers.values():

@@ -12,7 +12,7 @@ from twisted.internet.testing import StringTransport
 from nanoiot.actors import messages as m
 from nanoiot.persistence.records import NULL_UUID, Device
 from nanoiot.transports.mqtt import codec
-from nanoiot.transports.mqtt.protocol import MqttFactory
+from nanoiot.transports.mqtt.protocol import MAX_HELD_FRAMES, MqttFactory
 from nanoiot.transports.session import Delivery
 from tests.fixtures.recording import RecordingRef
 
@@ -167,6 +167,23 @@ def test_packets_that_arrive_while_the_token_is_checked_are_handled_after_it():
     pending.callback(DEVICE)
     assert [type(p).__name__ for p in h.written_packets()] == ["ConnAck", "SubAck"]
     assert len(h.ref.of(m.SubscribeCommands)) == 1
+
+
+def test_reading_goes_on_during_the_token_lookup_until_too_many_packets_are_held():
+    pending: Deferred = Deferred()
+    h = Harness(auth=pending)
+    h.feed(codec.encode_connect("", protocol_level=4, username=TOKEN))
+    assert h.transport.producerState == "producing"  # no pause (two epoll_ctl calls) for an ordinary lookup
+    pings = codec.encode_pingreq()
+    h.feed(pings * (MAX_HELD_FRAMES - 1))
+    assert h.transport.producerState == "producing"
+    h.feed(pings * 3)  # the 16th held packet stops reading; what was already read is still held
+    assert h.transport.producerState == "paused"
+    assert h.transport.value() == b""
+    pending.callback(DEVICE)
+    assert h.transport.producerState == "producing"
+    packets = h.written_packets()
+    assert [type(p).__name__ for p in packets] == ["ConnAck"] + ["PingResp"] * (MAX_HELD_FRAMES + 2)
 
 
 def test_subscribing_to_the_rpc_topic_asks_the_actor_for_commands_and_other_topics_are_only_granted():

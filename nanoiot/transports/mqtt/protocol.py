@@ -41,6 +41,9 @@ _INBOUND = (
 
 WAIT_CONNECT, AUTHENTICATING, CONNECTED, CLOSED = range(4)
 
+#: Packets held while a CONNECT's token is looked up before the socket stops being read.
+MAX_HELD_FRAMES = 16
+
 #: QoS 2 publishes from one device awaiting their PUBREL, at most (the set is per connection and must stay bounded).
 MAX_QOS2_PENDING = 100
 
@@ -57,7 +60,11 @@ class MqttDeviceProtocol(Protocol):
         self.keep_alive = 0
         self.last_activity = 0.0
         self.timer: IDelayedCall | None = None
+        #: Packets that arrived while the CONNECT's token was being looked up (a client may pipeline SUBSCRIBE).
         self.held: list[codec.Frame] = []
+        #: Reading stops only once MAX_HELD_FRAMES are held: pausing every socket during the lookup cost two
+        #: epoll_ctl calls per connection for nothing.
+        self.reading_paused = False
         self.qos2_received: set[int] = set()
         #: The sub-devices this connection speaks for, once it acts as a gateway (``v1/gateway/*``).
         self.gateway: GatewayRouter | None = None
@@ -81,6 +88,10 @@ class MqttDeviceProtocol(Protocol):
                     return
                 if self.state == AUTHENTICATING:
                     self.held.append(frame)
+                    if len(self.held) == MAX_HELD_FRAMES:
+                        # A client that keeps sending before its CONNACK waits until it has one.
+                        self.transport.pauseProducing()
+                        self.reading_paused = True
                 else:
                     self._handle_frame(frame)
         except codec.PacketTooLarge as exc:
@@ -134,7 +145,6 @@ class MqttDeviceProtocol(Protocol):
             self._refuse_connect()
             return
         self.state = AUTHENTICATING
-        self.transport.pauseProducing()
         d = self.factory.authenticate(token)
         d.addCallbacks(self._authenticated, self._authentication_failed, callbackArgs=(connect,))
 
@@ -170,7 +180,9 @@ class MqttDeviceProtocol(Protocol):
             }
         self.transport.write(codec.encode_connack(False, 0, self.level, connack_props))
         self._arm_keepalive()
-        self.transport.resumeProducing()
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resumeProducing()
         held, self.held = self.held, []
         try:
             for frame in held:
