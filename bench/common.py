@@ -23,10 +23,14 @@ RESULTS = ROOT / "bench" / "results"
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_udp_port() -> int:
+    return free_port(socket.SOCK_DGRAM)
 
 
 def machine() -> dict[str, Any]:
@@ -85,6 +89,10 @@ class Server:
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="nanoiot-bench-")))
     http_port: int = field(default_factory=free_port)
     mqtt_port: int = field(default_factory=free_port)
+    #: Its own CoAP port too, so that two benchmark servers (or a test run) can share the machine.
+    coap_port: int = field(default_factory=free_udp_port)
+    #: twistd's own options (before ``nanoiot``), e.g. ``["--profile", "out", "--profiler", "cprofile"]``.
+    twistd_options: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = None
 
     @property
@@ -98,8 +106,9 @@ class Server:
 
     def start(self, timeout: float = 60) -> "Server":
         self.database = self.database or f"sqlite:///{self.workdir / 'bench.db'}"
-        args = [TWISTD, "-n", "--pidfile=", "nanoiot", "--host", "127.0.0.1", "--http-port", str(self.http_port),
-                "--mqtt-port", str(self.mqtt_port), "--database", self.database, "--demo",
+        args = [TWISTD, "-n", "--pidfile=", *self.twistd_options, "nanoiot", "--host", "127.0.0.1",
+                "--http-port", str(self.http_port), "--mqtt-port", str(self.mqtt_port),
+                "--coap-port", str(self.coap_port), "--database", self.database, "--demo",
                 "--jwt-key", "bench-key-" + "x" * 60, "--log-level", "warn", *self.extra]
         log = open(self.workdir / "server.log", "ab")
         self.process = subprocess.Popen(args, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)
