@@ -1,12 +1,26 @@
-"""Peers: the same MQTT publish/PUBACK load against NanoIoT, Mosquitto and amqtt, in one run, as ratios.
+"""Peers: the same MQTT loads against NanoIoT, Mosquitto and amqtt, in one run, as ratios.
 
-    python bench/peers.py                 # 3 rounds, each: NanoIoT, Mosquitto, amqtt (fresh process each)
-    python bench/peers.py --runs 1 --duration 5
+    python bench/peers.py                                   # 3 rounds of both phases, all three servers
+    python bench/peers.py --runs 1 --duration 5 --phases publish
+    python bench/peers.py --runs 3 --phases connect --connect-count 10000 --output bench/results/peers-connect.json
 
-Each round starts every server afresh on a free loopback port, points bench/loadgen.py at it (32 connections x 64
-QoS 1 PUBLISHes in flight to ``v1/devices/me/rpc/response/1``, 60-byte payload, 1 s warmup, 10 s window), stops
-the server by its PID (SIGTERM, SIGKILL after 30 s) and sleeps a few seconds. The figures are the median (min-max)
-over the rounds; the ratios NanoIoT/amqtt and NanoIoT/Mosquitto are of those medians.
+Two phases, each measured by bench/loadgen.py on a server started afresh for it (on a free loopback port), which
+is then stopped by its PID (SIGTERM, SIGKILL after 30 s) before a few seconds' pause. Before each measurement the
+script waits (at most 120 s) for the machine's 1-minute load average to fall under 1.0, and the generator waits
+for the server to idle. The figures are the median (min-max) over the rounds; the ratios NanoIoT/Mosquitto and
+NanoIoT/amqtt are of those medians (and, for throughput and conn/s, per round).
+
+- connect (``--connect-count``, 10,000; ``--connect-concurrency``, 100): the connect storm of bench/loadgen.py,
+  one generator process: N MQTT 3.1.1 connections, at most C handshakes in progress, each TCP connect -> CONNECT
+  (user name = token, keep-alive 300) -> CONNACK -> SUBSCRIBE ``v1/devices/me/rpc/request/+`` QoS 1 -> SUBACK, kept
+  open. conn/s = connected / (first attempt -> last SUBACK); connect latency p50/p99 (TCP connect -> SUBACK);
+  server CPU us per connection over the storm (/proc/PID/stat); the generator's own CPU us per connection; KB per
+  connection = server VmRSS growth (before -> 2 s after the last SUBACK) / connected. amqtt's cost per connection
+  grows with the number already connected (quadratic in total, see /work/shared/spec/peers.md), so it gets its
+  own, smaller N (``--amqtt-connect-count``, 1,000): its ratios are at unequal N, and the output says so.
+  1e6 / (server us per connection) is shown as the rate the server could reach with one core to itself.
+- publish (``--connections`` 32 x ``--window`` 64 QoS 1 PUBLISHes in flight to ``v1/devices/me/rpc/response/1``,
+  60-byte payload, 1 s warmup, 10 s window): PUBACK/s, publish->PUBACK p50/p99, server CPU us per PUBACK.
 
 - NanoIoT: ``twistd -n nanoiot`` (bench.common.Server, SQLite), with one provisioned device per connection: it
   authenticates the user name as an access token. A publish to ``.../rpc/response/1`` is an answer to a command it
@@ -16,9 +30,15 @@ over the rounds; the ratios NanoIoT/amqtt and NanoIoT/Mosquitto are of those med
   ``mosquitto`` (it drops root and could not write a root-owned log file).
 - amqtt (PyPI) in its own venv (``/tmp/amqtt-venv``, created on first use; never in the project's .venv), run by
   a small broker script with only anonymous authentication and WARNING logging, as in the peers study.
+  Mosquitto and amqtt are anonymous: they get user names ``anon-0``, ``anon-1``, ...
 
 The machine has 2 cores and the load generator shares it: against Mosquitto both processes are CPU-bound, so
-Mosquitto's PUBACK/s is a floor; server CPU us per PUBACK (from /proc/PID/stat) is the generator-independent figure.
+Mosquitto's PUBACK/s and conn/s are floors; server CPU us per PUBACK or per connection is the figure that does not
+depend on the generator. On loopback the kernel's receive work for a segment runs in the sender's system call, so
+part of each side's TCP cost is charged to the other; that is the same for the three servers.
+The results (machine, command, git commit, versions, settings, per-round figures, summary, ratios) go to
+bench/results/peers.json or ``--output``: the publish phase under ``summary``/``ratios``/``runs`` as before, the
+connect phase under ``connect``.
 """
 
 from __future__ import annotations
@@ -36,19 +56,23 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from bench.common import ROOT, Server, free_port, machine, provision_devices, write_result  # noqa: E402
+from bench.common import RESULTS, ROOT, Server, free_port, machine, provision_devices  # noqa: E402
 from bench.loadgen import wait_for_quiet  # noqa: E402
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 AMQTT_VENV = Path("/tmp/amqtt-venv")
 LOADGEN = ROOT / "bench" / "loadgen.py"
+#: One generator process holds at most ~20,000 descriptors here (hard RLIMIT_NOFILE).
+MAX_CONNECT_COUNT = 15_000
+PHASES = ("connect", "publish")
 
 AMQTT_BROKER = '''\
 """amqtt broker for bench/peers.py: anonymous access only, WARNING logging (no per-connection lines)."""
@@ -138,12 +162,19 @@ def ensure_amqtt(say: Callable[[str], None]) -> str:
     return out.stdout.strip()
 
 
-def run_loadgen(port: int, pid: int, label: str, tokens_file: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_loadgen(port: int, pid: int, label: str, tokens_file: Path, args: argparse.Namespace,
+                phase: str, count: int = 0) -> dict[str, Any]:
     command = [sys.executable, str(LOADGEN), "--port", str(port), "--pid", str(pid), "--label", label,
-               "--tokens-file", str(tokens_file), "--connections", str(args.connections),
-               "--window", str(args.window), "--warmup", str(args.warmup), "--duration", str(args.duration),
-               "--json"]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=args.warmup + args.duration + 120)
+               "--tokens-file", str(tokens_file), "--json"]
+    if phase == "connect":
+        command += ["--connect", str(count), "--concurrency", str(args.connect_concurrency),
+                    "--settle", str(args.settle)]
+        limit = 60 + 600 + args.settle + 120  # idle wait, the storm's cap, settle, closing
+    else:
+        command += ["--connections", str(args.connections), "--window", str(args.window),
+                    "--warmup", str(args.warmup), "--duration", str(args.duration)]
+        limit = args.warmup + args.duration + 120
+    out = subprocess.run(command, capture_output=True, text=True, timeout=limit)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if not lines:
         raise RuntimeError(f"load generator failed for {label}: {out.stderr[-2000:]}")
@@ -152,21 +183,30 @@ def run_loadgen(port: int, pid: int, label: str, tokens_file: Path, args: argpar
     return result
 
 
-def measure_nanoiot(args: argparse.Namespace, tokens_file: Path, work: Path) -> dict[str, Any]:
+def anonymous_tokens(work: Path, count: int) -> Path:
+    """User names for the anonymous brokers (they ignore them)."""
+    path = work / f"anon-{count}.txt"
+    if not path.exists():
+        path.write_text("".join(f"anon-{i}\n" for i in range(count)))
+    return path
+
+
+@contextmanager
+def nanoiot_server(work: Path, devices: int, stopped: dict[str, str]) -> Iterator[tuple[int, int, Path]]:
     server = Server(workdir=Path(tempfile.mkdtemp(prefix="nanoiot-peers-", dir=work))).start()
     try:
-        tokens = provision_devices(server.database, max(args.connections, 32), prefix="peer")
+        tokens = provision_devices(server.database, devices, prefix="peer")
+        tokens_file = server.workdir / "tokens.txt"
         tokens_file.write_text("\n".join(token for _, token in tokens) + "\n")
-        result = run_loadgen(server.mqtt_port, server.pid, "nanoiot", tokens_file, args)
+        yield server.mqtt_port, server.pid, tokens_file
     finally:
         assert server.process is not None
-        result_stop = stop(server.process)
+        stopped["stopped_by"] = stop(server.process)
         server.cleanup()
-    result["stopped_by"] = result_stop
-    return result
 
 
-def measure_mosquitto(args: argparse.Namespace, tokens_file: Path, work: Path) -> dict[str, Any]:
+@contextmanager
+def mosquitto_server(work: Path, devices: int, stopped: dict[str, str]) -> Iterator[tuple[int, int, Path]]:
     port = free_port()
     directory = Path(tempfile.mkdtemp(prefix="mosquitto-", dir=work))
     os.chmod(directory, 0o755)  # mosquitto drops root: it must reach its log directory
@@ -180,14 +220,13 @@ def measure_mosquitto(args: argparse.Namespace, tokens_file: Path, work: Path) -
                                stdout=subprocess.DEVNULL, stderr=open(directory / "stderr.log", "wb"))
     try:
         wait_listening(port, process)
-        result = run_loadgen(port, process.pid, "mosquitto", tokens_file, args)
+        yield port, process.pid, anonymous_tokens(work, devices)
     finally:
-        how = stop(process)
-    result["stopped_by"] = how
-    return result
+        stopped["stopped_by"] = stop(process)
 
 
-def measure_amqtt(args: argparse.Namespace, tokens_file: Path, work: Path) -> dict[str, Any]:
+@contextmanager
+def amqtt_server(work: Path, devices: int, stopped: dict[str, str]) -> Iterator[tuple[int, int, Path]]:
     port = free_port()
     directory = Path(tempfile.mkdtemp(prefix="amqtt-", dir=work))
     script = directory / "amqtt_broker.py"
@@ -197,14 +236,29 @@ def measure_amqtt(args: argparse.Namespace, tokens_file: Path, work: Path) -> di
                                stderr=open(directory / "stderr.log", "wb"))
     try:
         wait_listening(port, process)
-        result = run_loadgen(port, process.pid, "amqtt", tokens_file, args)
+        yield port, process.pid, anonymous_tokens(work, devices)
     finally:
-        how = stop(process)
-    result["stopped_by"] = how
+        stopped["stopped_by"] = stop(process)
+
+
+SERVERS = {"nanoiot": nanoiot_server, "mosquitto": mosquitto_server, "amqtt": amqtt_server}
+
+
+def connect_count(name: str, args: argparse.Namespace) -> int:
+    return args.amqtt_connect_count if name == "amqtt" else args.connect_count
+
+
+def measure(name: str, phase: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """A fresh server, one load generator run against it, the server stopped."""
+    count = connect_count(name, args) if phase == "connect" else 0
+    devices = count if phase == "connect" else max(args.connections, 32)
+    stopped: dict[str, str] = {}
+    with SERVERS[name](work, devices, stopped) as (port, pid, tokens_file):
+        result = run_loadgen(port, pid, name, tokens_file, args, phase, count)
+    result["stopped_by"] = stopped.get("stopped_by")
     return result
 
 
-MEASURES = {"nanoiot": measure_nanoiot, "mosquitto": measure_mosquitto, "amqtt": measure_amqtt}
 LABELS = {"nanoiot": "NanoIoT", "mosquitto": "Mosquitto", "amqtt": "amqtt"}
 
 
@@ -225,51 +279,30 @@ def fmt(summary: dict[str, float | None], digits: int = 1) -> str:
     return f"{format(summary['median'], spec)} ({format(summary['min'], spec)}–{format(summary['max'], spec)})"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=3, help="rounds; each starts every server afresh")
-    parser.add_argument("--servers", nargs="+", choices=tuple(MEASURES), default=list(MEASURES))
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--window", type=int, default=64)
-    parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--pause", type=float, default=5.0, help="seconds between two servers")
-    parser.add_argument("--max-load", type=float, default=1.0,
-                        help="wait for the 1-minute load average to fall below this before each measurement")
-    parser.add_argument("--load-wait", type=float, default=120.0, help="but wait at most this long (s)")
-    args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop the servers
-    console = Console(width=150)
-    versions = {"nanoiot": _nanoiot_version()}
-    if "mosquitto" in args.servers:
-        versions["mosquitto"] = ensure_mosquitto(console.print)
-    if "amqtt" in args.servers:
-        versions["amqtt"] = ensure_amqtt(console.print)
-    work = Path(tempfile.mkdtemp(prefix="bench-peers-"))
-    os.chmod(work, 0o755)
-    tokens_file = work / "tokens.txt"
-    runs: list[dict[str, Any]] = []
-    try:
-        for run in range(1, args.runs + 1):
-            for name in args.servers:
-                args._load = wait_for_quiet(args.max_load, args.load_wait, console.print)
-                console.print(f"round {run}/{args.runs}: {LABELS[name]} (1-min load {args._load:.2f}) ...", end=" ")
-                result = MEASURES[name](args, tokens_file, work)
-                result["run"] = run
-                result["server"] = name
-                runs.append(result)
-                console.print(f"{result['puback_per_s']:,.0f} PUBACK/s, p50 {result['p50_ms']} ms, "
-                              f"p99 {result['p99_ms']} ms, {result['server_cpu_us_per_puback']} µs/PUBACK")
-                time.sleep(args.pause)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+PUBLISH_KEYS = ("puback_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_puback", "client_cpu_us_per_puback",
+                "server_cpu_s", "client_cpu_s")
+CONNECT_KEYS = ("conn_per_s", "p50_ms", "p99_ms", "max_ms", "server_cpu_us_per_conn", "client_cpu_us_per_conn",
+                "kb_per_conn", "server_ceiling_conn_per_s", "connected", "failed", "storm_s", "server_cpu_s",
+                "server_cpu_settle_s", "client_cpu_s", "rss_before_kb", "rss_after_kb", "listen_overflows")
+TARGET_CONN_PER_S = 5000
 
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def _per_round(runs: list[dict[str, Any]], peer: str, key: str) -> list[float]:
+    return [round(a[key] / b[key], 3) for a in runs for b in runs
+            if a["server"] == "nanoiot" and b["server"] == peer and a["run"] == b["run"] and a[key] is not None
+            and b[key]]
+
+
+def publish_summary(runs: list[dict[str, Any]], servers: list[str], versions: dict[str, str],
+                    args: argparse.Namespace, console: Console) -> tuple[dict[str, Any], dict[str, Any]]:
     summary: dict[str, Any] = {}
-    for name in args.servers:
+    for name in servers:
         mine = [r for r in runs if r["server"] == name]
-        summary[name] = {key: summarize([r[key] for r in mine]) for key in (
-            "puback_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_puback", "client_cpu_us_per_puback",
-            "server_cpu_s", "client_cpu_s")}
+        summary[name] = {key: summarize([r[key] for r in mine]) for key in PUBLISH_KEYS}
         summary[name]["version"] = versions.get(name)
     ratios: dict[str, Any] = {}
     if "nanoiot" in summary:
@@ -278,14 +311,11 @@ def main() -> None:
             if peer not in summary:
                 continue
             theirs = summary[peer]
-            per_round = [a["puback_per_s"] / b["puback_per_s"] for a in runs for b in runs
-                         if a["server"] == "nanoiot" and b["server"] == peer and a["run"] == b["run"]
-                         and b["puback_per_s"]]
             ratios[f"nanoiot_over_{peer}"] = {
-                "throughput": round(ours["puback_per_s"]["median"] / theirs["puback_per_s"]["median"], 3),
-                "throughput_per_round": [round(x, 3) for x in per_round],
-                "cpu_per_puback": round(ours["server_cpu_us_per_puback"]["median"]
-                                        / theirs["server_cpu_us_per_puback"]["median"], 3),
+                "throughput": _ratio(ours["puback_per_s"]["median"], theirs["puback_per_s"]["median"]),
+                "throughput_per_round": _per_round(runs, peer, "puback_per_s"),
+                "cpu_per_puback": _ratio(ours["server_cpu_us_per_puback"]["median"],
+                                         theirs["server_cpu_us_per_puback"]["median"]),
             }
 
     table = Table(title=f"MQTT publish/PUBACK, {args.connections} connections x {args.window} in flight, "
@@ -293,25 +323,176 @@ def main() -> None:
     for column in ("server", "version", "PUBACK/s", "p50 ms", "p99 ms", "server µs/PUBACK", "server CPU s",
                    "loadgen CPU s"):
         table.add_column(column, justify="left" if column in ("server", "version") else "right")
-    for name in args.servers:
+    for name in servers:
         s = summary[name]
         table.add_row(LABELS[name], str(s["version"]), fmt(s["puback_per_s"], 0), fmt(s["p50_ms"]),
                       fmt(s["p99_ms"]), fmt(s["server_cpu_us_per_puback"]), fmt(s["server_cpu_s"], 2),
                       fmt(s["client_cpu_s"], 2))
     console.print(table)
     for key, ratio in ratios.items():
+        if ratio["throughput"] is None or ratio["cpu_per_puback"] is None:
+            continue
         console.print(f"{key.replace('_', ' ')}: throughput x{ratio['throughput']:.2f} "
                       f"(per round {', '.join(f'{x:.2f}' for x in ratio['throughput_per_round'])}); "
                       f"server CPU per PUBACK x{ratio['cpu_per_puback']:.2f}")
-    if "nanoiot_over_amqtt" in ratios:
+    if ratios.get("nanoiot_over_amqtt", {}).get("throughput") is not None:
         ok = ratios["nanoiot_over_amqtt"]["throughput"] >= 3.0
         console.print(f"target NanoIoT >= 3x amqtt: {'met' if ok else 'MISSED'}")
-    path = write_result("peers", {"machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                                  "git": _git_state(), "versions": versions, "settings": {
-                                      "connections": args.connections, "window": args.window,
-                                      "warmup_s": args.warmup, "duration_s": args.duration, "runs": args.runs},
-                                  "summary": summary, "ratios": ratios, "runs": runs})
-    console.print(f"results written to {path}")
+    return summary, ratios
+
+
+def connect_summary(runs: list[dict[str, Any]], servers: list[str], versions: dict[str, str],
+                    args: argparse.Namespace, console: Console) -> tuple[dict[str, Any], dict[str, Any]]:
+    for r in runs:
+        r["listen_overflows"] = r.get("tcp", {}).get("ListenOverflows")
+        us = r.get("server_cpu_us_per_conn")
+        r["server_ceiling_conn_per_s"] = round(1e6 / us, 1) if us else None
+    summary: dict[str, Any] = {}
+    for name in servers:
+        mine = [r for r in runs if r["server"] == name]
+        summary[name] = {key: summarize([r.get(key) for r in mine]) for key in CONNECT_KEYS}
+        summary[name]["version"] = versions.get(name)
+        summary[name]["count"] = connect_count(name, args)
+    ratios: dict[str, Any] = {}
+    if "nanoiot" in summary:
+        ours = summary["nanoiot"]
+        for peer in ("mosquitto", "amqtt"):
+            if peer not in summary:
+                continue
+            theirs = summary[peer]
+            ratios[f"nanoiot_over_{peer}"] = {
+                "conn_per_s": _ratio(ours["conn_per_s"]["median"], theirs["conn_per_s"]["median"]),
+                "conn_per_s_per_round": _per_round(runs, peer, "conn_per_s"),
+                "server_cpu_per_conn": _ratio(ours["server_cpu_us_per_conn"]["median"],
+                                              theirs["server_cpu_us_per_conn"]["median"]),
+                "server_cpu_per_conn_per_round": _per_round(runs, peer, "server_cpu_us_per_conn"),
+                "kb_per_conn": _ratio(ours["kb_per_conn"]["median"], theirs["kb_per_conn"]["median"]),
+                "nanoiot_count": ours["count"], "peer_count": theirs["count"],
+                "same_count": ours["count"] == theirs["count"],
+            }
+
+    counts = sorted({connect_count(name, args) for name in servers})
+    table = Table(title=f"MQTT connect storm (CONNECT+SUBSCRIBE, kept open), {args.connect_concurrency} handshakes "
+                        f"in progress at most; median (min–max) of {args.runs} rounds")
+    for column in ("server", "version", "N", "connected (min)", "conn/s", "p50 ms", "p99 ms", "server µs/conn",
+                   "generator µs/conn", "KB/conn", "1e6/server µs", "overflows"):
+        table.add_column(column, justify="left" if column in ("server", "version") else "right")
+    for name in servers:
+        s = summary[name]
+        connected = s["connected"]["min"]
+        table.add_row(LABELS[name], str(s["version"]), f"{s['count']:,}",
+                      f"{connected:,.0f}" if connected is not None else "-", fmt(s["conn_per_s"], 0),
+                      fmt(s["p50_ms"]), fmt(s["p99_ms"]), fmt(s["server_cpu_us_per_conn"], 0),
+                      fmt(s["client_cpu_us_per_conn"], 0), fmt(s["kb_per_conn"], 2),
+                      fmt(s["server_ceiling_conn_per_s"], 0), fmt(s["listen_overflows"], 0))
+    console.print(table)
+    if len(counts) > 1:
+        console.print(f"note: amqtt connected N = {args.amqtt_connect_count:,}, the others N = "
+                      f"{args.connect_count:,} (amqtt's cost per connection grows with N): ratios to amqtt are at "
+                      f"unequal N and flatter amqtt")
+    for key, ratio in ratios.items():
+        if ratio["conn_per_s"] is None:
+            continue
+        unequal = "" if ratio["same_count"] else f" [N {ratio['nanoiot_count']:,} vs {ratio['peer_count']:,}]"
+        cpu = f"x{ratio['server_cpu_per_conn']:.2f}" if ratio["server_cpu_per_conn"] is not None else "-"
+        kb = f"x{ratio['kb_per_conn']:.2f}" if ratio["kb_per_conn"] is not None else "-"
+        console.print(f"{key.replace('_', ' ')}{unequal}: conn/s x{ratio['conn_per_s']:.2f} "
+                      f"(per round {', '.join(f'{x:.2f}' for x in ratio['conn_per_s_per_round'])}); "
+                      f"server CPU per connection {cpu}; KB per connection {kb}")
+    if "nanoiot" in summary and summary["nanoiot"]["conn_per_s"]["median"] is not None:
+        rate = summary["nanoiot"]["conn_per_s"]["median"]
+        console.print(f"target NanoIoT >= {TARGET_CONN_PER_S:,} connections/s (generator included): "
+                      f"{'met' if rate >= TARGET_CONN_PER_S else 'MISSED'} ({rate:,.0f}/s)")
+    return summary, ratios
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3, help="rounds; each starts every server afresh per phase")
+    parser.add_argument("--servers", nargs="+", choices=tuple(SERVERS), default=list(SERVERS))
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES),
+                        help="which loads, in this order within each round")
+    parser.add_argument("--connect-count", type=int, default=10_000, help="connect phase: N for NanoIoT, Mosquitto")
+    parser.add_argument("--amqtt-connect-count", type=int, default=1_000,
+                        help="connect phase: N for amqtt (its cost per connection grows with N)")
+    parser.add_argument("--connect-concurrency", type=int, default=100,
+                        help="connect phase: handshakes in progress at most")
+    parser.add_argument("--settle", type=float, default=2.0,
+                        help="connect phase: seconds after the last SUBACK before the server's RSS is read")
+    parser.add_argument("--connections", type=int, default=32, help="publish phase: connections")
+    parser.add_argument("--window", type=int, default=64, help="publish phase: QoS 1 PUBLISHes in flight each")
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--pause", type=float, default=5.0, help="seconds between two servers")
+    parser.add_argument("--max-load", type=float, default=1.0,
+                        help="wait for the 1-minute load average to fall below this before each measurement")
+    parser.add_argument("--load-wait", type=float, default=120.0, help="but wait at most this long (s)")
+    parser.add_argument("--output", type=Path, default=RESULTS / "peers.json", help="where the JSON goes")
+    args = parser.parse_args()
+    phases = list(dict.fromkeys(args.phases))
+    if "connect" in phases:
+        for option, value in (("--connect-count", args.connect_count),
+                              ("--amqtt-connect-count", args.amqtt_connect_count)):
+            if not 1 <= value <= MAX_CONNECT_COUNT:
+                parser.error(f"{option} must be 1..{MAX_CONNECT_COUNT:,}: one generator process, hard "
+                             f"RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)[1]:,}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop the servers
+    console = Console(width=170)
+    versions = {"nanoiot": _nanoiot_version()}
+    if "mosquitto" in args.servers:
+        versions["mosquitto"] = ensure_mosquitto(console.print)
+    if "amqtt" in args.servers:
+        versions["amqtt"] = ensure_amqtt(console.print)
+    work = Path(tempfile.mkdtemp(prefix="bench-peers-"))
+    os.chmod(work, 0o755)
+    runs: dict[str, list[dict[str, Any]]] = {phase: [] for phase in phases}
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    try:
+        for run in range(1, args.runs + 1):
+            for phase in phases:
+                for name in args.servers:
+                    args._load = wait_for_quiet(args.max_load, args.load_wait, console.print)
+                    what = f"{connect_count(name, args):,} connections" if phase == "connect" else "publish"
+                    console.print(f"round {run}/{args.runs}, {what}: {LABELS[name]} (1-min load {args._load:.2f}) "
+                                  f"...", end=" ")
+                    result = measure(name, phase, args, work)
+                    result["run"] = run
+                    result["server"] = name
+                    runs[phase].append(result)
+                    if phase == "connect":
+                        console.print(f"{result['connected']:,} connected, {result['failed']:,} failed, "
+                                      f"{result['conn_per_s']:,.0f} conn/s, p50 {result['p50_ms']} ms, "
+                                      f"p99 {result['p99_ms']} ms, {result['server_cpu_us_per_conn']} µs/conn "
+                                      f"(generator {result['client_cpu_us_per_conn']}), "
+                                      f"{result['kb_per_conn']} KB/conn")
+                    else:
+                        console.print(f"{result['puback_per_s']:,.0f} PUBACK/s, p50 {result['p50_ms']} ms, "
+                                      f"p99 {result['p99_ms']} ms, {result['server_cpu_us_per_puback']} µs/PUBACK")
+                    time.sleep(args.pause)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    finished = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+
+    output: dict[str, Any] = {
+        "machine": machine(), "started": started, "finished": finished,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "git": _git_state(), "versions": versions,
+        "phases": phases,
+    }
+    if "publish" in phases:
+        summary, ratios = publish_summary(runs["publish"], args.servers, versions, args, console)
+        output.update({"settings": {"connections": args.connections, "window": args.window,
+                                    "warmup_s": args.warmup, "duration_s": args.duration, "runs": args.runs},
+                       "summary": summary, "ratios": ratios, "runs": runs["publish"]})
+    if "connect" in phases:
+        summary, ratios = connect_summary(runs["connect"], args.servers, versions, args, console)
+        output["connect"] = {
+            "settings": {"count": args.connect_count, "amqtt_count": args.amqtt_connect_count,
+                         "concurrency": args.connect_concurrency, "settle_s": args.settle, "runs": args.runs,
+                         "target_conn_per_s": TARGET_CONN_PER_S},
+            "summary": summary, "ratios": ratios, "runs": runs["connect"]}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(output, indent=2) + "\n")
+    console.print(f"results written to {args.output}")
 
 
 def _nanoiot_version() -> str:
