@@ -437,7 +437,7 @@ def main() -> None:
                 parser.error(f"{option} must be 1..{MAX_CONNECT_COUNT:,}: one generator process, hard "
                              f"RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)[1]:,}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop the servers
-    console = Console(width=170)
+    console = Console(width=210)
     versions = {"nanoiot": _nanoiot_version()}
     if "mosquitto" in args.servers:
         versions["mosquitto"] = ensure_mosquitto(console.print)
