@@ -128,6 +128,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("mqtt-max-packet-size", 256 * 1024, _positive, "largest MQTT packet accepted, bytes"),
     Option("mqtt-connect-timeout", 10, _positive, "seconds a new MQTT connection has to send CONNECT"),
     Option("device-idle-timeout", 60, _positive, "seconds before an idle device actor is passivated"),
+    Option("gc-freeze", True, _bool, "move long-lived objects out of Python's full GC as the fleet grows"),
     Option("log-level", "info", _log_level, "debug, info, warn, error"),
     Option("log-format", "text", _log_format, "text or json"),
 )
@@ -168,6 +169,7 @@ class Config:
     mqtt_max_packet_size: int = 256 * 1024
     mqtt_connect_timeout: int = 10
     device_idle_timeout: int = 60
+    gc_freeze: bool = True
     log_level: str = "info"
     log_format: str = "text"
     extra: Mapping[str, Any] = field(default_factory=dict)

@@ -18,6 +18,7 @@ from nanoiot import __version__
 from nanoiot.actors import messages as m
 from nanoiot.actors.device import ActorSettings, command_record
 from nanoiot.actors.directory import DeviceDirectory
+from nanoiot.collector import CollectorPolicy
 from nanoiot.config import Config
 from nanoiot.demo import DemoData, banner, seed_demo
 from nanoiot.errors import BadRequest, NotFound, PermissionDenied
@@ -128,6 +129,7 @@ class NanoService(MultiService):
         self.http_port: IListeningPort | None = None
         self.mqtt_port: IListeningPort | None = None
         self.coap_port: IListeningPort | None = None
+        self.collector: CollectorPolicy | None = None
         self.demo: DemoData | None = None
         self.failed = False
         #: Set by the twistd plugin: a server that cannot start must not linger half-started.
@@ -216,6 +218,9 @@ class NanoService(MultiService):
         self.http_port = self._listen(self.config.http_port, self.site)
         self.mqtt_port = self._listen(self.config.mqtt_port, self.mqtt_factory)
         self.coap_port = self.reactor.listenUDP(self.config.coap_port, self.coap_server, interface=self.config.host)
+        if self.config.gc_freeze:
+            self.collector = CollectorPolicy(self.reactor, lambda: len(self.directory))
+            self.collector.start()
         log.info("{banner}", banner=banner(
             self.config.host, self.http_port.getHost().port, self.mqtt_port.getHost().port,
             self.coap_port.getHost().port,
@@ -258,6 +263,9 @@ class NanoService(MultiService):
             self.reactor.stop()
 
     def stopService(self) -> Deferred:
+        if self.collector is not None:
+            self.collector.stop()
+            self.collector = None
         ports = [p for p in (self.http_port, self.mqtt_port, self.coap_port) if p is not None]
         self.http_port = self.mqtt_port = self.coap_port = None
         d = DeferredList([maybeDeferred(p.stopListening) for p in ports])
