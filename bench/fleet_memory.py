@@ -1,0 +1,219 @@
+"""Fleet memory: N MQTT devices held by one NanoIoT process, past this machine's descriptor limit.
+
+    python bench/fleet_memory.py --devices 10000 100000
+
+Why it exists: the issue asks for 100,000 connected MQTT devices in one process at <= 20 KB RSS each, and this
+sandbox caps a process at 20,000 descriptors (hard ``RLIMIT_NOFILE``, ``CAP_SYS_RESOURCE`` dropped), so
+``bench/connections.py`` stops at ~19,990 real sockets. Here the server is the real one — ``NanoService`` with its
+SQLite catalog, MQTT factory and protocol, sessions, device actors, timers, collector policy — started in this
+process on the reactor, and every device goes through the real CONNECT (token looked up in the database, batched
+per reactor turn) and SUBSCRIBE path, byte for byte. Only the socket is replaced by an in-memory transport that
+counts what is written (every CONNACK and SUBACK is checked).
+
+What a real socket adds on top is measured by running the same N both ways where sockets fit: this script at
+10,000 and ``bench/connections.py`` at 10,000 (the difference is the socket transport's own Python objects; the
+kernel's socket buffers are not in RSS either way, as for Mosquitto and amqtt in the peers study).
+
+Reported per N: RSS per device (VmRSS after - before, /proc/self/status), GC-tracked objects per device, the time
+of one full ``gc.collect()`` with the fleet frozen by the collector policy and with it unfrozen (what every full
+collection would cost without ``--gc-freeze``), and the setup rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
+from twisted.internet import defer, reactor, task  # noqa: E402
+from twisted.internet.address import IPv4Address  # noqa: E402
+
+from bench.common import machine, provision_devices, write_result  # noqa: E402
+from nanoiot.config import Config  # noqa: E402
+from nanoiot.service import NanoService  # noqa: E402
+from nanoiot.transports.mqtt import codec  # noqa: E402
+
+SUBSCRIBE = codec.encode_subscribe(1, [("v1/devices/me/rpc/request/+", 1)], 4)
+
+
+class MemoryTransport:
+    """What MqttDeviceProtocol uses of a socket transport; keeps the byte count, drops the bytes."""
+
+    __slots__ = ("written", "peer", "producer", "closed")
+
+    def __init__(self, port: int) -> None:
+        self.written = 0
+        self.peer = IPv4Address("TCP", "127.0.0.2", port)
+        self.producer: Any = None
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        for chunk in data:
+            self.write(chunk)
+
+    def loseConnection(self) -> None:
+        self.closed = True
+
+    abortConnection = loseConnection
+
+    def getPeer(self) -> IPv4Address:
+        return self.peer
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 1883)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+
+def rss_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def next_turns(n: int = 1) -> defer.Deferred:
+    return task.deferLater(reactor, 0, lambda: None) if n <= 1 else \
+        task.deferLater(reactor, 0, lambda: None).addCallback(lambda _: next_turns(n - 1))
+
+
+def timed_collect() -> float:
+    started = time.perf_counter()
+    gc.collect()
+    return round((time.perf_counter() - started) * 1000, 1)
+
+
+async def measure(count: int, console: Console, batch: int) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="fleet-memory-"))
+    database = f"sqlite:///{work / 'fleet.db'}"
+    config = Config(host="127.0.0.1", http_port=0, mqtt_port=0, coap_port=0, database=database, demo=True,
+                    jwt_key="bench-key-" + "x" * 60, log_level="warn")
+    service = NanoService(config, reactor)
+    service.startService()
+    await service.ready
+    try:
+        tokens = [token for _, token in provision_devices(database, count)]
+        factory = service.mqtt_factory
+        connect_packets = [codec.encode_connect(f"c{i}", protocol_level=4, username=token, keep_alive=300)
+                           for i, token in enumerate(tokens)]
+        del tokens
+        gc.collect()
+        await next_turns(3)
+        before = rss_kb()
+        objects_before = len(gc.get_objects()) + gc.get_freeze_count()
+        transports: list[MemoryTransport] = []
+        started = time.perf_counter()
+        with Progress(TextColumn(f"{count:,} devices"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,}"),
+                      TimeElapsedColumn(), console=console) as progress:
+            bar = progress.add_task("connect", total=count)
+            for first in range(0, count, batch):
+                chunk = []
+                for i in range(first, min(count, first + batch)):
+                    protocol = factory.buildProtocol(None)
+                    transport = MemoryTransport(10000 + i % 50000)
+                    protocol.makeConnection(transport)
+                    protocol.dataReceived(connect_packets[i])
+                    chunk.append((protocol, transport))
+                # The token lookups of this batch are answered together on the next reactor turns.
+                while any(t.written == 0 for _, t in chunk):
+                    await next_turns()
+                for protocol, _ in chunk:
+                    protocol.dataReceived(SUBSCRIBE)
+                transports.extend(t for _, t in chunk)
+                connect_packets[first:first + batch] = [b""] * len(chunk)
+                await next_turns(2)  # the actors take their AttachSession / SubscribeCommands
+                progress.advance(bar, len(chunk))
+        elapsed = time.perf_counter() - started
+        refused = sum(1 for t in transports if t.closed)
+        # CONNACK (4 bytes) + SUBACK (5 bytes) for each, nothing else.
+        answered = sum(1 for t in transports if t.written == 9)
+        del connect_packets
+        await task.deferLater(reactor, 2.0, lambda: None)  # the collector policy checks every second
+        await next_turns(3)
+        after = rss_kb()
+        tracked = len(gc.get_objects()) + gc.get_freeze_count() - objects_before
+        frozen_collect_ms = timed_collect()
+        frozen = gc.get_freeze_count()
+        gc.unfreeze()
+        unfrozen_collect_ms = timed_collect()
+        gc.freeze()
+        result = {
+            "devices": count, "connected": len(service.mqtt_factory.connected), "refused": refused,
+            "answered_connack_suback": answered, "actors": len(service.directory),
+            "setup_seconds": round(elapsed, 2), "setup_rate": round(count / elapsed, 1),
+            "rss_before_mb": round(before / 1024, 1), "rss_after_mb": round(after / 1024, 1),
+            "kb_per_device": round((after - before) / count, 2),
+            "gc_objects_per_device": round(tracked / count, 1),
+            "full_gc_ms_frozen": frozen_collect_ms, "full_gc_ms_unfrozen": unfrozen_collect_ms,
+            "frozen_objects": frozen, "collector_freezes": service.collector.freezes if service.collector else 0,
+        }
+        for protocol in list(service.mqtt_factory.connected.values()):
+            protocol.connectionLost(None)
+        return result
+    finally:
+        await service.stopService()
+
+
+async def main_async(args: argparse.Namespace, console: Console) -> None:
+    results = []
+    for count in args.devices:
+        results.append(await measure(count, console, args.batch))
+        console.print(json.dumps(results[-1]))
+    table = Table(title="NanoIoT: MQTT devices held in one process (in-memory transports, real server otherwise)")
+    columns = ("devices", "connected", "answered_connack_suback", "actors", "kb_per_device",
+               "gc_objects_per_device", "full_gc_ms_frozen", "full_gc_ms_unfrozen", "setup_rate")
+    for column in columns:
+        table.add_column(column)
+    for r in results:
+        table.add_row(*(f"{r[c]:,}" if isinstance(r[c], int) else str(r[c]) for c in columns))
+    console.print(table)
+    path = write_result(args.output, {"machine": machine(), "command": " ".join(sys.argv), "results": results})
+    console.print(f"results written to {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--batch", type=int, default=1000, help="devices connected per step")
+    parser.add_argument("--output", default="fleet_memory", help="name of the JSON in bench/results")
+    args = parser.parse_args()
+    console = Console(width=140)
+    failure: list[Any] = []
+
+    def run() -> None:
+        d = defer.ensureDeferred(main_async(args, console))
+        d.addErrback(failure.append)
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(run)
+    reactor.run()
+    if failure:
+        failure[0].printTraceback()
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
