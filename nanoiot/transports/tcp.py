@@ -19,8 +19,12 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime
 from twisted.internet.posixbase import PosixReactorBase
+from twisted.logger import Logger
+
+log = Logger(namespace="nanoiot.tcp")
 
 
 class TurnFlusher:
@@ -43,8 +47,14 @@ class TurnFlusher:
         self.scheduled = False
         pending, self.pending = self.pending, []
         for connection in pending:
-            if connection.flush_now():
-                self.fallbacks += 1
+            try:
+                if connection.flush_now():
+                    self.fallbacks += 1
+            except Exception:
+                # What the reactor does when a doWrite raises: that connection goes, the others are still sent.
+                log.failure("flushing {connection} failed", connection=connection)
+                connection._flush_queued = False
+                connection.reactor._disconnectSelectable(connection, ConnectionLost(), False)
 
 
 def flusher_for(reactor: Any) -> TurnFlusher:

@@ -27,7 +27,7 @@ class Recorder(protocol.Protocol):
         self.lost: defer.Deferred = defer.Deferred()
 
     def connectionMade(self) -> None:
-        self.factory.connected.callback(self)
+        self.factory.connected.put(self)
 
     def connectionLost(self, reason: Any = None) -> None:
         self.lost.callback(reason.value)  # the exception itself: a Failure would errback the Deferred
@@ -35,7 +35,7 @@ class Recorder(protocol.Protocol):
 
 class RecorderFactory(protocol.Factory):
     def __init__(self) -> None:
-        self.connected: defer.Deferred = defer.Deferred()
+        self.connected: defer.DeferredQueue = defer.DeferredQueue()
 
     def buildProtocol(self, addr: Any) -> Recorder:
         return Recorder(self)
@@ -59,11 +59,12 @@ class Collector(protocol.Protocol):
         self.closed.callback(reason.value)
 
 
-async def connected_pair(expected: int = 0) -> tuple[Any, Recorder, Collector]:
-    factory = RecorderFactory()
-    port = listen_tcp(reactor, 0, factory, 50, "127.0.0.1")
+async def connected_pair(expected: int = 0, port: Any = None) -> tuple[Any, Recorder, Collector]:
+    """A CoalescingPort (a new one, or ``port`` again) and one connection to it: (port, server side, client)."""
+    if port is None:
+        port = listen_tcp(reactor, 0, RecorderFactory(), 50, "127.0.0.1")
     client = await ClientCreator(reactor, Collector, expected).connectTCP("127.0.0.1", port.getHost().port)
-    server = await factory.connected
+    server = await port.factory.connected.get()
     return port, server, client
 
 
@@ -229,4 +230,24 @@ async def test_host_and_peer_addresses_are_built_once() -> None:
     finally:
         server.transport.loseConnection()
         await server.lost
+        await port.stopListening()
+
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_whose_flush_fails_is_dropped_and_the_others_are_still_sent() -> None:
+    port, broken, _ = await connected_pair()
+    _, healthy, client = await connected_pair(expected=2, port=port)
+    try:
+        def explode() -> None:
+            raise RuntimeError("a bug in a write path")
+
+        broken.transport.doWrite = explode  # type: ignore[method-assign]
+        broken.transport.write(b"lost")  # queued first: its failure must not stop the flush of the next
+        healthy.transport.write(b"ok")
+        assert await client.got.addTimeout(5, reactor) == b"ok"
+        assert isinstance(await broken.lost.addTimeout(5, reactor), ConnectionLost)
+    finally:
+        healthy.transport.loseConnection()
+        await healthy.lost
         await port.stopListening()
