@@ -14,9 +14,10 @@ What a real socket adds on top is measured by running the same N both ways where
 10,000 and ``bench/connections.py`` at 10,000 (the difference is the socket transport's own Python objects; the
 kernel's socket buffers are not in RSS either way, as for Mosquitto and amqtt in the peers study).
 
-Reported per N: RSS per device (VmRSS after - before, /proc/self/status), GC-tracked objects per device, the time
-of one full ``gc.collect()`` with the fleet frozen by the collector policy and with it unfrozen (what every full
-collection would cost without ``--gc-freeze``), and the setup rate.
+Reported per N and per ``--gc-freeze`` setting of the server (on, the default, and off): RSS per device (VmRSS
+after - before, /proc/self/status), GC-tracked objects per device, the full (generation 2) collections that ran
+while the fleet connected and the longest of them (the reactor stands still meanwhile), the time of one full
+``gc.collect()`` afterwards, and the setup rate (no sockets: an upper bound of the connect path's Python cost).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -106,11 +108,31 @@ def timed_collect() -> float:
     return round((time.perf_counter() - started) * 1000, 1)
 
 
-async def measure(count: int, console: Console, batch: int) -> dict[str, Any]:
+class FullCollections:
+    """The gen-2 collections (count, longest ms) that happen while the fleet connects: the reactor's pauses."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.longest_ms = 0.0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.count += 1
+            self.longest_ms = max(self.longest_ms, (time.perf_counter() - self._started) * 1000)
+
+
+async def measure(count: int, console: Console, batch: int, freeze: bool) -> dict[str, Any]:
+    gc.unfreeze()  # a previous measurement's freeze must not help this one
+    gc.collect()
     work = Path(tempfile.mkdtemp(prefix="fleet-memory-"))
     database = f"sqlite:///{work / 'fleet.db'}"
     config = Config(host="127.0.0.1", http_port=0, mqtt_port=0, coap_port=0, database=database, demo=True,
-                    jwt_key="bench-key-" + "x" * 60, log_level="warn")
+                    jwt_key="bench-key-" + "x" * 60, log_level="warn", gc_freeze=freeze)
     service = NanoService(config, reactor)
     service.startService()
     await service.ready
@@ -125,6 +147,8 @@ async def measure(count: int, console: Console, batch: int) -> dict[str, Any]:
         before = rss_kb()
         objects_before = len(gc.get_objects()) + gc.get_freeze_count()
         transports: list[MemoryTransport] = []
+        full = FullCollections()
+        gc.callbacks.append(full)
         started = time.perf_counter()
         with Progress(TextColumn(f"{count:,} devices"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,}"),
                       TimeElapsedColumn(), console=console) as progress:
@@ -147,6 +171,7 @@ async def measure(count: int, console: Console, batch: int) -> dict[str, Any]:
                 await next_turns(2)  # the actors take their AttachSession / SubscribeCommands
                 progress.advance(bar, len(chunk))
         elapsed = time.perf_counter() - started
+        gc.callbacks.remove(full)
         refused = sum(1 for t in transports if t.closed)
         # CONNACK (4 bytes) + SUBACK (5 bytes) for each, nothing else.
         answered = sum(1 for t in transports if t.written == 9)
@@ -155,19 +180,21 @@ async def measure(count: int, console: Console, batch: int) -> dict[str, Any]:
         await next_turns(3)
         after = rss_kb()
         tracked = len(gc.get_objects()) + gc.get_freeze_count() - objects_before
-        frozen_collect_ms = timed_collect()
+        collect_ms = timed_collect()
         frozen = gc.get_freeze_count()
         gc.unfreeze()
         unfrozen_collect_ms = timed_collect()
-        gc.freeze()
+        if freeze:
+            gc.freeze()
         result = {
-            "devices": count, "connected": len(service.mqtt_factory.connected), "refused": refused,
+            "devices": count, "gc_freeze": freeze, "connected": len(service.mqtt_factory.connected), "refused": refused,
             "answered_connack_suback": answered, "actors": len(service.directory),
             "setup_seconds": round(elapsed, 2), "setup_rate": round(count / elapsed, 1),
             "rss_before_mb": round(before / 1024, 1), "rss_after_mb": round(after / 1024, 1),
             "kb_per_device": round((after - before) / count, 2),
             "gc_objects_per_device": round(tracked / count, 1),
-            "full_gc_ms_frozen": frozen_collect_ms, "full_gc_ms_unfrozen": unfrozen_collect_ms,
+            "full_gcs_during_setup": full.count, "longest_full_gc_ms_during_setup": round(full.longest_ms, 1),
+            "full_gc_ms_after": collect_ms, "full_gc_ms_all_unfrozen": unfrozen_collect_ms,
             "frozen_objects": frozen, "collector_freezes": service.collector.freezes if service.collector else 0,
         }
         for protocol in list(service.mqtt_factory.connected.values()):
@@ -177,18 +204,35 @@ async def measure(count: int, console: Console, batch: int) -> dict[str, Any]:
         await service.stopService()
 
 
-async def main_async(args: argparse.Namespace, console: Console) -> None:
+def measure_in_child(count: int, freeze: bool, batch: int) -> dict[str, Any]:
+    """Each measurement in a fresh process: RSS never shrinks, so a second fleet in one process would reuse the
+    first one's memory and look cheap."""
+    args = [sys.executable, __file__, "--child", "--devices", str(count), "--gc-freeze", "on" if freeze else "off",
+            "--batch", str(batch)]
+    out = subprocess.run(args, stdout=subprocess.PIPE, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+async def child_main(args: argparse.Namespace) -> None:
+    result = await measure(args.devices[0], Console(stderr=True, width=140), args.batch, args.gc_freeze[0] == "on")
+    print(json.dumps(result), flush=True)
+
+
+def report(args: argparse.Namespace, console: Console) -> None:
     results = []
     for count in args.devices:
-        results.append(await measure(count, console, args.batch))
-        console.print(json.dumps(results[-1]))
+        for freeze in args.gc_freeze:
+            results.append(measure_in_child(count, freeze == "on", args.batch))
+            console.print(json.dumps(results[-1]))
     table = Table(title="NanoIoT: MQTT devices held in one process (in-memory transports, real server otherwise)")
-    columns = ("devices", "connected", "answered_connack_suback", "actors", "kb_per_device",
-               "gc_objects_per_device", "full_gc_ms_frozen", "full_gc_ms_unfrozen", "setup_rate")
+    columns = ("devices", "gc_freeze", "connected", "answered_connack_suback", "kb_per_device",
+               "gc_objects_per_device", "full_gcs_during_setup", "longest_full_gc_ms_during_setup",
+               "full_gc_ms_after", "setup_rate")
     for column in columns:
         table.add_column(column)
     for r in results:
-        table.add_row(*(f"{r[c]:,}" if isinstance(r[c], int) else str(r[c]) for c in columns))
+        table.add_row(*(("on" if r[c] else "off") if isinstance(r[c], bool) else f"{r[c]:,}" if isinstance(r[c], int)
+                        else str(r[c]) for c in columns))
     console.print(table)
     path = write_result(args.output, {"machine": machine(), "command": " ".join(sys.argv), "results": results})
     console.print(f"results written to {path}")
@@ -198,13 +242,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--batch", type=int, default=1000, help="devices connected per step")
+    parser.add_argument("--gc-freeze", nargs="+", choices=("on", "off"), default=["on", "off"],
+                        help="the server's --gc-freeze setting(s) to measure each N with")
     parser.add_argument("--output", default="fleet_memory", help="name of the JSON in bench/results")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    console = Console(width=140)
+    if not args.child:
+        report(args, Console(width=140))
+        return
     failure: list[Any] = []
 
     def run() -> None:
-        d = defer.ensureDeferred(main_async(args, console))
+        d = defer.ensureDeferred(child_main(args))
         d.addErrback(failure.append)
         d.addBoth(lambda _: reactor.stop())
 
