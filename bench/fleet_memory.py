@@ -51,15 +51,18 @@ SUBSCRIBE = codec.encode_subscribe(1, [("v1/devices/me/rpc/request/+", 1)], 4)
 class MemoryTransport:
     """What MqttDeviceProtocol uses of a socket transport; keeps the byte count, drops the bytes."""
 
-    __slots__ = ("written", "peer", "producer", "closed")
+    __slots__ = ("written", "peer", "producer", "closed", "batch")
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, batch: "Batch") -> None:
+        self.batch = batch
         self.written = 0
         self.peer = IPv4Address("TCP", "127.0.0.2", port)
         self.producer: Any = None
         self.closed = False
 
     def write(self, data: bytes) -> None:
+        if not self.written:
+            self.batch.answered()
         self.written += len(data)
 
     def writeSequence(self, data: list[bytes]) -> None:
@@ -88,6 +91,20 @@ class MemoryTransport:
 
     def resumeProducing(self) -> None:
         pass
+
+
+class Batch:
+    """Fires ``done`` once every connection of a batch got its first bytes (the CONNACK). Waiting on this, not on
+    reactor turns: a reactor spinning through empty turns would hold the GIL the database thread needs."""
+
+    def __init__(self, size: int) -> None:
+        self.missing = size
+        self.done: defer.Deferred = defer.Deferred()
+
+    def answered(self) -> None:
+        self.missing -= 1
+        if self.missing == 0:
+            self.done.callback(None)
 
 
 def rss_kb() -> int:
@@ -155,15 +172,15 @@ async def measure(count: int, console: Console, batch: int, freeze: bool) -> dic
             bar = progress.add_task("connect", total=count)
             for first in range(0, count, batch):
                 chunk = []
+                waiting = Batch(min(count, first + batch) - first)
                 for i in range(first, min(count, first + batch)):
                     protocol = factory.buildProtocol(None)
-                    transport = MemoryTransport(10000 + i % 50000)
+                    transport = MemoryTransport(10000 + i % 50000, waiting)
                     protocol.makeConnection(transport)
                     protocol.dataReceived(connect_packets[i])
                     chunk.append((protocol, transport))
                 # The token lookups of this batch are answered together on the next reactor turns.
-                while any(t.written == 0 for _, t in chunk):
-                    await next_turns()
+                await waiting.done
                 for protocol, _ in chunk:
                     protocol.dataReceived(SUBSCRIBE)
                 transports.extend(t for _, t in chunk)
