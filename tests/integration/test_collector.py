@@ -86,39 +86,43 @@ async def test_device_sessions_rpcs_and_passivated_actors_leave_no_cyclic_garbag
         await server.service.stopService()
 
 
-def test_the_policy_freezes_at_start_and_then_only_after_the_fleet_grew_by_a_quarter(unfrozen: Any) -> None:
+def test_the_policy_freezes_at_start_and_then_each_time_the_fleet_grew_by_a_step(unfrozen: Any) -> None:
     clock = task.Clock()
     population = [0]
-    policy = CollectorPolicy(clock, lambda: population[0], interval=10, growth=0.25, minimum=1000)
+    policy = CollectorPolicy(clock, lambda: population[0], interval=1, step=1000)
     policy.start()
     try:
         assert policy.freezes == 1 and gc.get_freeze_count() > 0
         population[0] = 999
-        clock.advance(10)
-        assert policy.freezes == 1  # below the minimum step
+        clock.advance(1)
+        assert policy.freezes == 1  # less than a step
         population[0] = 1000
-        clock.advance(10)
+        clock.advance(1)
         assert policy.freezes == 2 and policy.frozen_population == 1000
-        population[0] = 1249
-        clock.advance(10)
-        assert policy.freezes == 2  # 1000 more needed (minimum), not only a quarter
-        population[0] = 2000
-        clock.advance(10)
-        assert policy.freezes == 3
+        population[0] = 1999
+        clock.advance(1)
+        assert policy.freezes == 2
         population[0] = 40_000
-        clock.advance(10)
-        population[0] = 49_999
-        clock.advance(10)
-        assert policy.freezes == 4  # 40,000 frozen: the next freeze waits for 50,000
-        population[0] = 50_000
-        clock.advance(10)
-        assert policy.freezes == 5
-        population[0] = 10_000  # the fleet shrank: nothing to do
-        clock.advance(10)
+        clock.advance(1)
+        assert policy.freezes == 3 and policy.frozen_population == 40_000
+        population[0] = 10_000  # the fleet shrank: nothing to freeze, growth now counts from here
+        clock.advance(1)
+        assert policy.freezes == 3
+        population[0] = 10_999
+        clock.advance(1)
+        assert policy.freezes == 3
+        population[0] = 11_000
+        clock.advance(1)
+        assert policy.freezes == 4 and policy.frozen_population == 11_000
+        population[0] = 12_000
+        clock.advance(0.5)
+        assert policy.freezes == 4  # checked once a second
+        clock.advance(0.5)
         assert policy.freezes == 5
     finally:
         policy.stop()
     assert policy._timing not in gc.callbacks
+    assert not clock.getDelayedCalls()
 
 
 def test_a_slow_full_collection_is_logged_and_remembered(unfrozen: Any) -> None:
