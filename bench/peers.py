@@ -297,26 +297,35 @@ def _per_round(runs: list[dict[str, Any]], peer: str, key: str) -> list[float]:
             and b[key]]
 
 
-def publish_summary(runs: list[dict[str, Any]], servers: list[str], versions: dict[str, str],
-                    args: argparse.Namespace, console: Console) -> tuple[dict[str, Any], dict[str, Any]]:
+def _summarize_servers(runs: list[dict[str, Any]], servers: list[str], versions: dict[str, str],
+                       keys: tuple[str, ...]) -> dict[str, Any]:
+    """Median (min–max) of each key over the rounds, per server."""
     summary: dict[str, Any] = {}
     for name in servers:
         mine = [r for r in runs if r["server"] == name]
-        summary[name] = {key: summarize([r[key] for r in mine]) for key in PUBLISH_KEYS}
+        summary[name] = {key: summarize([r.get(key) for r in mine]) for key in keys}
         summary[name]["version"] = versions.get(name)
-    ratios: dict[str, Any] = {}
-    if "nanoiot" in summary:
-        ours = summary["nanoiot"]
-        for peer in ("amqtt", "mosquitto"):
-            if peer not in summary:
-                continue
-            theirs = summary[peer]
-            ratios[f"nanoiot_over_{peer}"] = {
-                "throughput": _ratio(ours["puback_per_s"]["median"], theirs["puback_per_s"]["median"]),
-                "throughput_per_round": _per_round(runs, peer, "puback_per_s"),
-                "cpu_per_puback": _ratio(ours["server_cpu_us_per_puback"]["median"],
-                                         theirs["server_cpu_us_per_puback"]["median"]),
-            }
+    return summary
+
+
+def _against_peers(summary: dict[str, Any], peers: tuple[str, ...],
+                   ratios_of: Callable[[dict[str, Any], dict[str, Any], str], dict[str, Any]]) -> dict[str, Any]:
+    """``nanoiot_over_<peer>``: NanoIoT's summary against each peer that ran."""
+    if "nanoiot" not in summary:
+        return {}
+    return {f"nanoiot_over_{peer}": ratios_of(summary["nanoiot"], summary[peer], peer)
+            for peer in peers if peer in summary}
+
+
+def publish_summary(runs: list[dict[str, Any]], servers: list[str], versions: dict[str, str],
+                    args: argparse.Namespace, console: Console) -> tuple[dict[str, Any], dict[str, Any]]:
+    summary = _summarize_servers(runs, servers, versions, PUBLISH_KEYS)
+    ratios = _against_peers(summary, ("amqtt", "mosquitto"), lambda ours, theirs, peer: {
+        "throughput": _ratio(ours["puback_per_s"]["median"], theirs["puback_per_s"]["median"]),
+        "throughput_per_round": _per_round(runs, peer, "puback_per_s"),
+        "cpu_per_puback": _ratio(ours["server_cpu_us_per_puback"]["median"],
+                                 theirs["server_cpu_us_per_puback"]["median"]),
+    })
 
     table = Table(title=f"MQTT publish/PUBACK, {args.connections} connections x {args.window} in flight, "
                         f"{args.duration:g} s window; median (min–max) of {args.runs} rounds")
@@ -347,29 +356,19 @@ def connect_summary(runs: list[dict[str, Any]], servers: list[str], versions: di
         r["listen_overflows"] = r.get("tcp", {}).get("ListenOverflows")
         us = r.get("server_cpu_us_per_conn")
         r["server_ceiling_conn_per_s"] = round(1e6 / us, 1) if us else None
-    summary: dict[str, Any] = {}
+    summary = _summarize_servers(runs, servers, versions, CONNECT_KEYS)
     for name in servers:
-        mine = [r for r in runs if r["server"] == name]
-        summary[name] = {key: summarize([r.get(key) for r in mine]) for key in CONNECT_KEYS}
-        summary[name]["version"] = versions.get(name)
         summary[name]["count"] = connect_count(name, args)
-    ratios: dict[str, Any] = {}
-    if "nanoiot" in summary:
-        ours = summary["nanoiot"]
-        for peer in ("mosquitto", "amqtt"):
-            if peer not in summary:
-                continue
-            theirs = summary[peer]
-            ratios[f"nanoiot_over_{peer}"] = {
-                "conn_per_s": _ratio(ours["conn_per_s"]["median"], theirs["conn_per_s"]["median"]),
-                "conn_per_s_per_round": _per_round(runs, peer, "conn_per_s"),
-                "server_cpu_per_conn": _ratio(ours["server_cpu_us_per_conn"]["median"],
-                                              theirs["server_cpu_us_per_conn"]["median"]),
-                "server_cpu_per_conn_per_round": _per_round(runs, peer, "server_cpu_us_per_conn"),
-                "kb_per_conn": _ratio(ours["kb_per_conn"]["median"], theirs["kb_per_conn"]["median"]),
-                "nanoiot_count": ours["count"], "peer_count": theirs["count"],
-                "same_count": ours["count"] == theirs["count"],
-            }
+    ratios = _against_peers(summary, ("mosquitto", "amqtt"), lambda ours, theirs, peer: {
+        "conn_per_s": _ratio(ours["conn_per_s"]["median"], theirs["conn_per_s"]["median"]),
+        "conn_per_s_per_round": _per_round(runs, peer, "conn_per_s"),
+        "server_cpu_per_conn": _ratio(ours["server_cpu_us_per_conn"]["median"],
+                                      theirs["server_cpu_us_per_conn"]["median"]),
+        "server_cpu_per_conn_per_round": _per_round(runs, peer, "server_cpu_us_per_conn"),
+        "kb_per_conn": _ratio(ours["kb_per_conn"]["median"], theirs["kb_per_conn"]["median"]),
+        "nanoiot_count": ours["count"], "peer_count": theirs["count"],
+        "same_count": ours["count"] == theirs["count"],
+    })
 
     counts = sorted({connect_count(name, args) for name in servers})
     table = Table(title=f"MQTT connect storm (CONNECT+SUBSCRIBE, kept open), {args.connect_concurrency} handshakes "

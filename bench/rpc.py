@@ -212,6 +212,16 @@ class HttpLoad:
         if self._counts(connection.started, now):
             self.socket_errors += 1
 
+    def start_or_queue(self, due: float) -> None:
+        """A call that is due: on a free connection, or queued in the client (its latency counts from ``due``)."""
+        if self.free:
+            self.outstanding += 1
+            self.free.popleft().send(self.request(), due)
+        else:
+            self.backlog.append(due)
+            if len(self.backlog) > self.max_backlog:
+                self.max_backlog = len(self.backlog)
+
     def _next(self, connection: HttpConnection, now: float) -> None:
         if connection.lost:
             return
@@ -256,13 +266,7 @@ class HttpLoad:
                     due_index += 1
                     if self.window_start <= due < self.window_end:
                         self.due_in_window += 1
-                    if self.free:
-                        self.outstanding += 1
-                        self.free.popleft().send(self.request(), due)
-                    else:
-                        self.backlog.append(due)
-                if len(self.backlog) > self.max_backlog:
-                    self.max_backlog = len(self.backlog)
+                    self.start_or_queue(due)
                 # Sleep until the next call is due (the event loop's timer resolution is well under 1 ms).
                 await asyncio.sleep(max(0.0, begin + due_index * interval - time.perf_counter()))
         # The schedule is over; calls still queued in the client go out as connections free up, for at most

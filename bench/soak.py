@@ -173,13 +173,7 @@ class SoakLoad(HttpLoad):
             while self.due < due_until:
                 due = begin + self.due * interval
                 self.due += 1
-                if self.free:
-                    self.outstanding += 1
-                    self.free.popleft().send(self.request(), due)
-                else:
-                    self.backlog.append(due)
-            if len(self.backlog) > self.max_backlog:
-                self.max_backlog = len(self.backlog)
+                self.start_or_queue(due)
             await asyncio.sleep(max(0.0, begin + self.due * interval - time.perf_counter()))
 
     def close(self) -> None:
