@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -237,17 +238,20 @@ class StatusCounter:
 # --- the benchmark --------------------------------------------------------------------------------------------------
 
 
-def profile_summary(raw: Path, top: int = 15) -> list[tuple[str, float]]:
-    """Self time per function from py-spy's collapsed stacks (``frame;frame;frame count``)."""
-    totals: Counter = Counter()
-    samples = 0
+def _stacks(raw: Path) -> Iterator[tuple[str, int]]:
+    """(stack, sample count) from py-spy's collapsed stacks (``frame;frame;frame count``)."""
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not count.isdigit():
-            continue
-        samples += int(count)
-        leaf = stack.split(";")[-1]
-        totals[leaf] += int(count)
+        if count.isdigit():
+            yield stack, int(count)
+
+
+def profile_summary(raw: Path, top: int = 15) -> list[tuple[str, float]]:
+    """Self time per function."""
+    totals: Counter = Counter()
+    for stack, count in _stacks(raw):
+        totals[stack.split(";")[-1]] += count
+    samples = sum(totals.values())
     return [(frame, round(100 * n / samples, 1)) for frame, n in totals.most_common(top)] if samples else []
 
 
@@ -255,14 +259,11 @@ def inclusive_summary(raw: Path, needles: list[str]) -> dict[str, float]:
     """Share of samples whose stack contains each needle (inclusive time)."""
     totals: Counter = Counter()
     samples = 0
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not count.isdigit():
-            continue
-        samples += int(count)
+    for stack, count in _stacks(raw):
+        samples += count
         for needle in needles:
             if needle in stack:
-                totals[needle] += int(count)
+                totals[needle] += count
     return {needle: round(100 * totals[needle] / samples, 1) for needle in needles} if samples else {}
 
 
