@@ -29,7 +29,8 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from bench.common import Server, cpu_seconds, machine, provision_devices, raise_nofile, rss_kb, write_result  # noqa: E402
+from bench.common import (  # noqa: E402
+    Server, cpu_seconds, machine, provision_devices, raise_nofile, rss_kb, write_result)
 
 PER_PROCESS = 15_000
 

@@ -331,8 +331,9 @@ def bench_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         raw_profile = RESULTS / f"persistent_rpc-{backend}{args.name}-drain.pyspy.txt"
         if args.profile:
             RESULTS.mkdir(parents=True, exist_ok=True)
-            profiler = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(server.pid), "--format", "raw",
-                                         "--rate", "200", "--output", str(raw_profile), "--nonblocking"],
+            pyspy = str(Path(sys.executable).with_name("py-spy"))
+            profiler = subprocess.Popen([pyspy, "record", "--pid", str(server.pid), "--format", "raw", "--rate", "200",
+                                         "--output", str(raw_profile), "--nonblocking"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         connected_at = None
         deadline = started + args.timeout

@@ -10,8 +10,8 @@ the socket only if the kernel would not take it all (a slow reader): then the co
 own path until its buffer is empty. asyncio does much the same (it sends at once when nothing is buffered).
 
 This relies on ``FileDescriptor``'s buffer attributes and ``doWrite`` and on the reactor's ``_disconnectSelectable``
-(Twisted 22 to 26 alike); ``tests/unit/test_tcp_flush.py`` pins the behaviour on a real reactor, socket pairs
-included.
+(written against Twisted 26.10; setup.cfg keeps Twisted below 27): ``tests/integration/test_tcp_flush.py`` pins
+the behaviour on the real reactor and real sockets.
 """
 
 from __future__ import annotations
