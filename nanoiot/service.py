@@ -240,7 +240,7 @@ class NanoService(MultiService):
             device = await self.catalog.get_device(device_id)
             if device is None:
                 continue
-            entries = [(record_command(r), r.status, r.seq) for r in stored]
+            entries = [(record_command(r), r.status, r.seq, r.attempts) for r in stored]
             self.directory.tell(device, m.RestoreRpcs(entries))
             resumed += len(entries)
             if index % 1000 == 999:

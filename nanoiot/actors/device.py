@@ -220,12 +220,12 @@ class DeviceActor(ReactorActor):
 
     def _restore(self, msg: m.RestoreRpcs) -> None:
         now = self.now()
-        for command, status, request_id in msg.entries:
+        for command, status, request_id, attempts in msg.entries:
             if self.queue.find(command.rpc_id) is None:
                 # Counted first: if it expired meanwhile, its EXPIRED releases the count again.
                 self.persistent_pending += 1
                 self.ctx.tenant_counts.add(command.tenant_id)
-                self._apply(self.queue.restore(command, status, now, request_id))
+                self._apply(self.queue.restore(command, status, now, request_id, attempts))
 
     def _send_now(self, msg: m.SendNow) -> None:
         pending = self.queue.pending.get(msg.request_id)
@@ -421,6 +421,9 @@ class DeviceActor(ReactorActor):
             self._sent_durable[pending.request_id] = journal.change(command.rpc_id, status)
         elif status in (RpcStatus.SUCCESSFUL, RpcStatus.FAILED) and response is not None:
             journal.change(command.rpc_id, status, _storable(response))
+        elif status is RpcStatus.TIMEOUT:
+            # A retry was spent: stored with it, so that a restart does not hand the command a fresh budget.
+            journal.change(command.rpc_id, status, attempts=pending.attempts)
         else:
             journal.change(command.rpc_id, status)
 

@@ -103,7 +103,8 @@ class Inspect:
 
 @dataclass(slots=True)
 class RestoreRpcs:
-    """Stored commands to resume after a restart, in their original order: (command, status, request id)."""
+    """Stored commands to resume after a restart, in their original order: (command, status, request id, retry
+    attempts already spent)."""
 
     entries: list = field(default_factory=list)
 

@@ -60,8 +60,8 @@ class RpcJournal:
         return self._record(INSERT, record)
 
     def change(self, rpc_id: UUID, status: RpcStatus, response: Any = UNCHANGED,
-               retries: int | None = None) -> Deferred:
-        return self._record(CHANGE, (rpc_id, status, response, retries))
+               retries: int | None = None, attempts: int | None = None) -> Deferred:
+        return self._record(CHANGE, (rpc_id, status, response, retries, attempts))
 
     def delete(self, rpc_id: UUID) -> Deferred:
         return self._record(DELETE, rpc_id)

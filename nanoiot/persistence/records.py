@@ -108,6 +108,8 @@ class RpcRecord:
     retries: int | None = None
     user_id: UUID | None = None
     seq: int = 0
+    #: Resends after an acknowledgement timeout so far, kept so that a restart does not renew the retry budget.
+    attempts: int = 0
 
 
 class SortOrder(str, enum.Enum):

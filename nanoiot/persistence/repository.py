@@ -117,8 +117,8 @@ class _Unchanged(enum.Enum):
 #: In :meth:`Repository.update_rpc_statuses`, "leave the stored response as it is" (None would store no response).
 UNCHANGED: Final = _Unchanged.UNCHANGED
 
-#: (rpc id, new status, new response or UNCHANGED, new retries or None to keep them)
-RpcStatusChange = tuple[UUID, RpcStatus, Any, int | None]
+#: (rpc id, new status, new response or UNCHANGED, new retries / attempts or None to keep them)
+RpcStatusChange = tuple[UUID, RpcStatus, Any, int | None, int | None]
 
 # Messages of OperationalErrors worth another attempt: a lock held by another process, a dropped connection.
 _TRANSIENT_MESSAGES = (
@@ -497,7 +497,7 @@ class Repository:
         return self._run(lambda conn: _insert_rpcs(conn, records))
 
     def update_rpc_statuses(self, changes: Sequence[RpcStatusChange]) -> Deferred[None]:
-        """Apply ``(id, status, response | UNCHANGED, retries | None)`` changes in one transaction.
+        """Apply ``(id, status, response | UNCHANGED, retries | None, attempts | None)`` changes in one transaction.
 
         Several changes of one RPC fold into one in list order, then rows that change the same columns are
         updated with one executemany: a device actor's burst of transitions costs a couple of statements.
@@ -733,30 +733,36 @@ def _insert_rpcs(conn: Connection, records: list[RpcRecord]) -> list[RpcRecord]:
     return numbered
 
 
-def _fold_status_changes(changes: Sequence[RpcStatusChange]) -> dict[tuple[bool, bool], list[dict[str, Any]]]:
-    folded: dict[UUID, tuple[RpcStatus, Any, int | None]] = {}
-    for rpc_id, status, response, retries in changes:
-        _, old_response, old_retries = folded.get(rpc_id, (status, UNCHANGED, None))
+def _fold_status_changes(changes: Sequence[RpcStatusChange]) -> dict[tuple[bool, bool, bool], list[dict[str, Any]]]:
+    folded: dict[UUID, tuple[RpcStatus, Any, int | None, int | None]] = {}
+    for rpc_id, status, response, retries, attempts in changes:
+        _, old_response, old_retries, old_attempts = folded.get(rpc_id, (status, UNCHANGED, None, None))
         folded[rpc_id] = (RpcStatus(status), old_response if response is UNCHANGED else response,
-                          old_retries if retries is None else retries)
-    groups: dict[tuple[bool, bool], list[dict[str, Any]]] = {}
-    for rpc_id, (status, response, retries) in folded.items():
+                          old_retries if retries is None else retries,
+                          old_attempts if attempts is None else attempts)
+    groups: dict[tuple[bool, bool, bool], list[dict[str, Any]]] = {}
+    for rpc_id, (status, response, retries, attempts) in folded.items():
         params: dict[str, Any] = {"b_id": rpc_id, "status": status.value}
         if response is not UNCHANGED:
             params["response"] = _dump(response)
         if retries is not None:
             params["retries"] = retries
-        groups.setdefault((response is not UNCHANGED, retries is not None), []).append(params)
+        if attempts is not None:
+            params["attempts"] = attempts
+        key = (response is not UNCHANGED, retries is not None, attempts is not None)
+        groups.setdefault(key, []).append(params)
     return groups
 
 
-def _apply_status_groups(conn: Connection, groups: dict[tuple[bool, bool], list[dict[str, Any]]]) -> None:
-    for (with_response, with_retries), rows in groups.items():
+def _apply_status_groups(conn: Connection, groups: dict[tuple[bool, bool, bool], list[dict[str, Any]]]) -> None:
+    for (with_response, with_retries, with_attempts), rows in groups.items():
         values: dict[str, Any] = {"status": bindparam("status")}
         if with_response:
             values["response"] = bindparam("response")
         if with_retries:
             values["retries"] = bindparam("retries")
+        if with_attempts:
+            values["attempts"] = bindparam("attempts")
         conn.execute(update(rpcs).where(rpcs.c.id == bindparam("b_id")).values(values), rows)
 
 
@@ -860,7 +866,7 @@ def _credentials_values(record: DeviceCredentials) -> dict[str, Any]:
 def _rpc(row: Row[Any]) -> RpcRecord:
     return RpcRecord(row.id, row.created_time, row.tenant_id, row.device_id, row.expiration_time, row.oneway,
                      row.method, _load(row.params), RpcStatus(row.status), _load(row.response),
-                     _load(row.additional_info), row.retries, row.user_id, row.seq)
+                     _load(row.additional_info), row.retries, row.user_id, row.seq, row.attempts)
 
 
 def _rpc_values(record: RpcRecord) -> dict[str, Any]:
@@ -868,4 +874,4 @@ def _rpc_values(record: RpcRecord) -> dict[str, Any]:
                 device_id=record.device_id, expiration_time=record.expiration_time, oneway=record.oneway,
                 method=record.method, params=_dump(record.params), status=RpcStatus(record.status).value,
                 response=_dump(record.response), additional_info=_dump(record.additional_info),
-                retries=record.retries, user_id=record.user_id)
+                retries=record.retries, user_id=record.user_id, attempts=record.attempts)

@@ -41,11 +41,12 @@ from sqlalchemy import (
     insert,
     inspect,
     select,
+    text,
     update,
 )
 
 #: The version this code writes and understands.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Deterministic constraint names: the repository recognises a violated constraint by its name.
 metadata = MetaData(naming_convention={
@@ -139,6 +140,8 @@ rpc = Table(
     Column("additional_info", Text),
     Column("retries", Integer),
     Column("user_id", Uuid),
+    #: Resends after an acknowledgement timeout so far (schema 2): a resumed command keeps what it had used.
+    Column("attempts", Integer, nullable=False, server_default="0"),
     Index(None, "device_id", "status", "seq"),  # a device's queue, in order
     Index(None, "tenant_id", "status"),  # active counts
     Index(None, "status", "expiration_time"),  # expiry scans
@@ -152,7 +155,11 @@ schema_version = Table(
 )
 
 #: ``MIGRATIONS[n]`` upgrades a version n-1 database to version n. Version 1 is ``create_all`` on an empty database.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+def _add_rpc_attempts(conn: Connection) -> None:
+    conn.execute(text("ALTER TABLE rpc ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0"))
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _add_rpc_attempts}
 
 
 class SchemaTooNew(Exception):

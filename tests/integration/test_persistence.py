@@ -582,14 +582,14 @@ async def test_status_changes_apply_in_one_batch_and_fold_per_rpc(repository):
     tenant = await repository.create_tenant("Acme")
     device = await new_device(repository, tenant.id, "Lamp")
     a, b, c = await repository.insert_rpcs([make_rpc(tenant.id, device.id) for _ in range(3)])
-    await repository.update_rpc_statuses([(c.id, RpcStatus.SENT, {"early": True}, None)])
+    await repository.update_rpc_statuses([(c.id, RpcStatus.SENT, {"early": True}, None, None)])
     await repository.update_rpc_statuses([
-        (a.id, RpcStatus.SENT, UNCHANGED, 1),
-        (b.id, RpcStatus.SENT, UNCHANGED, None),
-        (a.id, RpcStatus.DELIVERED, UNCHANGED, None),
-        (a.id, RpcStatus.SUCCESSFUL, {"temperature": 21.5}, None),
-        (b.id, RpcStatus.FAILED, {"error": "oops"}, 2),
-        (c.id, RpcStatus.TIMEOUT, UNCHANGED, 4),
+        (a.id, RpcStatus.SENT, UNCHANGED, 1, None),
+        (b.id, RpcStatus.SENT, UNCHANGED, None, None),
+        (a.id, RpcStatus.DELIVERED, UNCHANGED, None, None),
+        (a.id, RpcStatus.SUCCESSFUL, {"temperature": 21.5}, None, None),
+        (b.id, RpcStatus.FAILED, {"error": "oops"}, 2, None),
+        (c.id, RpcStatus.TIMEOUT, UNCHANGED, 4, None),
     ])
     a2, b2, c2 = [await repository.get_rpc(r.id) for r in (a, b, c)]
     assert (a2.status, a2.response, a2.retries) == (RpcStatus.SUCCESSFUL, {"temperature": 21.5}, 1)
@@ -599,11 +599,56 @@ async def test_status_changes_apply_in_one_batch_and_fold_per_rpc(repository):
 
 
 @pytest_twisted.ensureDeferred
+async def test_retry_attempts_are_stored_and_fold_like_the_other_columns(repository):
+    tenant = await repository.create_tenant("Acme")
+    device = await new_device(repository, tenant.id, "Lamp")
+    a, b = await repository.insert_rpcs([make_rpc(tenant.id, device.id) for _ in range(2)])
+    assert (a.attempts, (await repository.get_rpc(a.id)).attempts) == (0, 0)
+    await repository.update_rpc_statuses([
+        (a.id, RpcStatus.TIMEOUT, UNCHANGED, None, 1),
+        (a.id, RpcStatus.SENT, UNCHANGED, None, None),  # None keeps what the previous change set
+        (b.id, RpcStatus.TIMEOUT, UNCHANGED, None, 3),
+    ])
+    a2, b2 = [await repository.get_rpc(r.id) for r in (a, b)]
+    assert (a2.status, a2.attempts, b2.status, b2.attempts) == (RpcStatus.SENT, 1, RpcStatus.TIMEOUT, 3)
+    assert [r.attempts for r in await repository.load_active_rpcs()] == [1, 3]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_version_1_database_gains_the_attempts_column_and_keeps_its_rpcs(database_url):
+    repo = Repository(database_url)
+    await repo.start()
+    tenant = await repo.create_tenant("Acme")
+    device = await new_device(repo, tenant.id, "Lamp")
+    [old] = await repo.insert_rpcs([make_rpc(tenant.id, device.id)])
+    await repo.stop()
+
+    def back_to_version_1() -> None:
+        engine = create_engine(database_url)
+        with engine.begin() as conn:
+            conn.execute(text("ALTER TABLE rpc DROP COLUMN attempts"))
+            conn.execute(update(schema.schema_version).values(version=1))
+        engine.dispose()
+
+    await threads.deferToThread(back_to_version_1)
+    again = Repository(database_url)
+    await again.start()
+    try:
+        assert await again.get_schema_version() == 2
+        stored = await again.get_rpc(old.id)
+        assert (stored.method, stored.status, stored.attempts) == (old.method, old.status, 0)
+        await again.update_rpc_statuses([(old.id, RpcStatus.TIMEOUT, UNCHANGED, None, 2)])
+        assert (await again.get_rpc(old.id)).attempts == 2
+    finally:
+        await again.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_response_of_none_clears_the_stored_response(repository):
     tenant = await repository.create_tenant("Acme")
     device = await new_device(repository, tenant.id, "Lamp")
     [r] = await repository.insert_rpcs([make_rpc(tenant.id, device.id, response={"old": 1})])
-    await repository.update_rpc_statuses([(r.id, RpcStatus.QUEUED, None, None)])
+    await repository.update_rpc_statuses([(r.id, RpcStatus.QUEUED, None, None, None)])
     assert (await repository.get_rpc(r.id)).response is None
     await repository.update_rpc_statuses([])
 

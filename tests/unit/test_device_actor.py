@@ -50,6 +50,8 @@ class RecordingJournal:
     def __init__(self) -> None:
         self.writes: list[tuple[str, Any, Any]] = []
         self.waiting: list[Deferred] = []
+        #: (rpc id, attempts) of the changes that carried retry attempts.
+        self.attempts: list[tuple[Any, int]] = []
 
     def _record(self, kind: str, key: Any, value: Any) -> Deferred:
         self.writes.append((kind, key, value))
@@ -60,7 +62,10 @@ class RecordingJournal:
     def insert(self, record: Any) -> Deferred:
         return self._record("insert", record.id, record.status)
 
-    def change(self, rpc_id: Any, status: RpcStatus, response: Any = None, retries: Any = None) -> Deferred:
+    def change(self, rpc_id: Any, status: RpcStatus, response: Any = None, retries: Any = None,
+               attempts: int | None = None) -> Deferred:
+        if attempts is not None:
+            self.attempts.append((rpc_id, attempts))
         return self._record("change", rpc_id, status)
 
     def delete(self, rpc_id: Any) -> Deferred:
@@ -253,3 +258,44 @@ def test_the_ack_wait_of_a_persistent_command_starts_when_it_is_written_not_when
     clock.advance(0.9)
     run(clock)
     assert RpcStatus.FAILED not in [status for _, _, status in journal.writes]
+
+
+def test_each_spent_retry_of_a_persistent_command_is_journalled_with_its_count(clock):
+    journal = RecordingJournal()
+    directory = directory_on(clock, journal=journal, max_retries=2)
+    session = FakeSession(1)  # takes every command, never acknowledges one
+    directory.attach(DEVICE, m.AttachSession(session))
+    directory.tell(DEVICE, m.SubscribeCommands(1))
+    submit = m.SubmitRpc(command(clock, "unacked", persistent=True))
+    directory.tell(DEVICE, submit)
+    for _ in range(4):
+        run(clock)
+        journal.commit()
+        run(clock)
+        clock.advance(1.0)  # the ack timeout
+    run(clock)
+    rpc_id = submit.command.rpc_id
+    assert journal.attempts == [(rpc_id, 1), (rpc_id, 2)]
+    assert len(session.sent) == 3  # the first send and two retries
+    assert [status for kind, _, status in journal.writes if kind == "change"][-1] is RpcStatus.FAILED
+
+
+@pytest.mark.parametrize("spent, retried, failed", [(1, True, False), (2, False, True)])
+def test_a_restored_command_keeps_the_retries_it_had_spent_before_the_restart(clock, spent, retried, failed):
+    journal = RecordingJournal()
+    directory = directory_on(clock, journal=journal, max_retries=2)
+    stored = command(clock, "resumed", persistent=True)
+    directory.tell(DEVICE, m.RestoreRpcs([(stored, RpcStatus.SENT, 7, spent)]))
+    session = FakeSession(1)
+    directory.attach(DEVICE, m.AttachSession(session))
+    directory.tell(DEVICE, m.SubscribeCommands(1))
+    run(clock)
+    journal.commit()
+    run(clock)
+    assert session.sent == [(7, "resumed")]  # sent again with its id
+    clock.advance(1.0)  # no acknowledgement
+    run(clock)
+    changes = [status for kind, _, status in journal.writes if kind == "change"]
+    # One retry left after one spent; none after two (not a fresh budget of two).
+    assert (RpcStatus.TIMEOUT in changes, RpcStatus.FAILED in changes) == (retried, failed)
+    assert journal.attempts == ([(stored.rpc_id, 2)] if retried else [])

@@ -45,8 +45,20 @@ def test_changes_recorded_in_one_turn_are_written_in_one_batch_in_order():
     clock.advance(0)
     [(inserts, changes, deletes)] = repo.batches
     assert inserts == [a]
-    assert [status for _, status, _, _ in changes] == [RpcStatus.SENT, RpcStatus.DELIVERED]
+    assert [status for _, status, *_ in changes] == [RpcStatus.SENT, RpcStatus.DELIVERED]
     assert deletes == []
+
+
+def test_a_change_carries_the_retry_attempts_to_the_repository():
+    j, repo, clock = journal()
+    a = record()
+    j.insert(a)
+    j.change(a.id, RpcStatus.TIMEOUT, attempts=2)
+    j.change(a.id, RpcStatus.SENT)
+    clock.advance(0)
+    [(_, changes, _)] = repo.batches
+    assert [(status, attempts) for _, status, _, _, attempts in changes] == [(RpcStatus.TIMEOUT, 2),
+                                                                              (RpcStatus.SENT, None)]
 
 
 def test_a_caller_learns_of_durability_only_when_its_batch_committed():
