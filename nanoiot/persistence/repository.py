@@ -573,6 +573,19 @@ class Repository:
 
         return self._run(thd)
 
+    def load_device_active_rpcs(self, device_id: UUID) -> Deferred[list[RpcRecord]]:
+        """One device's RPCs not yet finished, by (created_time, seq): its queue, for the node that just claimed it
+        in cluster mode (the other devices' queues live on other nodes)."""
+        wanted = [s.value for s in ACTIVE_RPC_STATUSES]
+
+        def thd(conn: Connection) -> list[RpcRecord]:
+            query = (select(rpcs)
+                     .where(rpcs.c.device_id == device_id, rpcs.c.status.in_(wanted))
+                     .order_by(rpcs.c.created_time, rpcs.c.seq))
+            return [_rpc(row) for row in conn.execute(query)]
+
+        return self._run(thd)
+
     def count_active_rpcs(self, device_id: UUID | None = None, tenant_id: UUID | None = None) -> Deferred[int]:
         """RPCs not yet in a terminal status, of one device, one tenant, or all (for limits and metrics)."""
 

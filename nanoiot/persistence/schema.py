@@ -46,7 +46,7 @@ from sqlalchemy import (
 )
 
 #: The version this code writes and understands.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Deterministic constraint names: the repository recognises a violated constraint by its name.
 metadata = MetaData(naming_convention={
@@ -148,6 +148,47 @@ rpc = Table(
     Index(None, "status", "created_time"),  # clean-up of old finished RPCs
 )
 
+# --- cluster mode (schema 3): several nodes sharing one PostgreSQL database ------------------------------------------
+
+#: One row per running node; a node whose ``heartbeat_time`` is too old is dead and its devices may be claimed.
+cluster_node = Table(
+    "cluster_node", metadata,
+    Column("node_id", String(255), primary_key=True),
+    Column("address", String(255)),  # host:port of the node's HTTP server, for operators
+    Column("started_time", BigInteger),
+    Column("heartbeat_time", BigInteger),
+    Column("connected_devices", Integer),
+)
+
+#: Which node serves a device. ``epoch`` grows by one per claim, so a node's late release (or write) made under an
+#: older claim is recognised as stale (fencing).
+device_owner = Table(
+    "device_owner", metadata,
+    Column("device_id", Uuid, primary_key=True),
+    Column("node_id", String(255), nullable=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("claimed_time", BigInteger),
+    Index(None, "node_id"),  # a node's devices, removed with it
+)
+
+#: Values every node must agree on (the JWT signing key, the request-id counter): first writer wins.
+cluster_setting = Table(
+    "cluster_setting", metadata,
+    Column("name", String(255), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+#: Routed messages too large for a NOTIFY payload: the notification carries the id. INTEGER on SQLite, so that the
+#: id is the rowid and numbers itself (SQLite assigns no value to a BIGINT primary key); BIGSERIAL on PostgreSQL.
+cluster_message = Table(
+    "cluster_message", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("created_time", BigInteger, nullable=False),
+    Column("payload", Text, nullable=False),
+)
+
+CLUSTER_TABLES = (cluster_node, device_owner, cluster_setting, cluster_message)
+
 schema_version = Table(
     "schema_version", metadata,
     Column("id", Integer, primary_key=True),  # always 1: a single row
@@ -159,7 +200,12 @@ def _add_rpc_attempts(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE rpc ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0"))
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _add_rpc_attempts}
+def _add_cluster_tables(conn: Connection) -> None:
+    # checkfirst: a database once at version 3 and marked back down (as tests do) still upgrades.
+    metadata.create_all(conn, tables=list(CLUSTER_TABLES), checkfirst=True)
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _add_rpc_attempts, 3: _add_cluster_tables}
 
 
 class SchemaTooNew(Exception):

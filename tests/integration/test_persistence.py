@@ -634,7 +634,7 @@ async def test_a_version_1_database_gains_the_attempts_column_and_keeps_its_rpcs
     again = Repository(database_url)
     await again.start()
     try:
-        assert await again.get_schema_version() == 2
+        assert await again.get_schema_version() == schema.SCHEMA_VERSION
         stored = await again.get_rpc(old.id)
         assert (stored.method, stored.status, stored.attempts) == (old.method, old.status, 0)
         await again.update_rpc_statuses([(old.id, RpcStatus.TIMEOUT, UNCHANGED, None, 2)])
@@ -960,3 +960,56 @@ def test_the_constraint_names_the_repository_recognises_exist_in_the_schema():
 async def test_starting_a_started_repository_is_refused(repository):
     with pytest.raises(RuntimeError, match="already started"):
         await repository.start()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_version_2_database_gains_the_cluster_tables_in_place(database_url):
+    from sqlalchemy import inspect
+
+    from nanoiot.persistence.cluster_store import ClusterStore
+
+    repo = Repository(database_url)
+    await repo.start()
+    tenant = await repo.create_tenant("Acme")
+    device = await new_device(repo, tenant.id, "Lamp")
+    [old] = await repo.insert_rpcs([make_rpc(tenant.id, device.id)])
+    await repo.stop()
+    cluster_tables = {t.name for t in schema.CLUSTER_TABLES}
+
+    def back_to_version_2() -> set[str]:
+        engine = create_engine(database_url)
+        with engine.begin() as conn:
+            for table in reversed(schema.CLUSTER_TABLES):
+                conn.execute(text(f"DROP TABLE {table.name}"))
+            conn.execute(update(schema.schema_version).values(version=2))
+        with engine.connect() as conn:
+            tables = set(inspect(conn).get_table_names())
+        engine.dispose()
+        return tables
+
+    assert not cluster_tables & await threads.deferToThread(back_to_version_2)
+    again = Repository(database_url)
+    await again.start()
+    try:
+        assert await again.get_schema_version() == schema.SCHEMA_VERSION == 3
+        assert await again.get_rpc(old.id) == old  # upgraded in place, not re-created
+
+        def look(conn: Any) -> tuple[set[str], set[str], list[int]]:
+            inspector = inspect(conn)
+            indexes = {i["name"] for i in inspector.get_indexes("device_owner")}
+            ids = [conn.execute(text("INSERT INTO cluster_message (created_time, payload) VALUES (1, 'x') "
+                                     "RETURNING id")).scalar_one() for _ in range(2)]
+            return set(inspector.get_table_names()), indexes, ids
+
+        tables, indexes, ids = await again._run(look)
+        assert cluster_tables <= tables
+        assert "ix_device_owner_node_id" in indexes
+        assert ids[0] >= 1 and ids[1] == ids[0] + 1
+        store = ClusterStore(again)
+        assert (await store.register_node("node-a", "10.0.0.5:8080")).alive
+        claimed = await store.claim_devices("node-a", [device.id])
+        assert claimed[device.id].epoch == 1
+        assert await store.allocate_request_ids(10) == old.seq + 1
+        assert await again.load_device_active_rpcs(device.id) == [old]
+    finally:
+        await again.stop()

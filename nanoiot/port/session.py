@@ -1,7 +1,8 @@
 """The one interface every transport's session offers to its device actor.
 
-The actor calls these methods on the reactor thread; a session reports back by telling its actor the messages in
-``nanoiot.actors.messages`` (acked, answered, closed). A new transport is a new folder that implements this.
+The actor calls these methods on the reactor thread; a session reports back through the
+:class:`~nanoiot.port.link.DeviceLink` that ``attach`` returned (acked, answered, called, closed). A new transport is
+a new folder under ``transports/`` that implements this.
 """
 
 from __future__ import annotations
@@ -10,10 +11,7 @@ import enum
 import itertools
 from typing import Any, Protocol
 
-from pykka import ActorDeadError
-from twisted.logger import Logger
 
-log = Logger(namespace="nanoiot.transports")
 
 _session_ids = itertools.count(1)
 
@@ -46,16 +44,3 @@ class DeviceSession(Protocol):
 
     def close(self, reason: str) -> None:
         """Drop the connection (device deleted, replaced by a newer session)."""
-
-
-def tell_actor(ref: Any, message: Any) -> bool:
-    """Tell a device actor; a session or timer may outlive its actor for a moment (passivation, shutdown), so a
-    message to a stopped actor is dropped, not an error. Returns whether it was delivered."""
-    if ref is None:
-        return False
-    try:
-        ref.tell(message)
-        return True
-    except ActorDeadError:
-        log.debug("message for a stopped device actor dropped: {kind}", kind=type(message).__name__)
-        return False
