@@ -6,7 +6,9 @@ containers and systemd units need no command line.
 
 from __future__ import annotations
 
+import math
 import os
+import socket
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
@@ -46,6 +48,22 @@ def _bool(value: str | bool) -> bool:
     raise ValueError("must be true or false")
 
 
+def _seconds(value: str | float) -> float:
+    number = float(value)
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError("must be a positive number of seconds")
+    return number
+
+
+def _node_id(value: str) -> str:
+    """The name other nodes and every log line know this node by: one token, so it reads well in both."""
+    if len(value) > 200:
+        raise ValueError("must be at most 200 characters")
+    if any(char.isspace() for char in value):
+        raise ValueError("must not contain whitespace")
+    return value
+
+
 def _strategy(value: str) -> SubmitStrategy:
     try:
         return SubmitStrategy(value.strip().upper())
@@ -70,7 +88,7 @@ def _log_format(value: str) -> str:
 
 def _rpc_methods(value: str) -> str:
     """Only the syntax here; the service imports the callables (and reports what it cannot import)."""
-    from nanoiot.rpc.server_methods import parse_method_specs
+    from nanoiot.commands.server_methods import parse_method_specs
 
     parse_method_specs(value)
     return value.strip()
@@ -96,6 +114,8 @@ class Option:
     default: Any
     parse: Callable[[Any], Any]
     help: str
+    #: A twistd flag (``--demo``, no value) rather than a parameter; only for booleans that default to off.
+    flag: bool = False
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -104,7 +124,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("mqtt-port", 1883, _port, "MQTT port"),
     Option("coap-port", 5683, _port, "CoAP (UDP) port"),
     Option("database", "sqlite:///nanoiot.db", _database, "SQLAlchemy URL (sqlite:///file.db or postgresql://...)"),
-    Option("demo", False, _bool, "create demo accounts and devices on an empty database"),
+    Option("demo", False, _bool, "create demo accounts and devices on an empty database", flag=True),
+    Option("cluster", False, _bool, "run as one node of a cluster sharing --database (PostgreSQL only)", flag=True),
+    Option("node-id", "", _node_id, "this node's name in the cluster; default host name:HTTP port"),
+    Option("heartbeat-interval", 2.0, _seconds, "seconds between a cluster node's heartbeats"),
+    Option("dead-after", 10.0, _seconds,
+           "seconds without a heartbeat before a node is taken for dead (more than twice --heartbeat-interval)"),
+    Option("route-timeout", 10000, _positive,
+           "ms a routed call that is not a command (delete, inspect, release) waits for the other node"),
+    Option("reuse-port", False, _bool,
+           "share the MQTT, HTTP and CoAP ports with other processes (SO_REUSEPORT)", flag=True),
     Option("jwt-key", "", str, "JWT signing key; generated and stored in --jwt-key-file when empty"),
     Option("jwt-key-file", "nanoiot.key", str, "where a generated JWT signing key is kept"),
     Option("jwt-expiration", 9000, _positive, "access token lifetime, seconds"),
@@ -138,6 +167,19 @@ def _attr(name: str) -> str:
     return name.replace("-", "_")
 
 
+def _cluster_problems(values: Mapping[str, Any]) -> list[str]:
+    """Checks across options; an option that did not parse is already reported, so it is skipped here."""
+    problems: list[str] = []
+    database = values.get("database")
+    if values.get("cluster") and isinstance(database, str) and database.startswith("sqlite"):
+        problems.append(f"--cluster needs a PostgreSQL --database ({database} cannot be shared by several processes)")
+    interval, dead_after = values.get("heartbeat_interval"), values.get("dead_after")
+    if isinstance(interval, float) and isinstance(dead_after, float) and dead_after <= 2 * interval:
+        problems.append(f"--dead-after={dead_after:g} must be more than twice --heartbeat-interval={interval:g}: "
+                        "one late heartbeat must not make a node dead")
+    return problems
+
+
 @dataclass(frozen=True)
 class Config:
     host: str = "0.0.0.0"
@@ -146,6 +188,12 @@ class Config:
     coap_port: int = 5683
     database: str = "sqlite:///nanoiot.db"
     demo: bool = False
+    cluster: bool = False
+    node_id: str = ""
+    heartbeat_interval: float = 2.0
+    dead_after: float = 10.0
+    route_timeout: int = 10000
+    reuse_port: bool = False
     jwt_key: str = ""
     jwt_key_file: str = "nanoiot.key"
     jwt_expiration: int = 9000
@@ -196,9 +244,15 @@ class Config:
                 problems.append(f"{source}={raw!r}: {exc}")
         if values.get("rpc_qos") not in (0, 1):
             problems.append(f"--rpc-qos={values.get('rpc_qos')!r}: must be 0 or 1")
+        problems.extend(_cluster_problems(values))
         if problems:
             raise ConfigError("; ".join(problems))
         return cls(**values)
+
+    @property
+    def node_name(self) -> str:
+        """This node's name in the cluster and in log lines: --node-id, else host name:HTTP port."""
+        return self.node_id or f"{socket.gethostname()}:{self.http_port}"
 
     def replace(self, **changes: Any) -> Config:
         current = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -1,18 +1,26 @@
-"""Structured, quiet-by-default logging: our events at the chosen level, Twisted's chatter only when it matters."""
+"""Structured, quiet-by-default logging: our events at the chosen level, Twisted's chatter only when it matters.
+
+In a cluster several nodes often write to one terminal or one collector, so each line can carry its node's name.
+"""
 
 from __future__ import annotations
 
 import sys
-from typing import IO
+from typing import IO, Any
 
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
+    eventAsJSON,
+    formatEventAsClassicLogText,
+    formatTime,
     jsonFileLogObserver,
     textFileLogObserver,
 )
+from twisted.logger._flatten import flattenEvent
 
 _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "error": LogLevel.error,
            "critical": LogLevel.critical}
@@ -21,9 +29,39 @@ _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn
 _QUIETER = ("warn", "error", "critical")
 
 
-def make_observer(level: str = "info", fmt: str = "text", stream: IO[str] | None = None) -> ILogObserver:
+def _text_with_node(stream: IO[str], node: str) -> FileLogObserver:
+    """Twisted's classic text line with ``[node]`` after the timestamp: ``<time> [node-1] [namespace#level] text``."""
+
+    def format_event(event: Any) -> str | None:
+        return formatEventAsClassicLogText(event, formatTime=lambda when: f"{formatTime(when)} [{node}]")
+
+    return FileLogObserver(stream, format_event)
+
+
+def _json_with_node(stream: IO[str], node: str) -> FileLogObserver:
+    """Twisted's JSON record with a top-level ``"node"``.
+
+    An event may have a ``node`` field of its own ("answer for {node} dropped"); the event is flattened first, so
+    that its message still renders from ``log_flattened`` once ``"node"`` names the node that wrote the line.
+    """
+
+    def format_event(event: Any) -> str:
+        record = dict(event)
+        flattenEvent(record)
+        record["node"] = node
+        return f"\x1e{eventAsJSON(record)}\n"
+
+    return FileLogObserver(stream, format_event)
+
+
+def make_observer(level: str = "info", fmt: str = "text", stream: IO[str] | None = None,
+                  node: str = "") -> ILogObserver:
+    """The process's log observer; ``node`` (the cluster node name, empty outside a cluster) goes on every line."""
     stream = stream or sys.stdout
-    base = jsonFileLogObserver(stream) if fmt == "json" else textFileLogObserver(stream)
+    if node:
+        base = _json_with_node(stream, node) if fmt == "json" else _text_with_node(stream, node)
+    else:
+        base = jsonFileLogObserver(stream) if fmt == "json" else textFileLogObserver(stream)
     predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])
     if level != "debug":
         # Twisted's own start/stop lines and legacy log.msg calls are noise for an operator.

@@ -16,10 +16,11 @@ the behaviour on the real reactor and real sockets.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet import tcp
-from twisted.internet.error import ConnectionLost
+from twisted.internet.error import CannotListenError, ConnectionLost
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
@@ -116,14 +117,43 @@ class CoalescingServer(tcp.Server):
         return self._peer
 
 
+def set_reuse_port(sock: socket.socket) -> None:
+    """Let several processes bind one port, the kernel spreading connections (or datagrams) over them.
+
+    Used by ``--reuse-port``: the nodes of a cluster on one host share the device ports without a proxy in front.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+
+
+def check_reuse_port(reactor: Any, port: int, interface: str) -> None:
+    """Fail as a bind would, with a reason, where SO_REUSEPORT cannot be had (no such option, or no POSIX reactor)."""
+    if not hasattr(socket, "SO_REUSEPORT") or not isinstance(reactor, PosixReactorBase):
+        raise CannotListenError(interface, port, OSError("SO_REUSEPORT is not available on this platform or reactor"))
+
+
 class CoalescingPort(tcp.Port):
     transport = CoalescingServer
+    #: Set SO_REUSEPORT before bind (Twisted sets SO_REUSEADDR in this same method).
+    reuse_port = False
+
+    def createInternetSocket(self) -> socket.socket:
+        sock = super().createInternetSocket()
+        if self.reuse_port:
+            set_reuse_port(sock)
+        return sock
 
 
-def listen_tcp(reactor: Any, port: int, factory: IProtocolFactory, backlog: int, interface: str) -> IListeningPort:
-    """Listen like ``reactor.listenTCP``, with :class:`CoalescingServer` connections on a POSIX reactor."""
-    if not isinstance(reactor, PosixReactorBase):
+def listen_tcp(reactor: Any, port: int, factory: IProtocolFactory, backlog: int, interface: str,
+               reuse_port: bool = False) -> IListeningPort:
+    """Listen like ``reactor.listenTCP``, with :class:`CoalescingServer` connections on a POSIX reactor.
+
+    With ``reuse_port`` the port may be shared with other processes that also asked for it (SO_REUSEPORT).
+    """
+    if reuse_port:
+        check_reuse_port(reactor, port, interface)
+    elif not isinstance(reactor, PosixReactorBase):
         return reactor.listenTCP(port, factory, backlog=backlog, interface=interface)
     listening = CoalescingPort(port, factory, backlog, interface, reactor)
+    listening.reuse_port = reuse_port
     listening.startListening()
     return listening

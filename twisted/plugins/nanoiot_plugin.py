@@ -19,18 +19,29 @@ def _fail(message: str, code: int) -> None:
     raise SystemExit(code)
 
 
+def _env(name: str) -> str:
+    return "NANOIOT_" + name.upper().replace("-", "_")
+
+
 def _parameters() -> list[list[Any]]:
     from nanoiot.config import OPTIONS
 
     return [
-        [opt.name, None, None, f"{opt.help} [default {opt.default}; env NANOIOT_{opt.name.upper().replace('-', '_')}]"]
+        [opt.name, None, None, f"{opt.help} [default {opt.default}; env {_env(opt.name)}]"]
         for opt in OPTIONS
-        if opt.name != "demo"
+        if not opt.flag
     ]
 
 
+def _flags() -> list[list[Any]]:
+    """Booleans that default to off are bare flags (``--demo``); the others (``--gc-freeze false``) take a value."""
+    from nanoiot.config import OPTIONS
+
+    return [[opt.name, None, f"{opt.help} [env {_env(opt.name)}]"] for opt in OPTIONS if opt.flag]
+
+
 class Options(usage.Options):
-    optFlags = [["demo", None, "create demo accounts and devices on an empty database [env NANOIOT_DEMO]"]]
+    optFlags = _flags()
     optParameters = _parameters()
     config: Any = None
 
@@ -44,8 +55,8 @@ class Options(usage.Options):
         from nanoiot.config import OPTIONS, Config
         from nanoiot.errors import ConfigError
 
-        given = {opt.name: self.get(opt.name) for opt in OPTIONS if opt.name != "demo"}
-        given["demo"] = True if self["demo"] else None
+        # An absent flag is "not given" (None), so that its NANOIOT_* variable can still turn it on.
+        given = {opt.name: (True if self[opt.name] else None) if opt.flag else self.get(opt.name) for opt in OPTIONS}
         try:
             self.config = Config.from_sources(given)
         except ConfigError as exc:
