@@ -16,25 +16,29 @@ from twisted.python.components import Componentized
 
 from nanoiot import __version__
 from nanoiot.actors import messages as m
-from nanoiot.actors.device import ActorSettings, command_record
+from nanoiot.actors.device import ActorSettings
 from nanoiot.actors.directory import DeviceDirectory
+from nanoiot.actors.replies import Replies
+from nanoiot.actors.runtime import reactor_dispatcher
 from nanoiot.collector import CollectorPolicy
+from nanoiot.commands.events import EventStream
+from nanoiot.commands.server_methods import ServerMethods, load_configured_methods, load_entry_point_methods
+from nanoiot.commands.service import CommandService, Initiator
 from nanoiot.config import Config
 from nanoiot.demo import DemoData, banner, seed_demo
-from nanoiot.errors import BadRequest, NotFound, PermissionDenied
-from nanoiot.events import EventBus, RpcStatusEvent
+from nanoiot.errors import BadRequest
 from nanoiot.logs import make_observer
 from nanoiot.persistence.catalog import DeviceCatalog
 from nanoiot.persistence.journal import RpcJournal
 from nanoiot.persistence.records import Device
 from nanoiot.persistence.repository import Repository
-from nanoiot.rpc.model import RpcCommand, RpcResult, RpcStatus, record_command
-from nanoiot.rpc.queue import PendingRpc, QueueSettings
-from nanoiot.rpc.server_methods import ServerMethods, load_configured_methods, load_entry_point_methods
+from nanoiot.rpc.body import RpcBody
+from nanoiot.rpc.model import RpcResult, record_command
+from nanoiot.rpc.queue import QueueSettings
 from nanoiot.transports.coap.server import CoapServer
 from nanoiot.transports.mqtt.protocol import MqttFactory
-from nanoiot.transports.mqtt.session import MqttSession
 from nanoiot.transports.tcp import listen_tcp
+from nanoiot.transports.udp import listen_udp
 from nanoiot.web.context import WebContext
 from nanoiot.web.site import build_site
 from nanoiot.web.tokens import TokenIssuer, load_signing_key
@@ -95,26 +99,38 @@ class NanoService(MultiService):
             idle_timeout=config.device_idle_timeout,
             session_limits=session_limits(config),
         )
-        self.events = EventBus()
+        self.events = EventStream()
         # Server methods: built-ins and those given in code, then installed entry points, then --rpc-methods.
         self.server_methods = server_methods if server_methods is not None else ServerMethods()
         self.server_methods.update(load_entry_point_methods())
         self.server_methods.update(load_configured_methods(config.rpc_methods))
-        self.directory = DeviceDirectory(reactor, settings, self.server_methods, self._publish_status, self.journal)
+        self.node = config.node_name if config.cluster else ""
+        self.replies = Replies(self.node)
+        self.directory = DeviceDirectory(reactor, settings, self.server_methods, self.events, self.journal,
+                                         reactor_dispatcher(reactor), self.replies, self.node)
         self.directory.context.send_rpc = self._send_rpc
         self.directory.setServiceParent(self)
-        self.tokens = TokenIssuer(
-            load_signing_key(config.jwt_key, config.jwt_key_file),
-            config.jwt_expiration,
-            config.jwt_refresh_expiration,
-            reactor,
-        )
-        self.web_context = WebContext(config, reactor, self.repository, self.catalog, self.directory, self.tokens,
-                                      self.journal, self.events)
+        # In a cluster the signing key is shared through the database unless --jwt-key gives it (see join()).
+        signing_key = config.jwt_key.encode() if config.cluster and config.jwt_key else (
+            b"" if config.cluster else load_signing_key(config.jwt_key, config.jwt_key_file))
+        self.tokens = TokenIssuer(signing_key, config.jwt_expiration, config.jwt_refresh_expiration, reactor)
+        #: The device port: this node's directory, or in a cluster the router in front of it.
+        self.port: Any = self.directory
+        self.cluster: Any = None
+        if config.cluster:
+            from nanoiot.cluster.node import ClusterNode
+
+            self.cluster = ClusterNode(config, reactor, self.repository, self.directory, self.catalog, self.journal,
+                                       self.events, self.tokens)
+            self.port = self.cluster.port
+            self.cluster.setServiceParent(self)
+        self.commands = CommandService(self.port, self.replies, self.catalog, self.repository, self.events, reactor)
+        self.web_context = WebContext(config, reactor, self.repository, self.catalog, self.port, self.tokens,
+                                      self.commands, self.cluster)
         self.site = build_site(self.web_context)
         self.mqtt_factory = MqttFactory(
             authenticate=self.catalog.device_for_token,
-            attach=self._attach_mqtt_session,
+            attach=self.port.attach,
             clock=reactor,
             max_packet_size=config.mqtt_max_packet_size,
             connect_timeout=config.mqtt_connect_timeout,
@@ -123,7 +139,7 @@ class NanoService(MultiService):
         self.mqtt_factory.noisy = False
         self.coap_server = CoapServer(
             authenticate=self.catalog.device_for_token,
-            attach=self._attach_session,
+            attach=self.port.attach,
             clock=reactor,
         )
         self.http_port: IListeningPort | None = None
@@ -142,19 +158,8 @@ class NanoService(MultiService):
         super().setServiceParent(parent)
         # Under twistd the parent is the Application: give it our quiet, structured log observer.
         if isinstance(parent, Componentized) and parent.getComponent(ILogObserver, None) is None:
-            parent.setComponent(ILogObserver, make_observer(self.config.log_level, self.config.log_format))
-
-    def _publish_status(self, device: Device, pending: PendingRpc, status: RpcStatus, response: Any) -> None:
-        if self.events.has_listeners:
-            command = pending.command
-            record = command_record(command, pending.request_id, status, response)
-            self.events.publish(RpcStatusEvent(record, command.persistent))
-
-    def _attach_mqtt_session(self, device: Device, session: MqttSession) -> Any:
-        return self.directory.attach(device, m.AttachSession(session))
-
-    def _attach_session(self, device: Device, session: Any, exclusive: bool) -> Any:
-        return self.directory.attach(device, m.AttachSession(session, exclusive))
+            parent.setComponent(ILogObserver, make_observer(self.config.log_level, self.config.log_format,
+                                                            node=self.node))
 
     def _find_or_create_subdevice(self, gateway: Device, name: str, device_type: str) -> Deferred:
         """A gateway's sub-device by name in the gateway's tenant, created on first sight (as ThingsBoard does:
@@ -178,28 +183,16 @@ class NanoService(MultiService):
         return ensureDeferred(find_or_create())
 
     def _send_rpc(self, caller: Device, device_id: UUID | str, method: str, params: Any = None,
-                  oneway: bool = False, timeout_ms: int = 10000) -> Deferred:
+                  oneway: bool = False, timeout_ms: int = 10000) -> Deferred[RpcResult]:
         """``CallContext.send_rpc``: a server method commands another device of the calling device's tenant."""
-
-        async def send() -> RpcResult:
-            target_id = device_id if isinstance(device_id, UUID) else UUID(str(device_id))
-            target = await self.catalog.get_device(target_id)
-            if target is None:
-                raise NotFound(f"Device with id [{target_id}] is not found")
-            if target.tenant_id != caller.tenant_id:
-                raise PermissionDenied()
-            now = int(self.reactor.seconds() * 1000)
-            command = RpcCommand(rpc_id=uuid4(), tenant_id=target.tenant_id, device_id=target.id, method=method,
-                                 params=params, oneway=oneway, expiration_time=now + int(timeout_ms),
-                                 created_time=now)
-            message = m.SubmitRpc(command)
-            self.directory.tell(target, message)
-            return await message.reply
-
-        return ensureDeferred(send())
+        target_id = device_id if isinstance(device_id, UUID) else UUID(str(device_id))
+        now = int(self.reactor.seconds() * 1000)
+        body = RpcBody(method=method, params=params, timeout=int(timeout_ms), expiration_time=now + int(timeout_ms),
+                       persistent=False, retries=None, additional_info=None, request_uuid=uuid4(), qos=None)
+        return self.commands.submit(Initiator(caller.tenant_id, device_id=caller.id), target_id, body, oneway)
 
     def _listen(self, port: int, factory: Any) -> IListeningPort:
-        return listen_tcp(self.reactor, port, factory, LISTEN_BACKLOG, self.config.host)
+        return listen_tcp(self.reactor, port, factory, LISTEN_BACKLOG, self.config.host, self.config.reuse_port)
 
     def startService(self) -> None:
         super().startService()
@@ -208,7 +201,10 @@ class NanoService(MultiService):
     async def _start(self) -> NanoService:
         raise_open_file_limit()
         await self.repository.start()
-        await self._resume_persistent_rpcs()
+        if self.cluster is None:
+            await self._resume_persistent_rpcs()
+        else:
+            await self.cluster.join()
         if self.config.rpc_ttl:
             self._ttl = TimerService(self.config.rpc_ttl_interval, self._clean_up_finished_rpcs)
             self._ttl.clock = self.reactor
@@ -217,7 +213,8 @@ class NanoService(MultiService):
             self.demo = await seed_demo(self.repository, self.catalog)
         self.http_port = self._listen(self.config.http_port, self.site)
         self.mqtt_port = self._listen(self.config.mqtt_port, self.mqtt_factory)
-        self.coap_port = self.reactor.listenUDP(self.config.coap_port, self.coap_server, interface=self.config.host)
+        self.coap_port = listen_udp(self.reactor, self.config.coap_port, self.coap_server, self.config.host,
+                                    self.config.reuse_port)
         if self.config.gc_freeze:
             self.collector = CollectorPolicy(self.reactor, lambda: len(self.directory))
             self.collector.start()
@@ -241,7 +238,7 @@ class NanoService(MultiService):
             if device is None:
                 continue
             entries = [(record_command(r), r.status, r.seq, r.attempts) for r in stored]
-            self.directory.tell(device, m.RestoreRpcs(entries))
+            self.directory.tell_local(device, m.RestoreRpcs(entries))
             resumed += len(entries)
             if index % 1000 == 999:
                 await deferLater(self.reactor, 0, lambda: None)  # let the reactor breathe between chunks

@@ -11,16 +11,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 from uuid import UUID
 
+from pykka import ActorDeadError
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from nanoiot.actors import messages as m
-from pykka import ActorDeadError
-
-from nanoiot.actors.runtime import ReactorActor
+from nanoiot.actors.replies import Replies, ReplyTo
+from nanoiot.actors.runtime import Dispatcher, ReactorActor
+from nanoiot.commands.events import DeviceCalled, DeviceOffline, DeviceOnline, EventStream, RpcStatusChanged
+from nanoiot.commands.server_methods import CallContext, ServerMethods
 from nanoiot.persistence.records import Device, RpcRecord
-from nanoiot.rpc.model import RpcCommand, RpcFailure, RpcResult, RpcStatus
+from nanoiot.rpc.model import NonJsonResponse, RpcCommand, RpcFailure, RpcResult, RpcStatus
 from nanoiot.rpc.queue import (
     CancelTimer,
     DeviceRpcQueue,
@@ -33,9 +35,7 @@ from nanoiot.rpc.queue import (
     StatusChanged,
     Timer,
 )
-from nanoiot.rpc.server_methods import CallContext, ServerMethods
-from nanoiot.transports.session import Delivery, DeviceSession
-from nanoiot.transports.session import tell_actor as _tell_quietly
+from nanoiot.port.session import Delivery, DeviceSession
 
 if TYPE_CHECKING:
     from nanoiot.actors.directory import DeviceDirectory
@@ -44,19 +44,11 @@ if TYPE_CHECKING:
 log = Logger(namespace="nanoiot.device")
 
 
-class NonJsonResponse(str):
-    """A device answer that is not JSON: REST answers 406, persistence stores ``{"error": text}``."""
-
-
 def parse_device_payload(payload: bytes) -> Any:
     try:
         return json.loads(payload)
     except (ValueError, RecursionError):  # a deeply nested payload must not kill the actor
         return NonJsonResponse(payload.decode("utf-8", "replace"))
-
-
-#: Called with (pending, status, response) for every status change; persistence and events subscribe here.
-StatusListener = Callable[[Device, PendingRpc, RpcStatus, Any], None]
 
 
 @dataclass(slots=True)
@@ -102,6 +94,17 @@ class TenantCounts:
             self.active.pop(tenant_id, None)
 
 
+def tell_quietly(ref: Any, message: Any) -> bool:
+    """Tell an actor from a timer or a callback that may outlive it (passivation, shutdown): a message to a
+    stopped actor is dropped, not an error. Returns whether it was delivered."""
+    try:
+        ref.tell(message)
+        return True
+    except ActorDeadError:
+        log.debug("message for a stopped device actor dropped: {kind}", kind=type(message).__name__)
+        return False
+
+
 @dataclass(slots=True)
 class ActorContext:
     """What every device actor shares: one reference per actor instead of one per service."""
@@ -110,23 +113,29 @@ class ActorContext:
     clock: IReactorTime
     settings: ActorSettings
     server_methods: ServerMethods
-    status_listener: StatusListener | None = None
+    dispatcher: Dispatcher | None = None
+    events: EventStream | None = None
     journal: RpcJournal | None = None
+    replies: Replies = field(default_factory=Replies)
     ids: RequestIds = field(default_factory=RequestIds)
     tenant_counts: TenantCounts = field(default_factory=TenantCounts)
     #: Lets server methods command other devices (``CallContext.send_rpc``; see ``RpcSender``); set by the service.
     send_rpc: Callable[..., Deferred] | None = None
+    #: This node's name (events say where a device is); "" on a single node.
+    node: str = ""
+    #: In a cluster, persistent commands are held in memory only by the node that holds the device's session.
+    cluster: bool = False
 
 
 class DeviceActor(ReactorActor):
     def __init__(self, device: Device, context: ActorContext) -> None:
-        super().__init__()
+        super().__init__(dispatcher=context.dispatcher)
         self.device = device
         self.ctx = context
         self.queue = DeviceRpcQueue(context.settings.queue)
         self.sessions: dict[int, DeviceSession] = {}
         #: rpc id -> callers waiting for the outcome (lightweight) or for the durable insert (persistent).
-        self.waiters: dict[Any, list[Deferred]] = {}
+        self.waiters: dict[Any, list[ReplyTo]] = {}
         self.timers: dict[tuple[Timer, int], tuple[int, IDelayedCall]] = {}
         self.passivated = False
         self._idle_call: IDelayedCall | None = None
@@ -173,7 +182,7 @@ class DeviceActor(ReactorActor):
     def on_receive(self, message: Any) -> Any:
         if self.passivated:
             # A message that raced with passivation goes to the device's next actor, in order.
-            self.directory.tell(self.device, message)
+            self.directory.redeliver(self.device, message)
             return None
         handler = _HANDLERS.get(type(message))
         if handler is None:
@@ -188,18 +197,20 @@ class DeviceActor(ReactorActor):
 
     def _submit(self, msg: m.SubmitRpc) -> None:
         command = msg.command
+        reply_to = msg.reply_to
         if self.queue.find(command.rpc_id) is not None:
             # The same requestUUID again: join the pending call (or its insert), never send it twice.
             if command.persistent and command.rpc_id not in self._inserts_pending:
-                msg.reply.callback(_persisted(command.rpc_id))
-            else:
-                self.waiters.setdefault(command.rpc_id, []).append(msg.reply)
+                self._reply(reply_to, _persisted(command.rpc_id))
+            elif reply_to is not None:
+                self.waiters.setdefault(command.rpc_id, []).append(reply_to)
             return
         refusal = self._refusal(command)
         if refusal is not None:
-            msg.reply.callback(refusal)
+            self._reply(reply_to, refusal)
             return
-        self.waiters.setdefault(command.rpc_id, []).append(msg.reply)
+        if reply_to is not None:
+            self.waiters.setdefault(command.rpc_id, []).append(reply_to)
         self._inserting = command.rpc_id if command.persistent else None
         try:
             self._apply(self.queue.submit(command, self.now(), self.ctx.ids.take()))
@@ -242,25 +253,37 @@ class DeviceActor(ReactorActor):
     def _delete(self, msg: m.DeleteRpc) -> None:
         effects = self.queue.delete(msg.rpc_id, self.now())
         self._apply(effects)
-        msg.reply.callback(bool(effects))
+        self._reply(msg.reply_to, bool(effects))
 
     def _attach(self, msg: m.AttachSession) -> None:
         session = msg.session
+        was_online = bool(self.sessions)
         if msg.exclusive:
             for other in [s for s in self.sessions.values() if s.transport == session.transport]:
                 log.info("device {device_id}: {transport} session {old} replaced by {new}",
                          device_id=self.device.id, transport=session.transport, old=other.session_id,
                          new=session.session_id)
-                self._detach_session(other.session_id)
+                self._detach_session(other.session_id, announce=False)
                 other.close("replaced by a newer session of the same device")
         self.sessions[session.session_id] = session
+        if not was_online:
+            self._publish_presence(DeviceOnline, session.transport)
 
     def _detach(self, msg: m.DetachSession) -> None:
         self._detach_session(msg.session_id)
 
-    def _detach_session(self, session_id: int) -> None:
-        if self.sessions.pop(session_id, None) is not None:
+    def _detach_session(self, session_id: int, announce: bool = True) -> None:
+        session = self.sessions.pop(session_id, None)
+        if session is not None:
             self._apply(self.queue.session_closed(session_id, self.now()))
+            if announce and not self.sessions:
+                self._publish_presence(DeviceOffline, session.transport)
+
+    def _publish_presence(self, kind: type, transport: str) -> None:
+        events = self.ctx.events
+        if events is not None and events.has_listeners:
+            device = self.device
+            events.publish(kind(device.id, device.tenant_id, device.customer_id, transport, self.ctx.node))
 
     def _subscribe(self, msg: m.SubscribeCommands) -> None:
         if msg.session_id in self.sessions:
@@ -279,6 +302,11 @@ class DeviceActor(ReactorActor):
         session = self.sessions.get(msg.session_id)
         if session is None:
             return
+        events = self.ctx.events
+        if events is not None and events.has_listeners:
+            device = self.device
+            events.publish(DeviceCalled(device.id, device.tenant_id, device.customer_id, session.transport,
+                                        _call_method(msg.payload), self.ctx.node))
         context = CallContext(self.device, session.transport, self.clock, self.settings.session_limits or {},
                               self.ctx.send_rpc)
         d = self.ctx.server_methods.call(context, msg.payload)
@@ -307,13 +335,48 @@ class DeviceActor(ReactorActor):
             self._apply(self.queue.response_timed_out(msg.request_id, now))
 
     def _removed(self, msg: m.DeviceRemoved) -> None:
-        for session in list(self.sessions.values()):
-            session.close("device deleted")
-        self.sessions.clear()
+        self._close_sessions("device deleted")
         now = self.now()
         for pending in list(self.queue.pending.values()):
             self._apply(self.queue.delete(pending.command.rpc_id, now))
         self._retire()
+
+    def _close_sessions(self, reason: str) -> None:
+        sessions = list(self.sessions.values())
+        self.sessions.clear()
+        for session in sessions:
+            session.close(reason)
+        if sessions:
+            self._publish_presence(DeviceOffline, sessions[-1].transport)
+
+    def _released(self, msg: m.Released) -> None:
+        """Another node holds the device now: nothing is delivered from here any more. Lightweight commands still
+        waiting go to the device's new actor with their callers' addresses (it answers them directly); persistent
+        ones are forgotten without a status change, since the new actor loads them from the database."""
+        log.info("device {device_id} taken over by node {node}", device_id=self.device.id, node=msg.new_node)
+        self._close_sessions(f"taken over by node {msg.new_node}")
+        forward: list[m.SubmitRpc] = []
+        for pending in list(self.queue.pending.values()):
+            command = pending.command
+            if command.persistent:
+                if command.rpc_id in self._inserts_pending:
+                    continue  # its caller is answered when the insert is durable (see _answer_persistent)
+                self.persistent_pending -= 1
+                self.ctx.tenant_counts.release(command.tenant_id)
+                self.waiters.pop(command.rpc_id, None)
+            else:
+                for reply_to in self.waiters.pop(command.rpc_id, ()):
+                    forward.append(m.SubmitRpc(command, reply_to))
+        for kind_and_id, (_, call) in list(self.timers.items()):
+            if call.active():
+                call.cancel()
+        self.timers.clear()
+        self.queue = DeviceRpcQueue(self.settings.queue)
+        self._sent_durable.clear()
+        self._reply(msg.reply_to, True)
+        self._retire()
+        for message in forward:
+            self.directory.tell(self.device, message)
 
     def _passivate(self, msg: m.Passivate) -> None:
         if msg.generation != self._idle_generation or not self._is_idle():
@@ -323,26 +386,31 @@ class DeviceActor(ReactorActor):
     def _retire(self) -> None:
         """Leave the directory and hand the mail still queued here to the device's next actor, in order, in
         this same step: nothing sent before can be overtaken by what is sent after, and nothing is lost."""
-        self.directory.forget(self.device.id, self.actor_ref)
+        self.directory.forget(self.device, self.actor_ref)
         self.passivated = True
         inbox = self.actor_inbox
         while not inbox.empty():
             envelope = inbox.get()
             if envelope.reply_to is None:
-                self.directory.tell(self.device, envelope.message)
+                self.directory.redeliver(self.device, envelope.message)
             else:
                 envelope.reply_to.set_exception(exc_info=(ActorDeadError, ActorDeadError(
                     f"device actor {self.device.id} passivated"), None))
         self.stop()
+        self.directory.retired(self.device)
 
     def _inspect(self, msg: m.Inspect) -> None:
-        msg.reply.callback({
+        self._reply(msg.reply_to, {
             "sessions": sorted(self.sessions),
             "subscriptions": list(self.queue.subscriptions),
             "pending": [(p.request_id, p.status.value) for p in self.queue.pending.values()],
             "timers": sorted((k.value, rid) for k, rid in self.timers),
             "persistent_pending": self.persistent_pending,
         })
+
+    def _reply(self, reply_to: ReplyTo | None, value: Any) -> None:
+        if reply_to is not None:
+            self.ctx.replies.answer(reply_to, value)
 
     # --- effects --------------------------------------------------------------------------------------------------
 
@@ -355,7 +423,7 @@ class DeviceActor(ReactorActor):
                     # Write-ahead: the device gets a persistent command only once SENT is stored, so after a
                     # crash every command that may have reached a device is known to have been sent.
                     durable.addCallback(lambda _, sid=effect.session_id, rid=effect.pending.request_id:
-                                        _tell_quietly(self.actor_ref, m.SendNow(sid, rid)))
+                                        tell_quietly(self.actor_ref, m.SendNow(sid, rid)))
                     durable.addErrback(lambda f: log.failure("device {device_id}: SENT not stored", f,
                                                              device_id=self.device.id))
                 elif self._send(effect):
@@ -378,17 +446,19 @@ class DeviceActor(ReactorActor):
     def _finished(self, effect: Finished) -> None:
         if effect.rpc_id in self._inserts_pending:
             return  # a persistent caller is answered when its insert is durable, not when the command ends
-        for waiter in self.waiters.pop(effect.rpc_id, ()):
-            if not waiter.called:  # a caller that went away cancelled its Deferred
-                waiter.callback(effect.result)
+        replies = self.ctx.replies
+        for reply_to in self.waiters.pop(effect.rpc_id, ()):
+            replies.answer(reply_to, effect.result)  # a caller that went away is skipped there
 
     def _status_changed(self, effect: StatusChanged) -> None:
         pending, status = effect.pending, effect.status
         command = pending.command
         if command.persistent:
             self._journal(pending, status, effect.response)
-        if self.ctx.status_listener is not None:
-            self.ctx.status_listener(self.device, pending, status, effect.response)
+        events = self.ctx.events
+        if events is not None and events.has_listeners:
+            record = _record(command, pending.request_id, status, effect.response)
+            events.publish(RpcStatusChanged(record, command.persistent))
 
     def _journal(self, pending: PendingRpc, status: RpcStatus, response: Any) -> None:
         command = pending.command
@@ -435,13 +505,29 @@ class DeviceActor(ReactorActor):
             log.failure("device {device_id}: persistent RPC {rpc_id} could not be stored", failure,
                         device_id=self.device.id, rpc_id=rpc_id)
             self._apply(self.queue.delete(rpc_id, self.now()))
-        for waiter in waiters:
-            if not waiter.called:
-                if failure is None:
-                    waiter.callback(_persisted(rpc_id))
-                else:
-                    waiter.errback(failure)
-        self._schedule_idle_check()
+        elif self.ctx.cluster and (self.passivated or not self.sessions):
+            self._let_go_of(rpc_id)
+        replies = self.ctx.replies
+        for reply_to in waiters:
+            if failure is None:
+                replies.answer(reply_to, _persisted(rpc_id))
+            else:
+                replies.fail(reply_to, failure.value)
+        if not self.passivated:
+            self._schedule_idle_check()
+
+    def _let_go_of(self, rpc_id: Any) -> None:
+        """Cluster: a stored persistent command of a device with no session here is not kept in memory (the node
+        the device connects to loads it from the database), so no node expires or delivers a stale copy."""
+        pending = self.queue.forget(rpc_id)
+        if pending is None:
+            return
+        self.persistent_pending -= 1
+        self.ctx.tenant_counts.release(pending.command.tenant_id)
+        for kind in Timer:
+            armed = self.timers.pop((kind, pending.request_id), None)
+            if armed is not None and armed[1].active():
+                armed[1].cancel()
 
     def _send(self, effect: Send) -> bool:
         session = self.sessions.get(effect.session_id)
@@ -465,7 +551,7 @@ class DeviceActor(ReactorActor):
         self._timer_generation += 1
         generation = self._timer_generation
         delay = max(0.0, (effect.at - self.now()) / 1000.0)
-        call = self.clock.callLater(delay, _tell_quietly, self.actor_ref,
+        call = self.clock.callLater(delay, tell_quietly, self.actor_ref,
                                     m.TimerFired(effect.kind, effect.request_id, generation))
         self.timers[key] = (generation, call)
 
@@ -484,8 +570,16 @@ class DeviceActor(ReactorActor):
         if self._idle_call is not None and self._idle_call.active():
             return
         self._idle_generation += 1
-        self._idle_call = self.clock.callLater(self.settings.idle_timeout, _tell_quietly, self.actor_ref,
+        self._idle_call = self.clock.callLater(self.settings.idle_timeout, tell_quietly, self.actor_ref,
                                                m.Passivate(self._idle_generation))
+
+
+def _call_method(payload: bytes) -> str | None:
+    try:
+        method = json.loads(payload).get("method")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return method if isinstance(method, str) else None
 
 
 def _persisted(rpc_id: Any) -> RpcResult:
@@ -534,6 +628,7 @@ _HANDLERS: dict[type, Callable[[DeviceActor, Any], Any]] = {
     m.DeviceRemoved: DeviceActor._removed,
     m.Passivate: DeviceActor._passivate,
     m.Inspect: DeviceActor._inspect,
+    m.Released: DeviceActor._released,
     m.RestoreRpcs: DeviceActor._restore,
     m.SendNow: DeviceActor._send_now,
 }

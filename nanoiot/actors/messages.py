@@ -1,6 +1,8 @@
 """Messages a device actor understands: plain data, told (never asked) so that no caller ever waits on the actor.
 
-Callers that need an outcome pass a Deferred in the message; the actor fires it on the reactor thread.
+A message that wants an answer carries a :class:`~nanoiot.actors.replies.ReplyTo` address, never a Deferred, so
+that it can be written to a socket and reach an actor on another node. Only :class:`AttachSession` holds an
+object (the session), and a session is local by definition: a device's actor lives where its session is.
 """
 
 from __future__ import annotations
@@ -9,25 +11,27 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
-from twisted.internet.defer import Deferred
-
+from nanoiot.actors.replies import ReplyTo
+from nanoiot.port.session import DeviceSession
 from nanoiot.rpc.model import RpcCommand
 from nanoiot.rpc.queue import Timer
-from nanoiot.transports.session import DeviceSession
 
 
 @dataclass(slots=True)
 class SubmitRpc:
-    """A server-side command; ``reply`` fires with an RpcResult when it ends (or at once for persistent ones)."""
+    """A server-side command; the answer (an RpcResult) goes to ``reply_to`` when it ends, or at once with the
+    rpcId for a persistent one once it is stored."""
 
     command: RpcCommand
-    reply: Deferred = field(default_factory=Deferred)
+    reply_to: ReplyTo | None = None
 
 
 @dataclass(slots=True)
 class DeleteRpc:
+    """Delete a pending command; answers True if it was pending here."""
+
     rpc_id: UUID
-    reply: Deferred = field(default_factory=Deferred)
+    reply_to: ReplyTo | None = None
 
 
 @dataclass(slots=True)
@@ -81,6 +85,15 @@ class DeviceRemoved:
 
 
 @dataclass(slots=True)
+class Released:
+    """Another node took the device over (cluster): close its sessions here, hand lightweight commands still
+    waiting for a session to ``forward`` and forget persistent ones (the new owner loads them from the database)."""
+
+    new_node: str
+    reply_to: ReplyTo | None = None
+
+
+@dataclass(slots=True)
 class TimerFired:
     kind: Timer
     request_id: int
@@ -95,16 +108,16 @@ class Passivate:
 
 @dataclass(slots=True)
 class Inspect:
-    """For tests and diagnostics: reply with a snapshot of the actor's state."""
+    """For tests and diagnostics: answer with a snapshot of the actor's state."""
 
-    reply: Deferred = field(default_factory=Deferred)
+    reply_to: ReplyTo | None = None
     extra: Any = None
 
 
 @dataclass(slots=True)
 class RestoreRpcs:
-    """Stored commands to resume after a restart, in their original order: (command, status, request id, retry
-    attempts already spent)."""
+    """Stored commands to resume (after a restart, or on taking a device over in a cluster), in their original
+    order: (command, status, request id, retry attempts already spent)."""
 
     entries: list = field(default_factory=list)
 

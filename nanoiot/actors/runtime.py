@@ -76,6 +76,7 @@ __all__ = [
     "ask_deferred",
     "get_dispatcher",
     "install_fast_registry",
+    "reactor_dispatcher",
     "set_dispatcher",
     "stop_all_deferred",
     "stop_deferred",
@@ -216,6 +217,16 @@ def get_dispatcher() -> Dispatcher:
                     # Created before reactor.run(): follow the reactor to whichever thread ends up running it.
                     reactor.callWhenRunning(_default_dispatcher._adopt_current_thread)  # type: ignore[attr-defined]
             dispatcher = _default_dispatcher
+    return dispatcher
+
+
+def reactor_dispatcher(reactor: Any) -> Dispatcher:
+    """A dispatcher of its own for a service running on ``reactor`` (passed to the actors it builds), following
+    the reactor to whichever thread runs it."""
+    io_thread = threadable.ioThread  # set once a reactor has run
+    dispatcher = Dispatcher(cast(IReactorTime, reactor), reactor_thread=io_thread)
+    if io_thread is None and hasattr(reactor, "callWhenRunning"):
+        reactor.callWhenRunning(dispatcher._adopt_current_thread)
     return dispatcher
 
 
@@ -697,14 +708,15 @@ class ReactorActor(pykka.Actor):
 
     actor_stopped: _StoppedFlag  # type: ignore[assignment]  # duck-types threading.Event
 
-    def __init__(self, *_args: Any, **_kwargs: Any) -> None:
+    def __init__(self, *_args: Any, dispatcher: Dispatcher | None = None, **_kwargs: Any) -> None:
         """Pykka's ``Actor.__init__`` without its ``threading.Event`` (the largest per-actor object).
 
         Sets exactly the attributes ``Actor.__init__`` sets (pinned by a test), so subclasses call
-        ``super().__init__()`` as usual.
+        ``super().__init__()`` as usual; ``dispatcher`` (passed in by whoever builds the actors) wins over the
+        class attribute and the process default.
         """
         self.actor_urn = uuid4().urn
-        inbox = self._create_actor_inbox()
+        inbox = _Mailbox(self, dispatcher) if dispatcher is not None else self._create_actor_inbox()
         self.actor_inbox = inbox
         self.actor_stopped = _StoppedFlag(inbox.dispatcher)
         self._actor_ref = ActorRef(self)
@@ -820,6 +832,4 @@ def install_fast_registry() -> None:
         if not isinstance(current, RefTable):
             ActorRegistry._actor_refs = RefTable(current)  # type: ignore[assignment]
 
-
-install_fast_registry()
 

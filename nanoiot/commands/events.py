@@ -1,10 +1,15 @@
-"""An in-process event bus: RPC status changes are published here for whoever listens (tests, WebSocket
-subscribers, webhooks). Listeners run synchronously on the reactor thread and must not block."""
+"""The one typed event stream of the command service: devices going online and offline, every status change of
+every command (lightweight ones too), and device-to-server calls.
+
+Listeners run synchronously on the reactor thread and must not block. WebSocket clients, rule chains, metrics and
+tests subscribe here; in a cluster each node publishes the events of the devices it holds.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Union
+from uuid import UUID
 
 from twisted.logger import Logger
 
@@ -15,7 +20,7 @@ log = Logger(namespace="nanoiot.events")
 
 
 @dataclass(frozen=True, slots=True)
-class RpcStatusEvent:
+class RpcStatusChanged:
     """``RPC_<STATUS>``: one status change of one command; ``record`` is the command as it stands now."""
 
     record: RpcRecord
@@ -30,10 +35,48 @@ class RpcStatusEvent:
         return self.record.status
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceOnline:
+    """The device's first session attached on ``node``."""
+
+    device_id: UUID
+    tenant_id: UUID
+    customer_id: UUID
+    transport: str
+    node: str = ""
+    type: str = "DEVICE_ONLINE"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceOffline:
+    """The device's last session detached (closed, replaced by none, or taken over by another node)."""
+
+    device_id: UUID
+    tenant_id: UUID
+    customer_id: UUID
+    transport: str
+    node: str = ""
+    type: str = "DEVICE_OFFLINE"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceCalled:
+    """A device called the server (a device-to-server RPC); ``method`` is None when the call was not valid JSON."""
+
+    device_id: UUID
+    tenant_id: UUID
+    customer_id: UUID
+    transport: str
+    method: str | None
+    node: str = ""
+    type: str = "DEVICE_CALLED"
+
+
+Event = Union[RpcStatusChanged, DeviceOnline, DeviceOffline, DeviceCalled]
 Listener = Callable[[Any], None]
 
 
-class EventBus:
+class EventStream:
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
 
@@ -46,7 +89,7 @@ class EventBus:
     def has_listeners(self) -> bool:
         return bool(self._listeners)
 
-    def publish(self, event: Any) -> None:
+    def publish(self, event: Event) -> None:
         for listener in tuple(self._listeners):
             try:
                 listener(event)

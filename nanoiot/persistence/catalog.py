@@ -8,7 +8,7 @@ write keeps the cache exact.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 from uuid import UUID
 
 from twisted.internet.defer import Deferred, succeed
@@ -30,6 +30,9 @@ class DeviceCatalog:
         self._by_id: OrderedDict[UUID, Device] = OrderedDict()
         self._id_by_token: dict[str, UUID] = {}
         self._token_by_id: dict[UUID, str] = {}
+        #: Told (device id, deleted) after a device, its credentials or its customer changed (the cluster tells the
+        #: other nodes to drop their cached copies).
+        self.changed: Callable[[UUID, bool], None] | None = None
 
     # --- reads ----------------------------------------------------------------------------------------------------
 
@@ -105,19 +108,26 @@ class DeviceCatalog:
 
     def update_device(self, device: Device) -> Deferred:
         self.forget(device.id)
-        return self.repository.update_device(device).addCallback(self._remember)
+        d = self.repository.update_device(device).addCallback(self._remember)
+        return d.addCallback(self._tell_changed, device.id, False)
 
     def assign_device(self, device_id: UUID, customer_id: UUID) -> Deferred:
         self.forget(device_id)
-        return self.repository.assign_device(device_id, customer_id).addCallback(self._remember)
+        d = self.repository.assign_device(device_id, customer_id).addCallback(self._remember)
+        return d.addCallback(self._tell_changed, device_id, False)
 
     def update_credentials(self, device_id: UUID, token: str) -> Deferred:
         self.forget(device_id)
-        return self.repository.update_credentials(device_id, token)
+        return self.repository.update_credentials(device_id, token).addCallback(self._tell_changed, device_id, False)
 
     def delete_device(self, device_id: UUID) -> Deferred:
         self.forget(device_id)
-        return self.repository.delete_device(device_id)
+        return self.repository.delete_device(device_id).addCallback(self._tell_changed, device_id, True)
+
+    def _tell_changed(self, result: Any, device_id: UUID, deleted: bool) -> Any:
+        if self.changed is not None:
+            self.changed(device_id, deleted)
+        return result
 
     def forget(self, device_id: UUID) -> None:
         self._by_id.pop(device_id, None)

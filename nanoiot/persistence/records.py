@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 from uuid import UUID
 
+from nanoiot.rpc.model import RpcStatus
+
 #: ThingsBoard's "no entity" id, used for an unassigned customer and for the system administrator's tenant.
 NULL_UUID = UUID("13814000-1dd2-11b2-8080-808080808080")
 
@@ -18,24 +20,6 @@ class Authority(str, enum.Enum):
     SYS_ADMIN = "SYS_ADMIN"
     TENANT_ADMIN = "TENANT_ADMIN"
     CUSTOMER_USER = "CUSTOMER_USER"
-
-
-class RpcStatus(str, enum.Enum):
-    QUEUED = "QUEUED"
-    SENT = "SENT"
-    DELIVERED = "DELIVERED"
-    SUCCESSFUL = "SUCCESSFUL"
-    TIMEOUT = "TIMEOUT"
-    EXPIRED = "EXPIRED"
-    FAILED = "FAILED"
-    DELETED = "DELETED"
-
-    @property
-    def is_terminal(self) -> bool:
-        return self in _TERMINAL
-
-
-_TERMINAL = frozenset({RpcStatus.SUCCESSFUL, RpcStatus.EXPIRED, RpcStatus.FAILED, RpcStatus.DELETED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,3 +126,36 @@ class Page(Generic[T]):
     @property
     def has_next(self) -> bool:
         return (self.page + 1) * self.page_size < self.total_elements
+
+
+# --- cluster mode ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    """A node of the cluster as its row says; ``alive`` when its last heartbeat is recent enough."""
+
+    node_id: str
+    address: str | None
+    started_time: int | None
+    heartbeat_time: int | None
+    connected_devices: int | None
+    alive: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A device taken by a node: ``epoch`` fences the claim; ``previous_node`` held it before (None: nobody)."""
+
+    device_id: UUID
+    epoch: int
+    previous_node: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Which node serves a device, under which epoch, and whether that node still heartbeats."""
+
+    device_id: UUID
+    node_id: str
+    epoch: int
+    alive: bool

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from nanoiot.persistence.records import RpcStatus
-
 __all__ = [
+    "NonJsonResponse",
     "RpcCommand",
     "RpcFailure",
     "RpcResult",
@@ -17,6 +16,24 @@ __all__ = [
     "SubmitStrategy",
     "record_command",
 ]
+
+
+class RpcStatus(str, enum.Enum):
+    QUEUED = "QUEUED"
+    SENT = "SENT"
+    DELIVERED = "DELIVERED"
+    SUCCESSFUL = "SUCCESSFUL"
+    TIMEOUT = "TIMEOUT"
+    EXPIRED = "EXPIRED"
+    FAILED = "FAILED"
+    DELETED = "DELETED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({RpcStatus.SUCCESSFUL, RpcStatus.EXPIRED, RpcStatus.FAILED, RpcStatus.DELETED})
 
 
 class SubmitStrategy(str, enum.Enum):
@@ -53,6 +70,10 @@ _DESCRIPTIONS = {
     RpcFailure.DELETED: "Command was deleted before it completed",
     RpcFailure.REJECTED: "Command was rejected by the server",
 }
+
+
+class NonJsonResponse(str):
+    """A device answer that is not JSON: REST answers 406, persistence stores ``{"error": text}``."""
 
 
 @dataclass(slots=True)

@@ -188,6 +188,16 @@ class DeviceRpcQueue:
         self.by_rpc_id[pending.command.rpc_id] = pending.request_id
         effects.append(StartTimer(Timer.EXPIRY, pending.request_id, pending.command.expiration_time))
 
+    def forget(self, rpc_id: UUID) -> PendingRpc | None:
+        """Drop a command that was never written to the device, with no status change and no outcome: in a
+        cluster another node's actor holds it now. Returns it, or None if it is not here or not QUEUED."""
+        pending = self.find(rpc_id)
+        if pending is None or pending.ever_sent or pending.in_flight_on is not None:
+            return None
+        del self.pending[pending.request_id]
+        del self.by_rpc_id[rpc_id]
+        return pending
+
     def session_subscribed(self, session_id: int, one_shot: bool, now: int) -> list[Effect]:
         """A session asked for commands (MQTT subscribe, CoAP observe, HTTP long-poll)."""
         self.subscriptions.pop(session_id, None)

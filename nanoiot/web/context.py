@@ -1,16 +1,16 @@
-"""What the REST handlers share: the repository, the device cache, the actors, the token issuer, the settings."""
+"""What the REST handlers share: the repository, the device cache, the command service, the device port, the token
+issuer, the settings."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
-from nanoiot.actors.directory import DeviceDirectory
+from nanoiot.commands.service import CommandService
 from nanoiot.config import Config
-from nanoiot.events import EventBus
 from nanoiot.persistence.catalog import DeviceCatalog
-from nanoiot.persistence.journal import RpcJournal
 from nanoiot.persistence.repository import Repository
 from nanoiot.web.tokens import TokenIssuer
 
@@ -21,13 +21,12 @@ class WebContext:
     clock: IReactorTime
     repository: Repository
     catalog: DeviceCatalog
-    directory: DeviceDirectory
+    #: The device port: ``attach`` for the HTTP device API, ``tell`` to reach a device's actor.
+    directory: Any
     tokens: TokenIssuer
-    journal: RpcJournal
-    events: EventBus
-
-    def publish(self, event: object) -> None:
-        self.events.publish(event)
+    commands: CommandService
+    #: Where cluster nodes are listed (``GET /api/cluster/nodes``); None on a single node.
+    cluster: Any = None
 
     def now(self) -> int:
         return int(self.clock.seconds() * 1000)

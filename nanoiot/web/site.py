@@ -8,7 +8,6 @@ from typing import Any
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from nanoiot.actors.messages import AttachSession
 from nanoiot.transports.http.device_api import DeviceApiResource
 from nanoiot.web.auth import AuthApi
 from nanoiot.web.context import WebContext
@@ -55,14 +54,12 @@ class ApiRoot(Resource):
 
 
 def build_device_api(context: WebContext) -> DeviceApiResource:
-    directory = context.directory
     return DeviceApiResource(
         authenticate=context.catalog.device_for_token,
-        attach=lambda device, session, exclusive: directory.attach(device, AttachSession(session, exclusive)),
+        attach=context.directory.attach,
         clock=context.clock,
         max_poll_ms=context.config.http_max_poll_timeout,
         default_poll_ms=context.config.http_poll_timeout,
-        tell=directory.tell,
     )
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest_twisted
 from twisted.internet import defer
 
-from nanoiot.rpc.server_methods import CallContext
+from nanoiot.commands.server_methods import CallContext
 from tests.fixtures.server import PahoDevice, make_config, server, start_server, with_timeout  # noqa: F401
 from tests.integration.test_mqtt_rpc_e2e import connected_device, create_device
 

@@ -34,9 +34,9 @@ async def actor_state(server: Any, device_id: str) -> dict | None:
     ref = server.service.directory.existing(UUID(device_id))
     if ref is None:
         return None
-    message = m.Inspect()
-    ref.tell(message)
-    return await with_timeout(message.reply)
+    reply_to, answered = server.service.replies.expect()
+    ref.tell(m.Inspect(reply_to))
+    return await with_timeout(answered)
 
 
 async def wait_for_actor(server: Any, device_id: str, predicate: Callable[[dict], bool],

@@ -33,7 +33,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.python.failure import Failure
 
 from nanoiot.rpc.model import RpcResult
-from nanoiot.rpc.server_methods import CallContext
+from nanoiot.commands.server_methods import CallContext
 from tests.fixtures.server import make_config, start_server
 
 ROOT = Path(__file__).resolve().parents[2]

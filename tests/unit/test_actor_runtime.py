@@ -779,9 +779,23 @@ def test_install_fast_registry_keeps_the_refs_already_registered_and_is_idempote
     assert ActorRegistry._actor_refs is table
 
 
-def test_the_process_registry_is_a_ref_table_after_import() -> None:
-    # The real class attribute (no isolated_registry fixture here): the runtime installed it at import.
-    assert isinstance(ActorRegistry._actor_refs, RefTable)
+def test_importing_the_runtime_patches_nothing_and_a_device_directory_installs_the_ref_table() -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "from pykka import ActorRegistry\n"
+        "import nanoiot.actors.runtime, nanoiot.service\n"
+        "before = type(ActorRegistry._actor_refs).__name__\n"
+        "from twisted.internet.task import Clock\n"
+        "from nanoiot.actors.device import ActorSettings\n"
+        "from nanoiot.actors.directory import DeviceDirectory\n"
+        "from nanoiot.rpc.queue import QueueSettings\n"
+        "DeviceDirectory(Clock(), ActorSettings(queue=QueueSettings()))\n"
+        "print(before, type(ActorRegistry._actor_refs).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.split() == ["list", "RefTable"]
 
 
 def test_ref_table_behaves_like_the_list_pykka_uses() -> None:

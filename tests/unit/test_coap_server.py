@@ -1,4 +1,4 @@
-"""The CoAP server in memory (fake datagram transport, ``task.Clock``, a recording actor ref): observe, commands,
+"""The CoAP server in memory (fake datagram transport, ``task.Clock``, recording device links): observe, commands,
 answers, calls, block-wise transfers, error answers and robustness."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from nanoiot.actors import messages as m
+from nanoiot.port.link import NO_LINK
+from nanoiot.port.session import Delivery
 from nanoiot.transports.coap import codec
 from nanoiot.transports.coap import server as server_module
 from nanoiot.transports.coap.blockwise import BLOCK_LIFETIME
 from nanoiot.transports.coap.testing import DEVICE_ADDR, CoapHarness
-from nanoiot.transports.session import Delivery
 
 
 @pytest.fixture
@@ -43,7 +43,8 @@ def test_an_observe_registration_is_answered_2_03_with_observe_and_attaches_an_e
     assert codec.observe_value(reply) is not None
     (attached,) = harness.attached
     assert attached.exclusive is True and attached.session.transport == "coap"
-    assert harness.ref.told == [m.SubscribeCommands(attached.session.session_id)]
+    assert attached.session.link is attached.link
+    assert harness.reports == [(attached.session.session_id, ("subscribed", False))]
 
 
 def test_a_command_arrives_as_a_confirmable_2_05_notification_and_its_ack_marks_it_delivered(harness):
@@ -55,7 +56,8 @@ def test_a_command_arrives_as_a_confirmable_2_05_notification_and_its_ack_marks_
     assert codec.observe_value(note) > codec.observe_value(registration)
     assert opts(note)[codec.CONTENT_FORMAT] == codec.JSON_FORMAT
     harness.ack(note)
-    assert harness.ref.of(m.CommandAcked) == [m.CommandAcked(harness.session.session_id, 3)]
+    assert harness.link().of("acked") == [("acked", 3)]
+    assert len(harness.reports) == 2  # subscribed, acked: nothing on any other session
 
 
 def test_a_non_registration_gets_non_notifications_delivered_on_write(harness):
@@ -64,7 +66,7 @@ def test_a_non_registration_gets_non_notifications_delivered_on_write(harness):
     assert command(harness) is Delivery.DELIVERED
     (note,) = harness.take()
     assert note.type == codec.NON
-    assert harness.ref.of(m.CommandAcked) == []
+    assert harness.reports == [(harness.session.session_id, ("subscribed", False))]  # no ack for a NON
 
 
 def test_observe_numbers_increase_with_every_notification_and_wrap_at_2_pow_24(harness):
@@ -94,8 +96,8 @@ def test_only_one_con_notification_is_in_flight_and_the_next_goes_when_it_is_ack
     harness.ack(second)
     (third,) = harness.take()
     harness.ack(third)
-    sid = harness.session.session_id
-    assert harness.ref.of(m.CommandAcked) == [m.CommandAcked(sid, 0), m.CommandAcked(sid, 1), m.CommandAcked(sid, 2)]
+    assert harness.link().calls == [("subscribed", False), ("acked", 0), ("acked", 1), ("acked", 2)]
+    assert len(harness.reports) == 4
 
 
 def test_a_command_the_actor_sends_again_while_in_flight_or_queued_is_not_duplicated(harness):
@@ -127,7 +129,8 @@ def test_a_non_notification_queued_behind_a_block_transfer_is_reported_acked_whe
     messages = harness.take()
     assert [msg.code for msg in messages] == [codec.CONTENT, codec.CONTENT]  # the block, then the next command
     assert json.loads(messages[1].payload)["id"] == 1
-    assert harness.ref.of(m.CommandAcked) == [m.CommandAcked(harness.session.session_id, 1)]
+    assert harness.link().calls == [("subscribed", False), ("acked", 1)]
+    assert len(harness.reports) == 2
 
 
 def test_giving_up_after_four_retransmissions_drops_the_observer_and_detaches_the_session(harness):
@@ -139,7 +142,8 @@ def test_giving_up_after_four_retransmissions_drops_the_observer_and_detaches_th
     sent = harness.take_raw()
     assert len(sent) == 5 and len({data for data, _ in sent}) == 1
     harness.clock.advance(32)
-    assert harness.ref.of(m.DetachSession) == [m.DetachSession(session.session_id)]
+    assert harness.reports == [(session.session_id, ("subscribed", False)), (session.session_id, ("closed",))]
+    assert session.link is NO_LINK
     assert len(harness.server.observers) == 0
     assert harness.take_raw() == []  # the queued command was not sent to a dead observer
     assert command(harness, 2) is Delivery.NOT_SENT
@@ -150,7 +154,8 @@ def test_an_rst_to_a_con_notification_cancels_the_observation(harness):
     command(harness)
     (note,) = harness.take()
     harness.reset(note)
-    assert harness.ref.of(m.DetachSession) == [m.DetachSession(harness.session.session_id)]
+    assert harness.link().calls == [("subscribed", False), ("closed",)]
+    assert len(harness.reports) == 2
     harness.clock.advance(100)
     assert harness.take() == []  # no retransmission
     assert command(harness, 1) is Delivery.NOT_SENT
@@ -161,7 +166,8 @@ def test_an_rst_to_a_non_notification_cancels_the_observation(harness):
     command(harness)
     (note,) = harness.take()
     harness.reset(note)
-    assert harness.ref.of(m.DetachSession) == [m.DetachSession(harness.session.session_id)]
+    assert harness.link().calls == [("subscribed", False), ("closed",)]
+    assert len(harness.reports) == 2
 
 
 def test_a_get_with_observe_1_deregisters(harness):
@@ -169,7 +175,8 @@ def test_a_get_with_observe_1_deregisters(harness):
     harness.request(codec.GET, harness.rpc_path(), token=b"obs", options=[(codec.OBSERVE, 1)])
     (reply,) = harness.take()
     assert reply.code == codec.CONTENT and codec.observe_value(reply) is None
-    assert harness.ref.of(m.DetachSession) == [m.DetachSession(harness.session.session_id)]
+    assert harness.link().calls == [("subscribed", False), ("closed",)]
+    assert len(harness.reports) == 2
     assert command(harness) is Delivery.NOT_SENT
 
 
@@ -178,7 +185,7 @@ def test_a_re_registration_with_the_same_token_keeps_the_observation_and_its_num
     second = harness.register(token=b"obs")
     assert len(harness.attached) == 1
     assert codec.observe_value(second) > codec.observe_value(first)
-    assert harness.ref.of(m.SubscribeCommands) == [m.SubscribeCommands(harness.session.session_id)] * 2
+    assert harness.reports == [(harness.session.session_id, ("subscribed", False))] * 2
 
 
 def test_a_new_registration_replaces_the_old_observation_which_gets_a_final_2_02(harness):
@@ -194,7 +201,10 @@ def test_a_new_registration_replaces_the_old_observation_which_gets_a_final_2_02
     assert command(harness, 5) is Delivery.AWAITING_ACK
     (note,) = harness.take()
     assert note.token == b"new"
-    assert harness.ref.of(m.DetachSession) == []  # the actor closed it: nothing to tell back
+    # the actor closed it: nothing to report back
+    assert harness.link(old).calls == [("subscribed", False)] and old.link is NO_LINK
+    assert harness.link(new).calls == [("subscribed", False)]
+    assert len(harness.reports) == 2
 
 
 # --- answers and calls ----------------------------------------------------------------------------------------------
@@ -205,8 +215,8 @@ def test_an_answer_is_told_on_the_observe_session_and_acknowledged_2_01(harness)
     mid = harness.request(codec.POST, harness.rpc_path("3"), token=b"a", payload=b'{"temperature":21.5}')
     (reply,) = harness.take()
     assert (reply.type, reply.code, reply.mid, reply.token) == (codec.ACK, codec.CREATED, mid, b"a")
-    assert harness.ref.of(m.CommandAnswered) == [
-        m.CommandAnswered(harness.session.session_id, 3, b'{"temperature":21.5}')]
+    assert len(harness.attached) == 1  # no extra session for the answer
+    assert harness.link().calls == [("subscribed", False), ("answered", 3, b'{"temperature":21.5}')]
 
 
 def test_an_answer_without_an_observation_uses_a_short_lived_non_exclusive_session(harness):
@@ -214,7 +224,7 @@ def test_an_answer_without_an_observation_uses_a_short_lived_non_exclusive_sessi
     (attached,) = harness.attached
     assert attached.exclusive is False and attached.session.transport == "coap-request"
     sid = attached.session.session_id
-    assert harness.ref.told == [m.CommandAnswered(sid, 9, b'"done"'), m.DetachSession(sid)]
+    assert harness.reports == [(sid, ("answered", 9, b'"done"')), (sid, ("closed",))]
     assert harness.take()[0].code == codec.CREATED
 
 
@@ -223,7 +233,7 @@ def test_an_answer_without_an_observation_uses_a_short_lived_non_exclusive_sessi
 def test_a_malformed_answer_is_4_00(harness, segment, payload):
     harness.request(codec.POST, harness.rpc_path(segment), payload=payload)
     assert [r.code for r in harness.take()] == [codec.BAD_REQUEST]
-    assert harness.ref.told == []
+    assert harness.attached == [] and harness.reports == []
 
 
 def test_a_device_call_is_told_to_the_actor_and_the_reply_detaches_its_session(harness):
@@ -231,12 +241,14 @@ def test_a_device_call_is_told_to_the_actor_and_the_reply_detaches_its_session(h
     (attached,) = harness.attached
     assert attached.exclusive is False
     call = attached.session
-    assert harness.ref.told == [m.DeviceCall(call.session_id, 0, b'{"method":"getCurrentTime","params":{}}')]
+    assert call.link is attached.link
+    assert harness.reports == [(call.session_id, ("called", 0, b'{"method":"getCurrentTime","params":{}}'))]
     call.send_reply(0, b"1700000000000")
     (reply,) = harness.take()
     assert (reply.code, reply.payload, opts(reply)[codec.CONTENT_FORMAT]) == (
         codec.CONTENT, b"1700000000000", codec.JSON_FORMAT)
-    assert harness.ref.told[-1] == m.DetachSession(call.session_id)
+    assert harness.reports[1:] == [(call.session_id, ("closed",))]
+    assert call.link is NO_LINK
 
 
 def test_a_call_nobody_answers_gets_the_thingsboard_timeout_answer(harness):
@@ -252,6 +264,7 @@ def test_a_call_whose_session_the_actor_closes_is_answered_5_03(harness):
     harness.request(codec.POST, harness.rpc_path(), payload=b'{"method":"x"}')
     harness.attached[0].session.close("device deleted")
     assert [r.code for r in harness.take()] == [codec.SERVICE_UNAVAILABLE]
+    assert harness.attached[0].link.calls == [("called", 0, b'{"method":"x"}')]  # no close reported back
 
 
 # --- errors ---------------------------------------------------------------------------------------------------------
@@ -281,7 +294,7 @@ def test_an_unknown_token_is_4_01(harness, code, path, options):
 def test_malformed_requests_get_a_4_xx_without_touching_any_actor(harness, code, path, options, expected):
     harness.request(code, path, options=options, payload=b"not json")
     assert [r.code for r in harness.take()] == [expected]
-    assert harness.attached == [] and harness.ref.told == []
+    assert harness.attached == [] and harness.reports == []
 
 
 def test_a_failing_token_lookup_is_5_00(harness):
@@ -402,7 +415,8 @@ def test_a_large_call_reply_is_sent_block_wise_and_the_follow_ups_do_not_repeat_
     (first,) = harness.take()
     assert first.code == codec.CONTENT and len(first.payload) == 1024
     assert fetch_blocks(harness, first, path, code=codec.POST) == reply_body
-    assert len(harness.ref.of(m.DeviceCall)) == 1
+    assert len(harness.attached) == 1
+    assert harness.attached[0].link.calls == [("called", 0, b'{"method":"getBig"}'), ("closed",)]
 
 
 def test_a_block2_request_past_the_end_is_4_02_and_one_for_nothing_is_4_08(harness):
@@ -440,8 +454,8 @@ def test_a_block1_answer_is_reassembled_with_2_31_continues_and_a_final_2_01(har
     assert [r.code for r in replies] == [codec.CONTINUE] * (len(replies) - 1) + [codec.CREATED]
     assert codec.block_value(replies[0], codec.BLOCK1) == (0, True, 4)
     assert codec.block_value(replies[-1], codec.BLOCK1)[1] is False
-    answered = harness.ref.of(m.CommandAnswered)
-    assert len(answered) == 1 and answered[0].payload == body
+    (attached,) = harness.attached
+    assert attached.link.calls == [("answered", 4, body), ("closed",)]
 
 
 def test_a_block1_body_over_the_cap_is_4_13_with_size1():
@@ -449,7 +463,7 @@ def test_a_block1_body_over_the_cap_is_4_13_with_size1():
     replies = send_block1(harness, harness.rpc_path("4"), b"[" + b"1," * 700 + b"1]")
     assert [r.code for r in replies] == [codec.CONTINUE] * 3 + [codec.REQUEST_ENTITY_TOO_LARGE]
     assert opts(replies[-1])[codec.SIZE1] == 1000
-    assert harness.ref.told == []
+    assert harness.attached == [] and harness.reports == []
     harness.stop()
 
 
@@ -483,8 +497,10 @@ def test_stopping_the_server_detaches_its_sessions_and_cancels_every_timer():
     command(harness)
     harness.request(codec.POST, harness.rpc_path(), payload=b'{"method":"slow"}')
     harness.stop()
-    detached = {msg.session_id for msg in harness.ref.of(m.DetachSession)}
-    assert detached == {a.session.session_id for a in harness.attached}
+    assert len(harness.attached) == 2
+    for attached in harness.attached:
+        assert attached.link.of("closed") == [("closed",)]
+        assert attached.session.link is NO_LINK
 
 
 @st.composite

@@ -17,7 +17,7 @@ from nanoiot.actors.runtime import Dispatcher, RefTable, set_dispatcher, stop_al
 from nanoiot.persistence.records import NULL_UUID, Device
 from nanoiot.rpc.model import RpcCommand, RpcFailure, RpcStatus
 from nanoiot.rpc.queue import QueueSettings
-from nanoiot.transports.session import Delivery
+from nanoiot.port.session import Delivery
 
 DEVICE = Device(uuid4(), 0, uuid4(), NULL_UUID, "dev", "default", None, None)
 
@@ -103,6 +103,18 @@ def command(clock: task.Clock, method: str = "m", persistent: bool = False, onew
                       persistent=persistent)
 
 
+class Asked:
+    """A message carrying a reply address, and the Deferred that the actor's answer fires."""
+
+    def __init__(self, directory: DeviceDirectory, make: Any, *args: Any) -> None:
+        reply_to, self.reply = directory.replies.expect()
+        self.message = make(*args, reply_to=reply_to)
+
+    @property
+    def command(self) -> RpcCommand:
+        return self.message.command
+
+
 def run(clock: task.Clock) -> None:
     clock.advance(0)
     clock.advance(0)
@@ -116,7 +128,7 @@ def test_an_idle_actor_is_passivated_and_the_next_message_starts_a_new_one(clock
     run(clock)
     assert not first.is_alive() and DEVICE.id not in directory
     session = FakeSession(1)
-    directory.attach(DEVICE, m.AttachSession(session))
+    directory.attach(DEVICE, session)
     run(clock)
     assert DEVICE.id in directory and directory.existing(DEVICE.id) is not first
 
@@ -129,37 +141,36 @@ def test_mail_queued_behind_passivation_reaches_the_next_actor_in_order(clock):
     session = FakeSession(1)
     first.tell(m.AttachSession(session))
     first.tell(m.SubscribeCommands(1))
-    submit = m.SubmitRpc(command(clock, "after-passivation"))
-    first.tell(submit)
+    submit = Asked(directory, m.SubmitRpc, command(clock, "after-passivation"))
+    first.tell(submit.message)
     run(clock)
     assert session.sent == [(session.sent[0][0], "after-passivation")]
     assert not first.is_alive()
 
 
-def test_a_session_mailbox_reaches_the_live_actor_after_passivation(clock):
+def test_a_session_link_reaches_the_live_actor_after_passivation(clock):
     directory = directory_on(clock)
     session = FakeSession(1)
-    mailbox = directory.attach(DEVICE, m.AttachSession(session))
-    mailbox.tell(m.DetachSession(1))
+    link = directory.attach(DEVICE, session)
+    link.closed()
     run(clock)
     clock.advance(5.0)
     run(clock)
     assert DEVICE.id not in directory
-    again = FakeSession(2)
-    mailbox.tell(m.AttachSession(again))
-    mailbox.tell(m.SubscribeCommands(2))
-    directory.tell(DEVICE, m.SubmitRpc(command(clock, "hello")))
+    directory.tell_local(DEVICE, m.AttachSession(session))
+    link.subscribed()  # the link made for the first actor reaches its successor
+    directory.tell(DEVICE, Asked(directory, m.SubmitRpc, command(clock, "hello")).message)
     run(clock)
-    assert [method for _, method in again.sent] == ["hello"]
+    assert [method for _, method in session.sent] == ["hello"]
 
 
 def test_a_session_that_takes_nothing_is_retried_without_spending_a_retry(clock):
     directory = directory_on(clock, max_retries=0)
     session = FakeSession(1, Delivery.NOT_SENT)
-    directory.attach(DEVICE, m.AttachSession(session))
+    directory.attach(DEVICE, session)
     directory.tell(DEVICE, m.SubscribeCommands(1))
-    submit = m.SubmitRpc(command(clock, "later"))
-    directory.tell(DEVICE, submit)
+    submit = Asked(directory, m.SubmitRpc, command(clock, "later"))
+    directory.tell(DEVICE, submit.message)
     run(clock)
     session.outcome = Delivery.AWAITING_ACK
     clock.advance(1.0)  # the ack timeout resends; with max_retries=0 a counted retry would have failed it
@@ -171,10 +182,10 @@ def test_a_session_that_takes_nothing_is_retried_without_spending_a_retry(clock)
 def test_a_deeply_nested_answer_does_not_kill_the_actor(clock):
     directory = directory_on(clock)
     session = FakeSession(1)
-    directory.attach(DEVICE, m.AttachSession(session))
+    directory.attach(DEVICE, session)
     directory.tell(DEVICE, m.SubscribeCommands(1))
-    submit = m.SubmitRpc(command(clock))
-    directory.tell(DEVICE, submit)
+    submit = Asked(directory, m.SubmitRpc, command(clock))
+    directory.tell(DEVICE, submit.message)
     run(clock)
     request_id = session.sent[0][0]
     directory.tell(DEVICE, m.CommandAnswered(1, request_id, b"[" * 100_000))
@@ -189,10 +200,10 @@ def test_a_persistent_command_is_answered_after_its_insert_and_written_after_its
     journal = RecordingJournal()
     directory = directory_on(clock, journal=journal)
     session = FakeSession(1)
-    directory.attach(DEVICE, m.AttachSession(session))
+    directory.attach(DEVICE, session)
     directory.tell(DEVICE, m.SubscribeCommands(1))
-    submit = m.SubmitRpc(command(clock, "durable", persistent=True))
-    directory.tell(DEVICE, submit)
+    submit = Asked(directory, m.SubmitRpc, command(clock, "durable", persistent=True))
+    directory.tell(DEVICE, submit.message)
     run(clock)
     assert [(kind, status) for kind, _, status in journal.writes] == [("insert", RpcStatus.QUEUED),
                                                                       ("change", RpcStatus.SENT)]
@@ -206,16 +217,16 @@ def test_a_persistent_command_is_answered_after_its_insert_and_written_after_its
 def test_a_failed_insert_fails_the_caller_and_drops_the_command(clock):
     journal = RecordingJournal()
     directory = directory_on(clock, journal=journal)
-    submit = m.SubmitRpc(command(clock, "doomed", persistent=True))
-    directory.tell(DEVICE, submit)
+    submit = Asked(directory, m.SubmitRpc, command(clock, "doomed", persistent=True))
+    directory.tell(DEVICE, submit.message)
     run(clock)
     journal.waiting.pop(0).errback(RuntimeError("disk full"))
     run(clock)
     failures = []
     submit.reply.addErrback(failures.append)
     assert failures and failures[0].check(RuntimeError)
-    inspect = m.Inspect()
-    directory.tell(DEVICE, inspect)
+    inspect = Asked(directory, m.Inspect)
+    directory.tell(DEVICE, inspect.message)
     run(clock)
     assert inspect.reply.result["pending"] == []
 
@@ -223,9 +234,9 @@ def test_a_failed_insert_fails_the_caller_and_drops_the_command(clock):
 def test_the_pending_limit_rejects_with_the_limit_named(clock):
     directory = directory_on(clock)
     directory.settings.max_pending = 1
-    first, second = m.SubmitRpc(command(clock)), m.SubmitRpc(command(clock))
-    directory.tell(DEVICE, first)
-    directory.tell(DEVICE, second)
+    first, second = Asked(directory, m.SubmitRpc, command(clock)), Asked(directory, m.SubmitRpc, command(clock))
+    directory.tell(DEVICE, first.message)
+    directory.tell(DEVICE, second.message)
     run(clock)
     assert second.reply.result.failure is RpcFailure.REJECTED
     assert second.reply.result.response == {"limit": "rpc-max-pending", "value": 1}
@@ -234,8 +245,8 @@ def test_the_pending_limit_rejects_with_the_limit_named(clock):
 def test_an_mqtt_reconnect_replaces_the_old_session_of_the_same_transport(clock):
     directory = directory_on(clock)
     old, new = FakeSession(1), FakeSession(2)
-    directory.attach(DEVICE, m.AttachSession(old))
-    directory.attach(DEVICE, m.AttachSession(new))
+    directory.attach(DEVICE, old)
+    directory.attach(DEVICE, new)
     run(clock)
     assert old.closed and not new.closed
 
@@ -244,10 +255,10 @@ def test_the_ack_wait_of_a_persistent_command_starts_when_it_is_written_not_when
     journal = RecordingJournal()
     directory = directory_on(clock, journal=journal, max_retries=0)
     session = FakeSession(1)
-    directory.attach(DEVICE, m.AttachSession(session))
+    directory.attach(DEVICE, session)
     directory.tell(DEVICE, m.SubscribeCommands(1))
-    submit = m.SubmitRpc(command(clock, "slow-disk", persistent=True))
-    directory.tell(DEVICE, submit)
+    submit = Asked(directory, m.SubmitRpc, command(clock, "slow-disk", persistent=True))
+    directory.tell(DEVICE, submit.message)
     run(clock)
     clock.advance(5.0)  # the journal is slow: five ack timeouts pass before SENT is durable
     run(clock)
@@ -264,10 +275,10 @@ def test_each_spent_retry_of_a_persistent_command_is_journalled_with_its_count(c
     journal = RecordingJournal()
     directory = directory_on(clock, journal=journal, max_retries=2)
     session = FakeSession(1)  # takes every command, never acknowledges one
-    directory.attach(DEVICE, m.AttachSession(session))
+    directory.attach(DEVICE, session)
     directory.tell(DEVICE, m.SubscribeCommands(1))
-    submit = m.SubmitRpc(command(clock, "unacked", persistent=True))
-    directory.tell(DEVICE, submit)
+    submit = Asked(directory, m.SubmitRpc, command(clock, "unacked", persistent=True))
+    directory.tell(DEVICE, submit.message)
     for _ in range(4):
         run(clock)
         journal.commit()
@@ -287,7 +298,7 @@ def test_a_restored_command_keeps_the_retries_it_had_spent_before_the_restart(cl
     stored = command(clock, "resumed", persistent=True)
     directory.tell(DEVICE, m.RestoreRpcs([(stored, RpcStatus.SENT, 7, spent)]))
     session = FakeSession(1)
-    directory.attach(DEVICE, m.AttachSession(session))
+    directory.attach(DEVICE, session)
     directory.tell(DEVICE, m.SubscribeCommands(1))
     run(clock)
     journal.commit()

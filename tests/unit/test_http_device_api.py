@@ -1,33 +1,27 @@
-"""The HTTP device API in memory: DummyRequest for the HTTP request, task.Clock for time, a recording actor ref
-(and, for the delivery guarantees, the real device actor on a Dispatcher driven by the same clock)."""
+"""The HTTP device API in memory: DummyRequest for the HTTP request, task.Clock for time, a recording device link.
+Only the device port is needed: what the actor makes of the reports is the actor's tests' business."""
 
 from __future__ import annotations
 
 import json
 from io import BytesIO
-from typing import Any, Iterator
+from typing import Any
 from uuid import uuid4
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pykka import ActorRegistry
 from twisted.internet import task
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
-from nanoiot.actors import messages as m
-from nanoiot.actors.device import ActorSettings
-from nanoiot.actors.directory import DeviceDirectory
-from nanoiot.actors.runtime import Dispatcher, RefTable, set_dispatcher, stop_all_deferred
 from nanoiot.persistence.records import NULL_UUID, Device
-from nanoiot.rpc.model import RpcCommand, RpcFailure, RpcResult
-from nanoiot.rpc.queue import QueueSettings
+from nanoiot.port.link import NO_LINK
+from nanoiot.port.session import Delivery
 from nanoiot.transports.http.device_api import DeviceApiResource, HttpCallSession, HttpPollSession
-from nanoiot.transports.session import Delivery
-from tests.fixtures.recording import RecordingRef
+from tests.fixtures.recording import Attached, RecordingAttach, RecordingLink
 
 TOKEN = "GOOD_TOKEN"
 DEVICE = Device(uuid4(), 0, uuid4(), NULL_UUID, "dev", "default", None, None)
@@ -37,23 +31,32 @@ DECLARED = {200, 400, 401, 404, 405, 408, 413}
 class Harness:
     def __init__(self, auth: Any = None, **options: Any) -> None:
         self.clock = task.Clock()
-        self.ref = RecordingRef()
-        self.attached: list[tuple[Any, Any, bool]] = []
+        self.attach = RecordingAttach()
 
         def authenticate(token: str) -> Deferred:
             if auth is not None:
                 return auth
             return succeed(DEVICE if token == TOKEN else None)
 
-        def attach(device: Device, session: Any, exclusive: bool) -> RecordingRef:
-            self.attached.append((device, session, exclusive))
-            return self.ref
+        self.api = DeviceApiResource(authenticate, self.attach, self.clock, **options)
 
-        self.api = DeviceApiResource(authenticate, attach, self.clock, **options)
+    @property
+    def attached(self) -> list[Attached]:
+        return self.attach.attached
+
+    @property
+    def reports(self) -> list[tuple[int, tuple]]:
+        """Every report of every session, in order, as (session id, call)."""
+        return self.attach.reports
 
     @property
     def session(self) -> Any:
-        return self.attached[-1][1]
+        return self.attached[-1].session
+
+    @property
+    def link(self) -> RecordingLink:
+        """The link the latest session was attached with."""
+        return self.attached[-1].link
 
     def request(self, method: bytes, *segments: bytes, body: bytes = b"", args: dict | None = None,
                 token: bytes = TOKEN.encode()) -> DummyRequest:
@@ -77,17 +80,30 @@ def json_of(request: DummyRequest) -> Any:
     return json.loads(body_of(request))
 
 
+class UnfinishedRequest(DummyRequest):
+    """finish() hands the response over but, like a pipelined twisted.web request not yet at the head, does not
+    report it written; processingFailed then says the connection died first."""
+
+    def __init__(self, postpath: list[bytes]) -> None:
+        super().__init__(postpath)
+        self.method = b"GET"
+        self.content = BytesIO(b"")
+
+    def finish(self) -> None:
+        self.finished += 1
+
+
 # --- the long poll -------------------------------------------------------------------------------------------------
 
 
 def test_a_poll_attaches_a_non_exclusive_session_and_subscribes_for_one_command() -> None:
     h = Harness()
     request = h.poll()
-    assert len(h.attached) == 1
-    device, session, exclusive = h.attached[0]
-    assert device is DEVICE and isinstance(session, HttpPollSession) and exclusive is False
-    assert session.transport == "http"
-    assert h.ref.told == [m.SubscribeCommands(session.session_id, one_shot=True)]
+    [attached] = h.attached
+    session = attached.session
+    assert attached.device is DEVICE and isinstance(session, HttpPollSession) and attached.exclusive is False
+    assert session.transport == "http" and session.link is attached.link
+    assert h.reports == [(session.session_id, ("subscribed", True))]
     assert not request.finished
 
 
@@ -100,7 +116,8 @@ def test_a_command_is_the_poll_response_and_is_acknowledged_once_written_then_th
     assert request.finished and request.responseCode == 200
     assert json_of(request) == {"id": 41, "method": "setGpio", "params": {"pin": 7, "value": 1}}
     # acknowledged first, so that the detach cannot put the command back in the queue
-    assert h.ref.told[1:] == [m.CommandAcked(session.session_id, 41), m.DetachSession(session.session_id)]
+    assert h.reports == [(session.session_id, call) for call in [("subscribed", True), ("acked", 41), ("closed",)]]
+    assert session.link is NO_LINK
     assert h.clock.getDelayedCalls() == []
     # a one-shot poll takes exactly one command
     assert session.send_command(42, "other", None, 1) is Delivery.NOT_SENT
@@ -114,8 +131,7 @@ def test_a_poll_without_a_command_ends_with_an_empty_408_after_the_default_timeo
     h.clock.advance(0.001)
     assert request.finished and request.responseCode == 408
     assert body_of(request) == b""
-    assert h.ref.of(m.CommandAcked) == []
-    assert h.ref.told[-1] == m.DetachSession(h.session.session_id)
+    assert h.link.calls == [("subscribed", True), ("closed",)]  # no ack
     # a command that reaches the poll after it ended is not sent; the detach puts it back
     assert h.session.send_command(1, "late", None, 1) is Delivery.NOT_SENT
 
@@ -164,8 +180,7 @@ def test_a_client_that_leaves_mid_poll_detaches_its_session_and_takes_no_command
     request = h.poll()
     session = h.session
     request.processingFailed(Failure(ConnectionError("client went away")))
-    assert h.ref.told[-1] == m.DetachSession(session.session_id)
-    assert h.ref.of(m.CommandAcked) == []
+    assert h.link.calls == [("subscribed", True), ("closed",)]  # no ack
     assert h.clock.getDelayedCalls() == []
     assert session.send_command(5, "setGpio", {}, 1) is Delivery.NOT_SENT
     assert request.written == []
@@ -178,17 +193,16 @@ def test_a_command_written_to_a_client_that_left_before_the_response_completed_i
     session = h.session
     assert session.send_command(9, "reboot", None, 1) is Delivery.AWAITING_ACK
     request.processingFailed(Failure(ConnectionError("reset while writing")))
-    assert h.ref.of(m.CommandAcked) == []
-    assert h.ref.told[-1] == m.DetachSession(session.session_id)
+    assert h.attach.calls(session) == [("subscribed", True), ("closed",)]  # no ack
 
 
 def test_the_actor_closing_a_poll_ends_it_without_telling_the_actor_again() -> None:
     h = Harness()
     request = h.poll()
-    told = len(h.ref.told)
     h.session.close("device deleted")
     assert request.responseCode == 408 and request.finished
-    assert len(h.ref.told) == told
+    assert h.link.calls == [("subscribed", True)]  # no close reported back
+    assert h.session.link is NO_LINK
     assert h.clock.getDelayedCalls() == []
 
 
@@ -198,7 +212,7 @@ def test_an_unknown_token_is_a_401_with_an_empty_body() -> None:
                                    (b"POST", (b"rpc", b"5"), b"{}")):
         request = h.request(method, *segments, body=body, token=b"WRONG")
         assert request.responseCode == 401 and body_of(request) == b"" and request.finished
-    assert h.attached == [] and h.ref.told == []
+    assert h.attached == [] and h.reports == []
     assert h.request(b"GET", b"rpc", token=b"\xff\xfe").responseCode == 401
     assert h.request(b"GET", b"rpc", token=b"GOOD\x00TOKEN").responseCode == 401
 
@@ -209,7 +223,7 @@ def test_a_client_that_leaves_while_its_token_is_looked_up_attaches_nothing() ->
     request = h.poll()
     request.processingFailed(Failure(ConnectionError("gone")))
     lookup.callback(DEVICE)
-    assert h.attached == [] and h.ref.told == []
+    assert h.attached == [] and h.reports == []
     assert request.written == []
 
 
@@ -228,16 +242,16 @@ def test_an_answer_is_told_to_the_actor_through_a_short_lived_session_and_gets_a
     request = h.request(b"POST", b"rpc", b"41", body=b'{"temperature":21.5}')
     assert request.finished and request.responseCode == 200 and body_of(request) == b""
     session = h.session
-    assert h.attached[-1][2] is False
-    assert h.ref.told == [m.CommandAnswered(session.session_id, 41, b'{"temperature":21.5}'),
-                          m.DetachSession(session.session_id)]
+    assert h.attached[-1].exclusive is False
+    assert h.reports == [(session.session_id, ("answered", 41, b'{"temperature":21.5}')),
+                         (session.session_id, ("closed",))]
 
 
 def test_an_answer_may_be_any_bytes_the_actor_decides() -> None:
     h = Harness()
     request = h.request(b"POST", b"rpc", b"7", body=b"not json \xff")
     assert request.responseCode == 200
-    assert h.ref.of(m.CommandAnswered)[0].payload == b"not json \xff"
+    assert h.link.of("answered") == [("answered", 7, b"not json \xff")]
 
 
 @pytest.mark.parametrize("segment", [b"abc", b"1.5", b"0x1", b"2147483648", b"99999999999", b"1 ", b"\xd9\xa3"])
@@ -263,12 +277,12 @@ def test_a_device_call_goes_to_the_actor_and_its_reply_is_the_response() -> None
     h = Harness()
     request = h.request(b"POST", b"rpc", body=b'{"method":"getCurrentTime","params":{}}')
     session = h.session
-    assert isinstance(session, HttpCallSession) and h.attached[-1][2] is False
-    assert h.ref.told == [m.DeviceCall(session.session_id, 0, b'{"method":"getCurrentTime","params":{}}')]
+    assert isinstance(session, HttpCallSession) and h.attached[-1].exclusive is False
+    assert h.reports == [(session.session_id, ("called", 0, b'{"method":"getCurrentTime","params":{}}'))]
     assert not request.finished
     session.send_reply(0, b"1700000000000")
     assert request.responseCode == 200 and json_of(request) == 1700000000000
-    assert h.ref.told[-1] == m.DetachSession(session.session_id)
+    assert h.reports[1:] == [(session.session_id, ("closed",))]
     assert h.clock.getDelayedCalls() == []
 
 
@@ -286,7 +300,7 @@ def test_a_device_call_whose_client_leaves_detaches_and_a_late_reply_is_dropped(
     request = h.request(b"POST", b"rpc", body=b'{"method":"slow"}')
     session = h.session
     request.processingFailed(Failure(ConnectionError("gone")))
-    assert h.ref.told[-1] == m.DetachSession(session.session_id)
+    assert h.link.calls == [("called", 0, b'{"method":"slow"}'), ("closed",)]
     session.send_reply(0, b"{}")
     assert request.written == []
     assert h.clock.getDelayedCalls() == []
@@ -297,7 +311,7 @@ def test_a_device_call_nobody_answers_gets_thingsboards_timeout_answer() -> None
     request = h.request(b"POST", b"rpc", body=b'{"method":"slow"}')
     h.clock.advance(60)
     assert request.responseCode == 200 and json_of(request) == {"error": "timeout"}
-    assert h.ref.told[-1] == m.DetachSession(h.session.session_id)
+    assert h.link.calls == [("called", 0, b'{"method":"slow"}'), ("closed",)]
 
 
 # --- limits and routing --------------------------------------------------------------------------------------------
@@ -340,181 +354,6 @@ def test_no_token_segment_is_a_404() -> None:
     request = DummyRequest([])
     h.api.render(request)
     assert request.responseCode == 404
-
-
-# --- with the real device actor ------------------------------------------------------------------------------------
-
-
-class UnfinishedRequest(DummyRequest):
-    """finish() hands the response over but, like a pipelined twisted.web request not yet at the head, does not
-    report it written; processingFailed then says the connection died first."""
-
-    def __init__(self, postpath: list[bytes]) -> None:
-        super().__init__(postpath)
-        self.method = b"GET"
-        self.content = BytesIO(b"")
-
-    def finish(self) -> None:
-        self.finished += 1
-
-
-@pytest.fixture
-def actors(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[task.Clock, DeviceDirectory]]:
-    monkeypatch.setattr(ActorRegistry, "_actor_refs", RefTable())
-    clock = task.Clock()
-    set_dispatcher(Dispatcher(clock))
-    directory = DeviceDirectory(clock, ActorSettings(queue=QueueSettings(ack_timeout_ms=10_000)))
-    try:
-        yield clock, directory
-        stop_all_deferred()
-        clock.advance(0)
-    finally:
-        set_dispatcher(None)
-
-
-class LiveApi:
-    """The device API wired to the real device actor of the ``actors`` fixture, all on the one clock."""
-
-    def __init__(self, clock: task.Clock, directory: DeviceDirectory) -> None:
-        self.clock = clock
-        self.directory = directory
-        self.api = DeviceApiResource(
-            lambda token: succeed(DEVICE if token == TOKEN else None),
-            lambda device, session, exclusive: directory.tell(device, m.AttachSession(session, exclusive)),
-            clock, tell=directory.tell,
-        )
-
-    def _render(self, request: DummyRequest, method: bytes = b"GET", body: bytes = b"") -> DummyRequest:
-        request.method = method
-        request.content = BytesIO(body)
-        self.api.render(request)
-        return request
-
-    def poll(self, kind: type[DummyRequest] = DummyRequest) -> DummyRequest:
-        """A GET .../rpc long poll, once the actor has taken its session in."""
-        request = self._render(kind([TOKEN.encode(), b"rpc"]))
-        self.clock.advance(0)
-        return request
-
-    def call(self, body: bytes) -> DummyRequest:
-        """A device-to-server call (POST .../rpc), once the actor has handled it."""
-        request = self._render(DummyRequest([TOKEN.encode(), b"rpc"]), b"POST", body)
-        self.clock.advance(0)
-        return request
-
-    def answer(self, request_id: int, body: bytes) -> DummyRequest:
-        """A device's answer (POST .../rpc/<id>), rendered only: the actor takes it on the next advance."""
-        return self._render(DummyRequest([TOKEN.encode(), b"rpc", str(request_id).encode()]), b"POST", body)
-
-    def submit(self, method: str, oneway: bool = False) -> Deferred:
-        now = int(self.clock.seconds() * 1000)
-        command = RpcCommand(uuid4(), DEVICE.tenant_id, DEVICE.id, method, {"n": 1}, oneway, now + 100_000, now)
-        message = m.SubmitRpc(command)
-        self.directory.tell(DEVICE, message)
-        return message.reply
-
-    def inspect(self) -> dict:
-        message = m.Inspect()
-        self.directory.tell(DEVICE, message)
-        self.clock.advance(0)
-        assert message.reply.called
-        return message.reply.result
-
-
-@pytest.fixture
-def live(actors: tuple[task.Clock, DeviceDirectory]) -> LiveApi:
-    return LiveApi(*actors)
-
-
-def test_a_command_queued_between_polls_waits_for_the_next_poll_and_its_answer_reaches_the_caller(live) -> None:
-    first = live.poll()
-    live.clock.advance(60)  # the poll times out: no session is open any more
-    assert first.responseCode == 408
-    reply = live.submit("getTemperature")
-    live.clock.advance(1)
-    assert live.inspect()["sessions"] == []
-    poll = live.poll()
-    command = json_of(poll)
-    assert (poll.responseCode, command["method"], command["params"]) == (200, "getTemperature", {"n": 1})
-    live.clock.advance(0)
-    assert live.inspect()["pending"] == [(command["id"], "DELIVERED")]
-    answer = live.answer(command["id"], b'{"t":21.5}')
-    assert answer.responseCode == 200
-    live.clock.advance(0)
-    assert reply.called
-    assert reply.result == RpcResult(response={"t": 21.5}, has_response=True)
-    assert live.inspect()["sessions"] == []
-
-
-def test_a_one_way_command_completes_when_the_poll_response_was_written(live) -> None:
-    poll = live.poll()
-    reply = live.submit("setGpio", oneway=True)
-    live.clock.advance(0)
-    assert poll.responseCode == 200
-    live.clock.advance(0)
-    assert reply.called and reply.result == RpcResult()
-
-
-def test_a_client_that_left_mid_poll_does_not_swallow_the_next_command(live) -> None:
-    gone = live.poll()
-    gone.processingFailed(Failure(ConnectionError("client cancelled")))
-    reply = live.submit("setGpio", oneway=True)
-    live.clock.advance(0)
-    assert gone.written == []
-    assert live.inspect()["pending"][0][1] == "QUEUED"
-    poll = live.poll()
-    assert json_of(poll)["method"] == "setGpio"
-    live.clock.advance(0)
-    assert reply.called and reply.result == RpcResult()
-
-
-def test_a_command_whose_poll_died_while_it_was_written_goes_to_the_next_poll_not_to_the_bin(live) -> None:
-    dying = live.poll(UnfinishedRequest)
-    reply = live.submit("reboot")
-    live.clock.advance(0)
-    first = json_of(dying)
-    dying.processingFailed(Failure(ConnectionError("reset")))
-    live.clock.advance(0)
-    assert live.inspect()["pending"] == [(first["id"], "SENT")]
-    assert not reply.called
-    poll = live.poll()
-    again = json_of(poll)
-    assert again == first  # the same command, same id: the device can de-duplicate
-    live.clock.advance(0)
-    assert live.inspect()["pending"] == [(first["id"], "DELIVERED")]
-
-
-def test_a_command_that_reaches_a_poll_which_just_timed_out_goes_to_the_next_poll(live) -> None:
-    replies: list[Deferred] = []
-    # Scheduled before the poll, so at t=60 it runs before the poll's timer: the actor then finds the command and
-    # the poll's DetachSession in its mailbox, in that order, with the poll already answered 408.
-    live.clock.callLater(60, lambda: replies.append(live.submit("ping", oneway=True)))
-    poll = live.poll()
-    live.clock.advance(60)
-    assert poll.responseCode == 408 and poll.written == []
-    (reply,) = replies
-    assert not reply.called
-    assert live.inspect()["pending"][0][1] == "SENT"  # it was offered to the ended poll: NOT_SENT
-    nxt = live.poll()
-    assert json_of(nxt)["method"] == "ping"
-    live.clock.advance(0)
-    assert reply.called and reply.result == RpcResult()
-
-
-def test_a_device_call_is_answered_by_the_server_methods(live) -> None:
-    live.clock.advance(1234.5)
-    call = live.call(b'{"method":"getCurrentTime","params":{}}')
-    assert call.responseCode == 200 and json_of(call) == 1234500
-    unknown = live.call(b'{"method":"nope"}')
-    assert json_of(unknown) == {"error": "Unsupported method: nope"}
-    live.clock.advance(0)
-    assert live.inspect()["sessions"] == []
-
-
-def test_an_expired_command_tells_its_caller_the_device_was_offline(live) -> None:
-    reply = live.submit("nobodyHome")
-    live.clock.advance(101)
-    assert reply.called and reply.result.failure is RpcFailure.DEVICE_OFFLINE
 
 
 # --- fuzz ----------------------------------------------------------------------------------------------------------
@@ -568,7 +407,7 @@ def test_fuzz_any_request_ends_with_a_declared_status_and_never_raises(shape: tu
         h.clock.advance(301)
         assert request.written == [] or request.finished
         return
-    for session in [s for _, s, _ in h.attached]:
+    for session in h.attach.sessions:
         if isinstance(session, HttpPollSession):
             session.send_command(1, "m", {"p": body.decode("latin-1")}, 1)
     h.clock.advance(301)

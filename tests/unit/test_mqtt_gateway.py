@@ -1,4 +1,4 @@
-"""MQTT gateways in memory: StringTransport for the gateway's socket, task.Clock for time, recording actor refs."""
+"""MQTT gateways in memory: StringTransport for the gateway's socket, task.Clock for time, recording device links."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import StringTransport
 
-from nanoiot.actors import messages as m
 from nanoiot.persistence.records import NULL_UUID, Device
+from nanoiot.port.link import NO_LINK
+from nanoiot.port.session import Delivery
 from nanoiot.transports.mqtt import codec
 from nanoiot.transports.mqtt.protocol import MqttFactory
-from nanoiot.transports.session import Delivery
-from tests.fixtures.recording import RecordingRef
+from tests.fixtures.recording import RecordingAttach
 
 TOKEN = "GATEWAY_TOKEN"
 TENANT = uuid4()
@@ -26,22 +26,15 @@ class GatewayHarness:
 
     def __init__(self, lookups_wait: bool = False, gateways: bool = True) -> None:
         self.clock = task.Clock()
-        #: device name -> its actor ref; the gateway's own actor is under its name.
-        self.refs: dict[str, RecordingRef] = {}
+        #: Every session attached (the gateway's own first), each with its own recording link.
+        self.attach = RecordingAttach()
         self.devices: dict[str, Device] = {}
         self.lookups: list[tuple[Device, str, str]] = []
         self.waiting: dict[str, Deferred] = {}
-        self.sessions: list = []
         self.lookups_wait = lookups_wait
 
         def authenticate(token: str) -> Deferred:
             return succeed(GATEWAY if token == TOKEN else None)
-
-        def attach(device: Device, session) -> RecordingRef:
-            self.sessions.append(session)
-            ref = self.refs.setdefault(device.name, RecordingRef(device.name))
-            ref.tell(m.AttachSession(session))
-            return ref
 
         def find_or_create(gateway: Device, name: str, device_type: str) -> Deferred:
             self.lookups.append((gateway, name, device_type))
@@ -50,7 +43,7 @@ class GatewayHarness:
                 return self.waiting[name]
             return succeed(self.device(name, device_type))
 
-        self.factory = MqttFactory(authenticate, attach, self.clock, max_packet_size=4096, connect_timeout=10,
+        self.factory = MqttFactory(authenticate, self.attach, self.clock, max_packet_size=4096, connect_timeout=10,
                                    find_or_create_subdevice=find_or_create if gateways else None)
         self.protocol = self.factory.buildProtocol(None)
         self.transport = StringTransport()
@@ -94,6 +87,19 @@ class GatewayHarness:
     def gateway_session(self):
         return self.sessions[0]
 
+    @property
+    def sessions(self) -> list:
+        return self.attach.sessions
+
+    def attached_to(self, name: str) -> list:
+        """Every attach of the device called ``name`` (the gateway's own under its name, "gw")."""
+        return [a for a in self.attach.attached if a.device.name == name]
+
+    def calls(self, name: str) -> list[tuple]:
+        """What the sessions of the device called ``name`` reported, as (session id, call), in order."""
+        ids = {a.session.session_id for a in self.attached_to(name)}
+        return [(sid, call) for sid, call in self.attach.reports if sid in ids]
+
 
 def test_connecting_a_sub_device_attaches_a_gateway_session_to_its_actor_and_subscribes_it_to_commands():
     h = GatewayHarness()
@@ -103,12 +109,12 @@ def test_connecting_a_sub_device_attaches_a_gateway_session_to_its_actor_and_sub
     assert sub.transport == "mqtt-gateway"
     assert sub.device is h.devices["Sensor A"]
     assert sub.session_id != h.gateway_session.session_id
-    ref = h.refs["Sensor A"]
-    [attach] = ref.of(m.AttachSession)
-    assert attach.session is sub and attach.exclusive
-    assert [s.session_id for s in ref.of(m.SubscribeCommands)] == [sub.session_id]
+    [attached] = h.attached_to("Sensor A")
+    assert attached.session is sub and attached.exclusive is True and attached.device is h.devices["Sensor A"]
+    assert sub.link is attached.link
+    assert h.calls("Sensor A") == [(sub.session_id, ("subscribed", False))]
     # The gateway's own actor hears nothing about its sub-devices.
-    assert h.refs["gw"].of(m.SubscribeCommands) == []
+    assert h.calls("gw") == []
 
 
 def test_a_connect_without_a_type_creates_a_default_device_and_a_repeated_connect_changes_nothing():
@@ -118,7 +124,7 @@ def test_a_connect_without_a_type_creates_a_default_device_and_a_repeated_connec
     h.publish("v1/gateway/connect", {"device": "Sensor A", "type": "other"})
     h.written()
     assert h.lookups == [(GATEWAY, "Sensor A", "default")]
-    assert len(h.refs["Sensor A"].of(m.AttachSession)) == 1
+    assert len(h.attached_to("Sensor A")) == 1
 
 
 def test_a_command_for_a_sub_device_is_published_on_the_gateway_rpc_topic_in_thingsboard_shape():
@@ -149,11 +155,10 @@ def test_the_gateways_puback_of_a_sub_device_command_is_reported_to_the_sub_devi
     sub.send_command(7, "m", None, 1)
     [publish] = h.written()
     h.protocol.dataReceived(codec.encode_puback(publish.packet_id, 4))
-    [acked] = h.refs["Sensor A"].of(m.CommandAcked)
-    assert (acked.session_id, acked.request_id) == (sub.session_id, 7)
-    assert h.refs["gw"].of(m.CommandAcked) == []
+    assert h.attach.calls(sub) == [("subscribed", False), ("acked", 7)]
+    assert h.calls("gw") == []
     h.protocol.dataReceived(codec.encode_puback(publish.packet_id, 4))  # a duplicate is ignored
-    assert len(h.refs["Sensor A"].of(m.CommandAcked)) == 1
+    assert h.attach.calls(sub) == [("subscribed", False), ("acked", 7)]
 
 
 def test_gateway_and_sub_device_commands_share_one_packet_id_space_and_one_receive_window():
@@ -167,8 +172,8 @@ def test_gateway_and_sub_device_commands_share_one_packet_id_space_and_one_recei
     first, second = h.written()
     assert first.packet_id != second.packet_id
     h.protocol.dataReceived(codec.encode_puback(first.packet_id, 5))
-    assert [a.request_id for a in h.refs["gw"].of(m.CommandAcked)] == [1]
-    assert h.refs["Sensor A"].of(m.CommandAcked) == []
+    assert h.attach.calls(own) == [("acked", 1)]
+    assert h.attach.link(sub).of("acked") == []
     assert sub.send_command(3, "sub", None, 1) is Delivery.AWAITING_ACK
 
 
@@ -178,10 +183,10 @@ def test_a_gateway_answer_is_routed_to_the_sub_device_actor_with_data_as_the_pay
     sub = h.connect_sub("Sensor A")
     h.publish("v1/gateway/rpc", {"device": "Sensor A", "id": 42, "data": {"success": True, "t": 21.5}})
     assert [type(p).__name__ for p in h.written()] == ["PubAck"]
-    [answer] = h.refs["Sensor A"].of(m.CommandAnswered)
-    assert (answer.session_id, answer.request_id) == (sub.session_id, 42)
-    assert json.loads(answer.payload) == {"success": True, "t": 21.5}
-    assert h.refs["gw"].of(m.CommandAnswered) == []
+    [(name, request_id, payload)] = h.attach.link(sub).of("answered")
+    assert (name, request_id) == ("answered", 42)
+    assert json.loads(payload) == {"success": True, "t": 21.5}
+    assert h.calls("gw") == []
 
 
 def test_answers_for_two_sub_devices_go_to_their_own_actors():
@@ -191,16 +196,16 @@ def test_answers_for_two_sub_devices_go_to_their_own_actors():
     b = h.connect_sub("B")
     h.publish("v1/gateway/rpc", {"device": "B", "id": 2, "data": "b"})
     h.publish("v1/gateway/rpc", {"device": "A", "id": 1, "data": [1]})
-    assert [(x.session_id, x.request_id, x.payload) for x in h.refs["A"].of(m.CommandAnswered)] == \
-        [(a.session_id, 1, b"[1]")]
-    assert [(x.session_id, x.request_id, x.payload) for x in h.refs["B"].of(m.CommandAnswered)] == \
-        [(b.session_id, 2, b'"b"')]
+    assert h.attach.link(a).of("answered") == [("answered", 1, b"[1]")]
+    assert h.attach.link(b).of("answered") == [("answered", 2, b'"b"')]
+    assert [(sid, call) for sid, call in h.attach.reports if call[0] == "answered"] == [
+        (b.session_id, ("answered", 2, b'"b"')), (a.session_id, ("answered", 1, b"[1]"))]
 
 
 def test_bad_gateway_publishes_are_acknowledged_and_ignored_without_closing_the_connection():
     h = GatewayHarness()
     h.connect()
-    h.connect_sub("Sensor A")
+    sub = h.connect_sub("Sensor A")
     bad = [
         ("v1/gateway/connect", b"not json {"),
         ("v1/gateway/connect", b"[1, 2]"),
@@ -218,8 +223,8 @@ def test_bad_gateway_publishes_are_acknowledged_and_ignored_without_closing_the_
         assert [type(p).__name__ for p in h.written()] == ["PubAck"], (topic, payload)
     assert not h.transport.disconnecting
     assert h.lookups == [(GATEWAY, "Sensor A", "default")]
-    assert h.refs["Sensor A"].of(m.CommandAnswered) == []
-    assert h.refs["Sensor A"].of(m.DetachSession) == []
+    assert h.attach.calls(sub) == [("subscribed", False)]  # no answer, no close
+    assert h.calls("gw") == []
 
 
 def test_other_gateway_topics_are_acknowledged_and_ignored():
@@ -236,7 +241,8 @@ def test_disconnecting_a_sub_device_detaches_its_session_and_stops_its_commands(
     sub = h.connect_sub("Sensor A")
     h.publish("v1/gateway/disconnect", {"device": "Sensor A"})
     h.written()
-    assert [d.session_id for d in h.refs["Sensor A"].of(m.DetachSession)] == [sub.session_id]
+    assert h.attach.calls(sub) == [("subscribed", False), ("closed",)]
+    assert sub.link is NO_LINK
     assert sub.send_command(1, "m", None, 1) is Delivery.NOT_SENT
     assert h.transport.value() == b""
     # Connecting it again gives a new session.
@@ -254,7 +260,8 @@ def test_a_puback_after_the_sub_device_left_frees_the_packet_id_but_reports_noth
     h.written()
     assert publish.packet_id in h.gateway_session.gateway_in_flight  # still taken until acknowledged
     h.protocol.dataReceived(codec.encode_puback(publish.packet_id, 4))
-    assert h.refs["Sensor A"].of(m.CommandAcked) == []
+    assert h.attach.calls(sub) == [("subscribed", False), ("closed",)]  # no ack after the close
+    assert h.calls("gw") == []
     assert h.gateway_session.gateway_in_flight == {}
 
 
@@ -264,7 +271,7 @@ def test_a_disconnect_while_the_sub_device_is_looked_up_wins():
     h.publish("v1/gateway/connect", {"device": "Sensor A"})
     h.publish("v1/gateway/disconnect", {"device": "Sensor A"})
     h.waiting["Sensor A"].callback(h.device("Sensor A"))
-    assert "Sensor A" not in h.refs
+    assert h.attached_to("Sensor A") == []
 
 
 def test_closing_the_gateway_connection_detaches_every_sub_device_and_its_own_session():
@@ -273,9 +280,10 @@ def test_closing_the_gateway_connection_detaches_every_sub_device_and_its_own_se
     a = h.connect_sub("A")
     b = h.connect_sub("B")
     h.protocol.connectionLost(None)
-    assert [d.session_id for d in h.refs["A"].of(m.DetachSession)] == [a.session_id]
-    assert [d.session_id for d in h.refs["B"].of(m.DetachSession)] == [b.session_id]
-    assert [d.session_id for d in h.refs["gw"].of(m.DetachSession)] == [h.gateway_session.session_id]
+    assert h.attach.calls(a) == [("subscribed", False), ("closed",)]
+    assert h.attach.calls(b) == [("subscribed", False), ("closed",)]
+    assert h.attach.calls(h.gateway_session) == [("closed",)]
+    assert a.link is NO_LINK and b.link is NO_LINK and h.gateway_session.link is NO_LINK
     assert a.send_command(1, "m", None, 1) is Delivery.NOT_SENT
 
 
@@ -285,7 +293,7 @@ def test_a_sub_device_found_after_the_gateway_closed_is_not_attached():
     h.publish("v1/gateway/connect", {"device": "Sensor A"})
     h.protocol.connectionLost(None)
     h.waiting["Sensor A"].callback(h.device("Sensor A"))
-    assert "Sensor A" not in h.refs
+    assert h.attached_to("Sensor A") == []
 
 
 def test_a_failed_lookup_is_logged_and_a_later_connect_tries_again():
@@ -296,7 +304,8 @@ def test_a_failed_lookup_is_logged_and_a_later_connect_tries_again():
     h.publish("v1/gateway/connect", {"device": "Sensor A"})
     h.waiting["Sensor A"].callback(h.device("Sensor A"))
     assert len(h.lookups) == 2
-    assert len(h.refs["Sensor A"].of(m.SubscribeCommands)) == 1
+    [attached] = h.attached_to("Sensor A")
+    assert attached.link.calls == [("subscribed", False)]
     assert not h.transport.disconnecting
 
 
@@ -307,8 +316,9 @@ def test_the_actor_closing_a_sub_session_removes_it_from_the_gateway_without_clo
     sub.close("replaced by a newer session of the same device")
     assert not h.transport.disconnecting
     assert sub.send_command(1, "m", None, 1) is Delivery.NOT_SENT
+    assert sub.link is NO_LINK
     h.protocol.connectionLost(None)
-    assert h.refs["Sensor A"].of(m.DetachSession) == []  # the actor already dropped it
+    assert h.attach.calls(sub) == [("subscribed", False)]  # the actor already dropped it: no close
 
 
 def test_the_gateway_subscribes_to_its_rpc_topic_at_qos1_without_asking_for_its_own_commands():
@@ -317,7 +327,7 @@ def test_the_gateway_subscribes_to_its_rpc_topic_at_qos1_without_asking_for_its_
     h.protocol.dataReceived(codec.encode_subscribe(1, [("v1/gateway/rpc", 1)], 4))
     [suback] = h.written()
     assert suback.reason_codes == [1]
-    assert h.refs["gw"].of(m.SubscribeCommands) == []
+    assert h.calls("gw") == []
 
 
 def test_without_a_sub_device_finder_gateway_publishes_are_only_acknowledged():

@@ -1,4 +1,4 @@
-"""The MQTT protocol in memory: StringTransport for the socket, task.Clock for time, a recording actor ref."""
+"""The MQTT protocol in memory: StringTransport for the socket, task.Clock for time, a recording device link."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import StringTransport
 
-from nanoiot.actors import messages as m
 from nanoiot.persistence.records import NULL_UUID, Device
+from nanoiot.port.link import NO_LINK
+from nanoiot.port.session import Delivery
 from nanoiot.transports.mqtt import codec
 from nanoiot.transports.mqtt.protocol import MAX_HELD_FRAMES, MqttFactory
-from nanoiot.transports.session import Delivery
-from tests.fixtures.recording import RecordingRef
+from tests.fixtures.recording import RecordingAttach, RecordingLink
 
 TOKEN = "GOOD_TOKEN"
 DEVICE = Device(uuid4(), 0, uuid4(), NULL_UUID, "dev", "default", None, None)
@@ -23,19 +23,14 @@ DEVICE = Device(uuid4(), 0, uuid4(), NULL_UUID, "dev", "default", None, None)
 class Harness:
     def __init__(self, auth: Deferred | None = None, max_packet_size: int = 1024) -> None:
         self.clock = task.Clock()
-        self.ref = RecordingRef()
-        self.sessions: list = []
+        self.attach = RecordingAttach()
 
         def authenticate(token: str) -> Deferred:
             if auth is not None:
                 return auth
             return succeed(DEVICE if token == TOKEN else None)
 
-        def attach(device: Device, session) -> RecordingRef:
-            self.sessions.append(session)
-            return self.ref
-
-        self.factory = MqttFactory(authenticate, attach, self.clock, max_packet_size=max_packet_size,
+        self.factory = MqttFactory(authenticate, self.attach, self.clock, max_packet_size=max_packet_size,
                                    connect_timeout=10)
         self.protocol = self.factory.buildProtocol(None)
         self.transport = StringTransport()
@@ -64,12 +59,26 @@ class Harness:
     def closed(self) -> bool:
         return self.transport.disconnecting
 
+    @property
+    def sessions(self) -> list:
+        return self.attach.sessions
+
+    @property
+    def link(self) -> RecordingLink:
+        """The (one) device session's link."""
+        [attached] = self.attach.attached
+        return attached.link
+
 
 def test_a_known_token_gets_a_success_connack_and_attaches_a_session():
     h = Harness()
     [connack] = h.connect()
     assert isinstance(connack, codec.ConnAck) and connack.reason_code == 0 and not connack.session_present
-    assert len(h.sessions) == 1 and h.sessions[0].device is DEVICE
+    [attached] = h.attach.attached
+    assert attached.device is DEVICE and attached.session.device is DEVICE
+    assert attached.exclusive is True  # a reconnect replaces the older connection
+    assert attached.session.link is attached.link
+    assert h.attach.reports == []  # attaching is not subscribing
     assert not h.closed
 
 
@@ -154,8 +163,7 @@ def test_connect_subscribe_and_publish_in_any_chunking_give_the_same_answers(chu
     h.feed(stream, chunk)
     kinds = [type(p).__name__ for p in h.written_packets()]
     assert kinds == ["ConnAck", "SubAck", "PubAck", "PingResp"]
-    answered = h.ref.of(m.CommandAnswered)
-    assert [(a.request_id, a.payload) for a in answered] == [(3, b'{"ok":1}')]
+    assert h.link.calls == [("subscribed", False), ("answered", 3, b'{"ok":1}')]
 
 
 def test_packets_that_arrive_while_the_token_is_checked_are_handled_after_it():
@@ -166,7 +174,7 @@ def test_packets_that_arrive_while_the_token_is_checked_are_handled_after_it():
     assert h.transport.value() == b""
     pending.callback(DEVICE)
     assert [type(p).__name__ for p in h.written_packets()] == ["ConnAck", "SubAck"]
-    assert len(h.ref.of(m.SubscribeCommands)) == 1
+    assert h.link.calls == [("subscribed", False)]
 
 
 def test_reading_goes_on_during_the_token_lookup_until_too_many_packets_are_held():
@@ -194,7 +202,7 @@ def test_subscribing_to_the_rpc_topic_asks_the_actor_for_commands_and_other_topi
     [suback] = h.written_packets()
     assert suback.packet_id == 5
     assert suback.reason_codes == [1, 1, 0x80]
-    assert len(h.ref.of(m.SubscribeCommands)) == 1
+    assert h.link.calls == [("subscribed", False)]
 
 
 def test_the_v2_short_subscription_switches_the_topic_family_of_commands():
@@ -209,13 +217,23 @@ def test_the_v2_short_subscription_switches_the_topic_family_of_commands():
     assert publish.qos == 1
 
 
+def test_unsubscribing_from_the_rpc_topic_tells_the_actor_and_other_topics_do_not():
+    h = Harness()
+    h.connect()
+    h.feed(codec.encode_subscribe(1, [("v1/devices/me/rpc/request/+", 1)], 4))
+    h.feed(codec.encode_unsubscribe(2, ["v1/devices/me/attributes"], 4))
+    h.feed(codec.encode_unsubscribe(3, ["v1/devices/me/rpc/request/+", "v1/devices/me/rpc/request/#"], 4))
+    assert [type(p).__name__ for p in h.written_packets()] == ["SubAck", "UnsubAck", "UnsubAck"]
+    assert h.link.calls == [("subscribed", False), ("unsubscribed",)]
+
+
 def test_protobuf_short_topics_are_refused_rather_than_served_json():
     h = Harness()
     h.connect()
     h.feed(codec.encode_subscribe(1, [("v2/r/req/p/+", 1)], 4))
     [suback] = h.written_packets()
     assert suback.reason_codes == [0x80]
-    assert h.ref.of(m.SubscribeCommands) == []
+    assert h.link.calls == []
 
 
 def test_a_command_is_published_and_its_puback_is_reported_to_the_actor():
@@ -227,10 +245,9 @@ def test_a_command_is_published_and_its_puback_is_reported_to_the_actor():
     assert publish.topic == "v1/devices/me/rpc/request/0"
     assert publish.payload == b'{"method":"setGpio","params":{"pin":7}}'
     h.feed(codec.encode_puback(publish.packet_id, 4))
-    [acked] = h.ref.of(m.CommandAcked)
-    assert (acked.session_id, acked.request_id) == (session.session_id, 0)
+    assert h.attach.calls(session) == [("acked", 0)]
     h.feed(codec.encode_puback(publish.packet_id, 4))  # a duplicate PUBACK is ignored
-    assert len(h.ref.of(m.CommandAcked)) == 1
+    assert h.attach.calls(session) == [("acked", 0)]
 
 
 def test_a_qos0_command_counts_as_delivered_once_written():
@@ -245,8 +262,7 @@ def test_a_device_call_is_handed_to_the_actor_and_answered_on_its_family():
     h = Harness()
     h.connect()
     h.feed(codec.encode_publish("v2/r/req/12", b'{"method":"getCurrentTime"}', 0, None, 4))
-    [call] = h.ref.of(m.DeviceCall)
-    assert call.request_id == 12
+    assert h.link.calls == [("called", 12, b'{"method":"getCurrentTime"}')]
     h.sessions[0].send_reply(12, b"123")
     [reply] = h.written_packets()
     assert (reply.topic, reply.payload) == ("v2/r/res/12", b"123")
@@ -257,7 +273,7 @@ def test_a_publish_to_a_request_topic_without_a_numeric_id_is_ignored_but_acknow
     h.connect()
     h.feed(codec.encode_publish("v1/devices/me/rpc/request/abc", b"{}", 1, 3, 4))
     assert [type(p).__name__ for p in h.written_packets()] == ["PubAck"]
-    assert h.ref.of(m.DeviceCall) == []
+    assert h.link.calls == []
 
 
 def test_qos2_publishes_are_acted_on_once_and_complete_the_handshake():
@@ -265,7 +281,7 @@ def test_qos2_publishes_are_acted_on_once_and_complete_the_handshake():
     h.connect()
     publish = codec.encode_publish("v1/devices/me/rpc/response/1", b"{}", 2, 4, 4)
     h.feed(publish + publish)
-    assert len(h.ref.of(m.CommandAnswered)) == 1
+    assert h.link.calls == [("answered", 1, b"{}")]
     h.feed(codec.encode_pubrel(4, 4))
     assert [type(p).__name__ for p in h.written_packets()] == ["PubRec", "PubRec", "PubComp"]
 
@@ -288,8 +304,10 @@ def test_a_malformed_packet_closes_the_connection():
 def test_losing_the_connection_detaches_the_session_and_cancels_timers():
     h = Harness()
     h.connect(keep_alive=30)
+    link = h.link
     h.protocol.connectionLost(None)
-    assert [d.session_id for d in h.ref.of(m.DetachSession)] == [h.sessions[0].session_id]
+    assert link.calls == [("closed",)]
+    assert h.sessions[0].link is NO_LINK  # nothing more is reported on it
     assert h.clock.getDelayedCalls() == []
 
 
@@ -308,7 +326,7 @@ def test_the_actor_closing_a_replaced_mqtt5_session_says_session_taken_over():
     assert disconnect.reason_code == codec.REASON_SESSION_TAKEN_OVER
     assert h.closed
     h.protocol.connectionLost(None)
-    assert h.ref.of(m.DetachSession) == []  # the actor already detached it
+    assert h.link.calls == []  # the actor already detached it
 
 
 def test_packet_ids_skip_those_still_in_flight_and_the_receive_window_is_respected():

@@ -16,7 +16,7 @@ from nanoiot.config import Config
 from nanoiot.errors import ConfigError, PermissionDenied
 from nanoiot.persistence.records import NULL_UUID, Device
 from nanoiot.rpc.model import RpcFailure, RpcResult
-from nanoiot.rpc.server_methods import (
+from nanoiot.commands.server_methods import (
     ENTRY_POINT_GROUP,
     CallContext,
     ServerMethods,

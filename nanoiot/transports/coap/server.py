@@ -13,14 +13,16 @@ Resources (``/api/v1/{token}`` is the device's access token):
 A datagram that does not decode is dropped with one (rate-limited) log line; a CON whose header was readable is
 rejected with an RST. ``datagramReceived`` never raises.
 
-How a session meets its device actor (see ``nanoiot/transports/session.py``): the observe registration creates a
-:class:`CoapSession`, attached with ``exclusive=True`` (a newer registration of the same device replaces it; the old
-observation gets a final 2.02 Deleted without Observe) and subscribed. Answers and calls use a short-lived
-:class:`CoapRequestSession`, attached with ``exclusive=False`` and detached once done, so that a registration
-racing with a call never evicts the call; its ``transport`` is ``"coap-request"`` for that reason.
-
-``attach(device, session, exclusive) -> actor_ref`` must tell the device's actor ``AttachSession(session,
-exclusive)`` and return its ref (MQTT's ``attach`` takes no ``exclusive``: CoAP needs both kinds).
+How a session meets its device actor (through the device port, ``nanoiot/port/``): ``attach(device, session,
+exclusive)`` returns the session's :class:`~nanoiot.port.link.DeviceLink`, and the session reports through it. The
+observe registration creates a :class:`CoapSession`, attached with ``exclusive=True`` (a newer registration of the
+same device replaces it; the old observation gets a final 2.02 Deleted without Observe), then ``link.subscribed()``;
+an ACK to a CON notification (or a queued NON notification written) is ``link.acked``, an answer ``link.answered``,
+the observation ending (RST, no ACK, deregistration, server stop) ``link.closed``. Answers without an observation and
+calls use a short-lived :class:`CoapRequestSession`, attached with ``exclusive=False`` (``link.answered`` or
+``link.called``) and closed once done, so that a registration racing with a call never evicts the call; its
+``transport`` is ``"coap-request"`` for that reason. Once a session's link is closed, or the actor closed the session,
+the session drops its link (``NO_LINK``).
 
 One CON notification in flight per observer: a command sent while one is unacknowledged (or while the device is
 still fetching the Block2 blocks of the previous one) waits in a bounded per-observer queue (``max_queued``) and the
@@ -41,7 +43,8 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from nanoiot.actors import messages as m
+from nanoiot.port.link import NO_LINK, Attach, DeviceLink
+from nanoiot.port.session import Delivery, next_session_id
 from nanoiot.transports.coap import codec
 from nanoiot.transports.coap.blockwise import (
     MAX_SZX,
@@ -54,8 +57,6 @@ from nanoiot.transports.coap.blockwise import (
 )
 from nanoiot.transports.coap.messages import Address, Exchange, MessageLayer, Sweeper
 from nanoiot.transports.coap.observe import MAX_QUEUED, Observer, ObserveRegistry
-from nanoiot.transports.session import Delivery, next_session_id
-from nanoiot.transports.session import tell_actor as _tell
 
 log = Logger(namespace="nanoiot.coap")
 
@@ -65,8 +66,6 @@ CALL_TIMEOUT = 60.0
 MAX_DATAGRAM = 65535
 #: Block1 transfers in progress at most (each holds up to ``max_payload`` bytes).
 MAX_BLOCK1_TRANSFERS = 1000
-
-Attach = Callable[[Any, Any, bool], Any]
 
 
 class _LogBudget:
@@ -126,7 +125,8 @@ class CoapSession:
         self.session_id = next_session_id()
         self.server = server
         self.device = device
-        self.actor_ref: Any = None
+        #: What ``attach`` returned; ``NO_LINK`` before that and once closed.
+        self.link: DeviceLink = NO_LINK
         self.observer: Observer | None = None
         self.closed = False
 
@@ -139,7 +139,7 @@ class CoapSession:
         return self.server._notify(observer, request_id, payload)
 
     def send_reply(self, request_id: int, body: bytes) -> None:
-        # Calls are told through their own CoapRequestSession; nothing is waiting for this on an observation.
+        # Calls come through their own CoapRequestSession; nothing is waiting for this on an observation.
         log.debug("coap: reply {request_id} for an observe session dropped", request_id=request_id)
 
     def close(self, reason: str) -> None:
@@ -158,7 +158,8 @@ class CoapRequestSession:
         self.device = device
         self.exchange = exchange
         self.options = options or []
-        self.actor_ref: Any = None
+        #: What ``attach`` returned; ``NO_LINK`` before that and once done.
+        self.link: DeviceLink = NO_LINK
         self.timer: IDelayedCall | None = None
         self.done = exchange is None
 
@@ -169,14 +170,15 @@ class CoapRequestSession:
         self._finish(codec.CONTENT, body)
 
     def close(self, reason: str) -> None:
+        self.link = NO_LINK  # the actor already forgot this session
         if not self.done:
-            self._finish(codec.SERVICE_UNAVAILABLE, b"", tell_detach=False)
+            self._finish(codec.SERVICE_UNAVAILABLE, b"")
 
     def timed_out(self) -> None:
         self.timer = None
         self._finish(codec.CONTENT, b'{"error":"timeout"}')
 
-    def _finish(self, response_code: int, body: bytes, tell_detach: bool = True) -> None:
+    def _finish(self, response_code: int, body: bytes) -> None:
         if self.done:
             return
         self.done = True
@@ -187,8 +189,8 @@ class CoapRequestSession:
         if self.exchange is not None:
             self.server._respond(self.exchange, response_code, body, self.options,
                                  content_format=codec.JSON_FORMAT if body else None)
-        if tell_detach:
-            _tell(self.actor_ref, m.DetachSession(self.session_id))
+        link, self.link = self.link, NO_LINK
+        link.closed()
 
 
 class CoapServer(DatagramProtocol):
@@ -232,10 +234,10 @@ class CoapServer(DatagramProtocol):
             self.transport.maxPacketSize = MAX_DATAGRAM
 
     def stopProtocol(self) -> None:
-        """Cancel every timer; tell the actors their CoAP sessions are gone."""
+        """Cancel every timer; report every CoAP session closed."""
         self._stopped = True
         for observer in self.observers.all():
-            self._drop_observer(observer, tell_actor=True)
+            self._drop_observer(observer, report_closed=True)
         for call in list(self.calls):
             call.exchange = None
             call._finish(codec.SERVICE_UNAVAILABLE, b"")
@@ -382,15 +384,15 @@ class CoapServer(DatagramProtocol):
             existing.confirmable = confirmable
             existing.block_szx = szx
             self._respond(exchange, codec.VALID, options=echo + [(codec.OBSERVE, existing.next_number())])
-            _tell(existing.session.actor_ref, m.SubscribeCommands(existing.session.session_id))
+            existing.session.link.subscribed()
             return
         if existing is not None:
-            self._drop_observer(existing, tell_actor=True)
+            self._drop_observer(existing, report_closed=True)
         session = CoapSession(self, device)
         observer = Observer(exchange.addr, token, confirmable, path, device.id, session, block_szx=szx)
         session.observer = observer
         try:
-            session.actor_ref = self.attach(device, session, True)
+            session.link = self.attach(device, session, True)
         except Exception:
             log.failure("coap: attaching a session of device {device_id} failed", Failure(), device_id=device.id)
             self._respond(exchange, codec.SERVICE_UNAVAILABLE)
@@ -399,12 +401,12 @@ class CoapServer(DatagramProtocol):
         self.stats["registrations"] += 1
         # The 2.03 goes out before the actor can send the first notification (its mail is handled later).
         self._respond(exchange, codec.VALID, options=echo + [(codec.OBSERVE, observer.number)])
-        _tell(session.actor_ref, m.SubscribeCommands(session.session_id))
+        session.link.subscribed()
 
     def _deregister(self, exchange: Exchange, device: Any, path: tuple[str, ...], echo: list) -> None:
         observer = self.observers.get(exchange.addr, exchange.request.token or b"")
         if observer is not None and observer.device_id == device.id:
-            self._drop_observer(observer, tell_actor=True)
+            self._drop_observer(observer, report_closed=True)
         self._respond(exchange, codec.CONTENT, options=echo)
 
     # --- answers and calls ----------------------------------------------------------------------------------------
@@ -412,26 +414,26 @@ class CoapServer(DatagramProtocol):
     def _answer(self, exchange: Exchange, device: Any, request_id: int, payload: bytes, echo: list) -> None:
         observer = self.observers.for_device(device.id)
         session = observer.session if observer is not None else None
-        if session is not None and session.actor_ref is not None and not session.closed:
-            _tell(session.actor_ref, m.CommandAnswered(session.session_id, request_id, payload))
+        if session is not None and not session.closed:
+            session.link.answered(request_id, payload)
         else:
             transient = CoapRequestSession(self, device, None)
             try:
-                ref = self.attach(device, transient, False)
+                link = self.attach(device, transient, False)
             except Exception:
                 log.failure("coap: attaching an answer of device {device_id} failed", Failure(),
                             device_id=device.id)
                 self._respond(exchange, codec.SERVICE_UNAVAILABLE)
                 return
-            _tell(ref, m.CommandAnswered(transient.session_id, request_id, payload))
-            _tell(ref, m.DetachSession(transient.session_id))
+            link.answered(request_id, payload)
+            link.closed()
         self.stats["answers"] += 1
         self._respond(exchange, codec.CREATED, options=echo)
 
     def _call(self, exchange: Exchange, device: Any, payload: bytes, echo: list) -> None:
         call = CoapRequestSession(self, device, exchange, echo)
         try:
-            call.actor_ref = self.attach(device, call, False)
+            call.link = self.attach(device, call, False)
         except Exception:
             log.failure("coap: attaching a call of device {device_id} failed", Failure(), device_id=device.id)
             self._respond(exchange, codec.SERVICE_UNAVAILABLE)
@@ -439,7 +441,7 @@ class CoapServer(DatagramProtocol):
         self.calls.add(call)
         self.stats["calls"] += 1
         call.timer = self.clock.callLater(self.call_timeout, call.timed_out)
-        _tell(call.actor_ref, m.DeviceCall(call.session_id, 0, payload))
+        call.link.called(0, payload)
 
     # --- notifications --------------------------------------------------------------------------------------------
 
@@ -483,14 +485,14 @@ class CoapServer(DatagramProtocol):
             self.messages.send_non(message, observer.addr, on_reset=lambda: self._observer_lost(observer, "reset"))
             if queued and observer.session is not None:
                 # It was reported AWAITING_ACK when queued; a NON counts as delivered once written.
-                _tell(observer.session.actor_ref, m.CommandAcked(observer.session.session_id, request_id))
+                observer.session.link.acked(request_id)
 
     def _notification_acked(self, observer: Observer) -> None:
         request_id = observer.in_flight_request
         observer.in_flight = None
         observer.in_flight_request = None
         if observer.session is not None and request_id is not None:
-            _tell(observer.session.actor_ref, m.CommandAcked(observer.session.session_id, request_id))
+            observer.session.link.acked(request_id)
         self._pump(observer)
 
     def _transfer_done(self, observer: Observer, key: Any) -> None:
@@ -512,9 +514,9 @@ class CoapServer(DatagramProtocol):
         log.debug("coap: observation of device {device_id} at {addr} cancelled: {why}", device_id=observer.device_id,
                   addr=observer.addr, why=why)
         self.stats["observers_lost"] += 1
-        self._drop_observer(observer, tell_actor=True)
+        self._drop_observer(observer, report_closed=True)
 
-    def _drop_observer(self, observer: Observer, tell_actor: bool) -> None:
+    def _drop_observer(self, observer: Observer, report_closed: bool) -> None:
         self.observers.remove(observer)
         self.messages.cancel(observer.in_flight)
         observer.in_flight = None
@@ -526,8 +528,9 @@ class CoapServer(DatagramProtocol):
         session = observer.session
         if session is not None and not session.closed:
             session.closed = True
-            if tell_actor:
-                _tell(session.actor_ref, m.DetachSession(session.session_id))
+            link, session.link = session.link, NO_LINK
+            if report_closed:
+                link.closed()
 
     def _close_session(self, session: CoapSession, reason: str) -> None:
         """The actor closes the session (replaced by a newer registration, device deleted)."""
@@ -536,8 +539,9 @@ class CoapServer(DatagramProtocol):
         observer = session.observer
         if observer is None or self.observers.get(observer.addr, observer.token) is not observer:
             session.closed = True
+            session.link = NO_LINK
             return
-        self._drop_observer(observer, tell_actor=False)
+        self._drop_observer(observer, report_closed=False)
         if "replaced" in reason:
             final = codec.DELETED
         elif "deleted" in reason:

@@ -1,6 +1,6 @@
-"""In-memory test doubles for the CoAP transport: a datagram transport that records what is written, an actor
-ref that records what it is told, and a harness that plays devices against a :class:`CoapServer` on a
-``task.Clock`` (no sockets, no reactor, no sleeping)."""
+"""In-memory test doubles for the CoAP transport: a datagram transport that records what is written, an ``attach``
+that hands every session a recording link (:mod:`nanoiot.transports.testing`), and a harness that plays devices
+against a :class:`CoapServer` on a ``task.Clock`` (no sockets, no reactor, no actors, no sleeping)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred, succeed
 
 from nanoiot.transports.coap import codec
 from nanoiot.transports.coap.server import CoapServer
+from nanoiot.transports.testing import Attached, RecordingAttach, RecordingLink
 
 DEVICE_ADDR = ("192.0.2.10", 5683)
 
@@ -25,28 +26,10 @@ class FakeDatagramTransport:
         self.written.append((bytes(data), addr))
 
 
-class FakeActorRef:
-    def __init__(self) -> None:
-        self.told: list[Any] = []
-
-    def tell(self, message: Any) -> None:
-        self.told.append(message)
-
-    def of(self, kind: type) -> list[Any]:
-        return [message for message in self.told if isinstance(message, kind)]
-
-
 @dataclass(frozen=True)
 class FakeDevice:
     id: str
     name: str = "device"
-
-
-@dataclass
-class Attached:
-    device: Any
-    session: Any
-    exclusive: bool
 
 
 @dataclass
@@ -56,13 +39,13 @@ class CoapHarness:
     max_payload: int = 65536
     clock: task.Clock = field(default_factory=task.Clock)
     transport: FakeDatagramTransport = field(default_factory=FakeDatagramTransport)
-    ref: FakeActorRef = field(default_factory=FakeActorRef)
-    attached: list[Attached] = field(default_factory=list)
+    #: The server's ``attach``: every session gets its own RecordingLink.
+    links: RecordingAttach = field(default_factory=RecordingAttach)
     #: When set, authenticate returns this Deferred (to test slow lookups) instead of answering at once.
     pending_lookup: Deferred | None = None
 
     def __post_init__(self) -> None:
-        self.server = CoapServer(self._authenticate, self._attach, self.clock, max_payload=self.max_payload,
+        self.server = CoapServer(self._authenticate, self.links, self.clock, max_payload=self.max_payload,
                                  random=lambda: self.random_value)
         self.server.makeConnection(self.transport)
         self._mid = 100
@@ -72,9 +55,19 @@ class CoapHarness:
             return self.pending_lookup
         return succeed(self.tokens.get(token))
 
-    def _attach(self, device: Any, session: Any, exclusive: bool) -> FakeActorRef:
-        self.attached.append(Attached(device, session, exclusive))
-        return self.ref
+    @property
+    def attached(self) -> list[Attached]:
+        """Every ``attach`` call in order: device, session, exclusive, and the link it returned."""
+        return self.links.attached
+
+    @property
+    def reports(self) -> list[tuple[int, tuple]]:
+        """Every report on any link, in order, as ``(session id, call)``."""
+        return self.links.reports
+
+    def link(self, session: Any = None) -> RecordingLink:
+        """The link of ``session`` (by default the most recent observe session)."""
+        return self.links.link(self.session if session is None else session)
 
     # --- playing a device -----------------------------------------------------------------------------------------
 

@@ -10,25 +10,25 @@
   ``timeout`` or a call body that is not JSON 400; other paths 404; other methods 405. Errors other than 401/408
   carry ThingsBoard's JSON error body; empty responses carry no Content-Type.
 
-How a request meets its device actor (see ``nanoiot/transports/session.py``): every request is a short-lived
-session, attached with ``exclusive=False`` (an HTTP device may poll and call at once; nothing replaces anything).
+How a request meets its device actor (through the device port, ``nanoiot/port/``): every request is a short-lived
+:class:`~nanoiot.port.session.DeviceSession`, attached with ``attach(device, session, False)`` (non-exclusive: an HTTP
+device may poll and call at once; nothing replaces anything), and reports through the
+:class:`~nanoiot.port.link.DeviceLink` that returned, which always reaches the device's live actor.
 
-* A poll is a one-shot :class:`HttpPollSession`: attached, then ``SubscribeCommands(one_shot=True)``, so the actor
+* A poll is a one-shot :class:`HttpPollSession`: attached, then ``link.subscribed(one_shot=True)``, so the actor
   hands it at most one command. Writing that command finishes the response and answers
   ``Delivery.AWAITING_ACK``; once twisted.web reports the response written (``notifyFinish`` succeeded) the session
-  tells ``CommandAcked`` and then ``DetachSession``. When the client went away first (``notifyFinish`` failed) the
-  session only tells ``DetachSession``: the actor puts what was in flight on it back in the queue for the next poll.
+  reports ``link.acked`` and then ``link.closed``. When the client went away first (``notifyFinish`` failed) the
+  session only reports ``link.closed``: the actor puts what was in flight on it back in the queue for the next poll.
   A command that reaches a poll already ended (timed out, client gone) gets ``Delivery.NOT_SENT``; the
-  ``DetachSession`` told when it ended follows and returns the command to the queue. A command queued while no
+  ``link.closed`` reported when it ended follows and returns the command to the queue. A command queued while no
   poll is open simply waits in the actor's queue.
-* A device-to-server call is an :class:`HttpCallSession`: attached, then ``DeviceCall``; the actor's
-  ``send_reply`` becomes the response body, then the session detaches (also when the client goes away first).
-* An answer attaches a session just long enough to tell ``CommandAnswered`` (the actor parses the answer).
+* A device-to-server call is an :class:`HttpCallSession`: attached, then ``link.called``; the actor's
+  ``send_reply`` becomes the response body, then the session closes its link (also when the client goes away first).
+* An answer attaches a session just long enough to report ``link.answered`` (the actor parses the answer).
 
-``attach(device, session, exclusive) -> actor_ref`` must tell the device's actor ``AttachSession(session,
-exclusive)`` and return its ref. The optional ``tell(device, message)`` sends later messages through the device
-directory instead of that ref, so that they reach the device's current actor even when the one ``attach`` found was
-passivating at that moment.
+Once a session reported ``closed``, or the actor closed it (``close``), it drops its link (``NO_LINK``): nothing more
+is reported.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import json
 import re
 from typing import Any, Callable
 
-from pykka import ActorDeadError
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -45,7 +44,6 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from nanoiot.actors import messages as m
 from nanoiot.errors import (
     BadRequest,
     MethodNotAllowed,
@@ -54,7 +52,8 @@ from nanoiot.errors import (
     PayloadTooLarge,
     ServiceUnavailable,
 )
-from nanoiot.transports.session import Delivery, next_session_id
+from nanoiot.port.link import NO_LINK, Attach, DeviceLink
+from nanoiot.port.session import Delivery, next_session_id
 
 log = Logger(namespace="nanoiot.http")
 
@@ -70,14 +69,12 @@ _WHOLE = re.compile(rb"[+-]?[0-9]+")
 CALL_TIMEOUT_BODY = b'{"error":"timeout"}'
 
 Authenticate = Callable[[str], Deferred]
-Attach = Callable[[Any, Any, bool], Any]
-Tell = Callable[[Any, Any], Any]
 
 OPEN, ANSWERED, ENDED = "open", "answered", "ended"
 
 
 class _Session:
-    """What the three kinds of request session share: telling the actor, and noticing the client leave."""
+    """What the three kinds of request session share: the link to the actor, and noticing the client leave."""
 
     transport = "http"
 
@@ -86,27 +83,17 @@ class _Session:
         self.api = api
         self.request = request
         self.device = device
-        self.actor_ref: Any = None
+        #: What ``attach`` returned; ``NO_LINK`` before that, once detached, and once the actor closed this session
+        #: itself (it already forgot it: report nothing more).
+        self.link: DeviceLink = NO_LINK
         self.state = OPEN
-        #: False once the actor closed this session itself (it already forgot it: tell it nothing more).
-        self.actor_knows = True
 
     def attach(self) -> None:
-        self.actor_ref = self.api.attach(self.device, self, False)
-
-    def tell(self, message: Any) -> None:
-        if not self.actor_knows:
-            return
-        try:
-            if self.api.tell is not None:
-                self.api.tell(self.device, message)
-            elif self.actor_ref is not None:
-                self.actor_ref.tell(message)
-        except ActorDeadError:
-            log.debug("http: message for a stopped device actor dropped: {kind}", kind=type(message).__name__)
+        self.link = self.api.attach(self.device, self, False)
 
     def detach(self) -> None:
-        self.tell(m.DetachSession(self.session_id))
+        link, self.link = self.link, NO_LINK
+        link.closed()
 
     # --- DeviceSession defaults -----------------------------------------------------------------------------------
 
@@ -117,7 +104,7 @@ class _Session:
         pass
 
     def close(self, reason: str) -> None:
-        self.actor_knows = False
+        self.link = NO_LINK
 
 
 class HttpPollSession(_Session):
@@ -133,7 +120,7 @@ class HttpPollSession(_Session):
         self.attach()
         self.timer = self.api.clock.callLater(self.timeout_ms / 1000.0, self._timed_out)
         self.request.notifyFinish().addCallbacks(self._written, self._gone)
-        self.tell(m.SubscribeCommands(self.session_id, one_shot=True))
+        self.link.subscribed(one_shot=True)
 
     def send_command(self, request_id: int, method: str, params: Any, qos: int) -> Delivery:
         if self.state != OPEN:
@@ -177,7 +164,7 @@ class HttpPollSession(_Session):
         self._cancel_timer()
         self.state = ENDED
         if self.sent_request_id is not None:
-            self.tell(m.CommandAcked(self.session_id, self.sent_request_id))
+            self.link.acked(self.sent_request_id)
         self.detach()
 
     def _gone(self, reason: Failure) -> None:
@@ -205,7 +192,7 @@ class HttpCallSession(_Session):
         self.attach()
         self.timer = self.api.clock.callLater(self.timeout_ms / 1000.0, self._timed_out)
         self.request.notifyFinish().addBoth(self._finished)
-        self.tell(m.DeviceCall(self.session_id, 0, payload))  # ThingsBoard: an HTTP call's request id is 0
+        self.link.called(0, payload)  # ThingsBoard: an HTTP call's request id is 0
 
     def send_reply(self, request_id: int, body: bytes) -> None:
         self._respond(body)
@@ -244,7 +231,7 @@ class HttpAnswerSession(_Session):
 
     def start(self, request_id: int, payload: bytes) -> None:
         self.attach()
-        self.tell(m.CommandAnswered(self.session_id, request_id, payload))
+        self.link.answered(request_id, payload)
         self.state = ENDED
         self.detach()
 
@@ -262,16 +249,15 @@ class DeviceApiResource(Resource):
         max_poll_ms: int = MAX_POLL_MS,
         default_poll_ms: int = DEFAULT_POLL_MS,
         max_payload: int = MAX_PAYLOAD,
-        tell: Tell | None = None,
     ) -> None:
         super().__init__()
         self.authenticate = authenticate
+        #: (device, session, exclusive) -> the session's link; every request session attaches non-exclusively.
         self.attach = attach
         self.clock = clock
         self.max_poll_ms = max(1, max_poll_ms)
         self.default_poll_ms = max(1, min(default_poll_ms, self.max_poll_ms))
         self.max_payload = max_payload
-        self.tell = tell
 
     # --- twisted.web ----------------------------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 A gateway is an ordinary device connected over MQTT. It announces a sub-device with ``v1/gateway/connect``
 ``{"device": "Name", "type": "..."}``; the server finds that device by name in the gateway's tenant (creating it on
-first sight) and attaches a :class:`GatewaySubSession` to the sub-device's actor, already subscribed to commands, as
+first sight) and attaches a :class:`GatewaySubSession` to the sub-device's actor (exclusively, with the gateway's
+``attach``: a newer gateway session of the same device replaces it) and reports it subscribed to commands at once, as
 ThingsBoard does. Commands for the sub-device are published to the gateway on ``v1/gateway/rpc`` as
 ``{"device": "Name", "data": {"id", "method", "params"}}``; the gateway answers on the same topic with
 ``{"device": "Name", "id": N, "data": <json>}``. ``v1/gateway/disconnect`` ``{"device": "Name"}`` detaches the
@@ -23,10 +24,9 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from nanoiot.actors import messages as m
 from nanoiot.persistence.records import Device
-from nanoiot.transports.session import Delivery, next_session_id
-from nanoiot.transports.session import tell_actor as _tell
+from nanoiot.port.link import NO_LINK, Attach, DeviceLink
+from nanoiot.port.session import Delivery, next_session_id
 
 if TYPE_CHECKING:
     from nanoiot.transports.mqtt.session import MqttSession
@@ -41,14 +41,12 @@ DEFAULT_DEVICE_TYPE = "default"
 
 #: (gateway device, sub-device name, sub-device type) -> Deferred firing with the sub-device.
 FindOrCreate = Callable[[Device, str, str], Deferred]
-#: (device, session) -> the device actor's ref, with the session attached to it.
-Attach = Callable[[Device, Any], Any]
 
 
 class GatewaySubSession:
     """A sub-device's session: it has no socket, it writes through its gateway's connection."""
 
-    __slots__ = ("session_id", "device", "name", "actor_ref", "_router")
+    __slots__ = ("session_id", "device", "name", "link", "_router")
     transport = "mqtt-gateway"
 
     def __init__(self, router: GatewayRouter, device: Device, name: str) -> None:
@@ -56,7 +54,8 @@ class GatewaySubSession:
         self.device = device
         #: The name the gateway knows the device by (the device's name when it was connected).
         self.name = name
-        self.actor_ref: Any = None
+        #: What ``attach`` returned; ``NO_LINK`` before that and once the sub-device is detached.
+        self.link: DeviceLink = NO_LINK
         self._router = router
 
     # --- DeviceSession --------------------------------------------------------------------------------------------
@@ -157,9 +156,9 @@ class GatewayRouter:
             return
         sub = GatewaySubSession(self, device, name)
         self.subs[name] = sub
-        sub.actor_ref = self.attach(device, sub)
+        sub.link = self.attach(device, sub, True)
         # ThingsBoard subscribes a gateway's sub-devices to commands at once: the gateway already asked for them.
-        _tell(sub.actor_ref, m.SubscribeCommands(sub.session_id))
+        sub.link.subscribed()
 
     def _lookup_failed(self, failure: Failure, name: str, marker: object) -> None:
         if self.pending.get(name) is marker:
@@ -172,7 +171,7 @@ class GatewayRouter:
         sub = self.subs.pop(name, None)
         if sub is not None:
             self._forget_in_flight(sub)
-            _tell(sub.actor_ref, m.DetachSession(sub.session_id))
+            _detach(sub)
 
     def _on_rpc_answer(self, message: dict[str, Any], name: str) -> None:
         sub = self.subs.get(name)
@@ -187,7 +186,7 @@ class GatewayRouter:
             return
         # ThingsBoard re-serialises "data" as the answer; a missing "data" is an empty answer, i.e. JSON null.
         body = json.dumps(message.get("data"), separators=(",", ":")).encode()
-        _tell(sub.actor_ref, m.CommandAnswered(sub.session_id, request_id, body))
+        sub.link.answered(request_id, body)
 
     # --- commands to sub-devices ----------------------------------------------------------------------------------
 
@@ -197,8 +196,7 @@ class GatewayRouter:
         payload = json.dumps({"device": sub.name, "data": {"id": request_id, "method": method, "params": params}},
                              separators=(",", ":")).encode()
         session = self.session
-        return session.publish_tracked(RPC_TOPIC, payload, qos, session.gateway_in_flight,
-                                       (sub.actor_ref, sub.session_id, request_id))
+        return session.publish_tracked(RPC_TOPIC, payload, qos, session.gateway_in_flight, (sub, request_id))
 
     def acked(self, packet_id: int) -> bool:
         """A PUBACK the gateway's own session did not claim: report it to the sub-device it was for."""
@@ -207,14 +205,15 @@ class GatewayRouter:
             return False
         entry = gateway_in_flight.pop(packet_id)
         if entry is not None:
-            actor_ref, session_id, request_id = entry
-            _tell(actor_ref, m.CommandAcked(session_id, request_id))
+            sub, request_id = entry
+            sub.link.acked(request_id)
         return True
 
     # --- endings --------------------------------------------------------------------------------------------------
 
     def sub_session_closed(self, sub: GatewaySubSession, reason: str) -> None:
         """The sub-device's actor dropped the session (another gateway took the device over, it was deleted)."""
+        sub.link = NO_LINK  # the actor already forgot it: report nothing more
         if self.subs.get(sub.name) is sub:
             del self.subs[sub.name]
         self._forget_in_flight(sub)
@@ -229,14 +228,18 @@ class GatewayRouter:
         self.pending.clear()
         subs, self.subs = list(self.subs.values()), {}
         for sub in subs:
-            _tell(sub.actor_ref, m.DetachSession(sub.session_id))
+            _detach(sub)
         self.session.gateway_in_flight.clear()
 
     def _forget_in_flight(self, sub: GatewaySubSession) -> None:
         # The packet ids stay taken until the gateway acknowledges them, but the PUBACK no longer reports anything.
         gateway_in_flight = self.session.gateway_in_flight
         for packet_id, entry in gateway_in_flight.items():
-            if entry is not None and entry[1] == sub.session_id:
+            if entry is not None and entry[0] is sub:
                 gateway_in_flight[packet_id] = None
 
 
+def _detach(sub: GatewaySubSession) -> None:
+    """The sub-device went offline: tell its actor once, then drop the link."""
+    link, sub.link = sub.link, NO_LINK
+    link.closed()

@@ -2,6 +2,11 @@
 
 NanoIoT is not a broker. A device's publishes are answers to commands or calls to the server, never routed to
 other clients; subscriptions only tell us which topic family a device wants its commands on.
+
+An authenticated connection's :class:`MqttSession` is attached exclusively (``attach(device, session, True)``: a
+reconnect replaces the older connection) and reports through the :class:`~nanoiot.port.link.DeviceLink` it got back:
+SUBSCRIBE -> ``subscribed``, UNSUBSCRIBE -> ``unsubscribed``, PUBACK -> ``acked``, an answer -> ``answered``, a call
+-> ``called``, the connection lost -> ``closed``.
 """
 
 from __future__ import annotations
@@ -15,13 +20,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from nanoiot.actors import messages as m
 from nanoiot.persistence.records import Device
+from nanoiot.port.link import NO_LINK, Attach
 from nanoiot.transports.mqtt import codec
 from nanoiot.transports.mqtt.gateway import GATEWAY_PREFIX, FindOrCreate, GatewayRouter
 from nanoiot.transports.mqtt.session import MqttSession
 from nanoiot.transports.mqtt.topics import topic_matches, valid_topic_filter
-from nanoiot.transports.session import tell_actor as _tell
 
 log = Logger(namespace="nanoiot.mqtt")
 
@@ -108,8 +112,8 @@ class MqttDeviceProtocol(Protocol):
         if session is not None:
             self.session = None
             self.factory.connected.pop(session.session_id, None)
-            if session.actor_ref is not None:
-                _tell(session.actor_ref, m.DetachSession(session.session_id))
+            link, session.link = session.link, NO_LINK
+            link.closed()
 
     # --- packets --------------------------------------------------------------------------------------------------
 
@@ -168,7 +172,7 @@ class MqttDeviceProtocol(Protocol):
         # We produce commands for this socket: Twisted pauses us when its write buffer fills up.
         self.transport.registerProducer(self, True)
         self.factory.connected[session.session_id] = self
-        session.actor_ref = self.factory.attach(device, session)
+        session.link = self.factory.attach(device, session, True)
         connack_props = None
         if self.level == 5:
             connack_props = {
@@ -227,7 +231,7 @@ class MqttDeviceProtocol(Protocol):
         self.transport.write(codec.encode_suback(packet.packet_id, codes, self.level))
         if subscribed_family is not None and session is not None:
             session.rpc_family = subscribed_family
-            _tell(session.actor_ref, m.SubscribeCommands(session.session_id))
+            session.link.subscribed()
 
     def _on_unsubscribe(self, packet: codec.Unsubscribe) -> None:
         session = self.session
@@ -236,7 +240,7 @@ class MqttDeviceProtocol(Protocol):
             return
         for topic_filter in packet.topic_filters:
             if any(topic_matches(topic_filter, sample) for _, sample in _RPC_FAMILIES):
-                _tell(session.actor_ref, m.UnsubscribeCommands(session.session_id))
+                session.link.unsubscribed()
                 break
 
     def _on_publish(self, packet: codec.Publish) -> None:
@@ -269,10 +273,10 @@ class MqttDeviceProtocol(Protocol):
                     return
                 request_id = int(suffix)
                 if kind == "answer":
-                    _tell(session.actor_ref, m.CommandAnswered(session.session_id, request_id, payload))
+                    session.link.answered(request_id, payload)
                 else:
                     session.calls[request_id] = family
-                    _tell(session.actor_ref, m.DeviceCall(session.session_id, request_id, payload))
+                    session.link.called(request_id, payload)
                 return
         # Telemetry, attributes and other topics are accepted and acknowledged; an RPC server has no use for them.
 
@@ -292,7 +296,7 @@ class MqttDeviceProtocol(Protocol):
             return
         request_id = session.acked(packet.packet_id)
         if request_id is not None:
-            _tell(session.actor_ref, m.CommandAcked(session.session_id, request_id))
+            session.link.acked(request_id)
         elif self.gateway is not None:
             self.gateway.acked(packet.packet_id)
 
@@ -373,7 +377,7 @@ class MqttDeviceProtocol(Protocol):
         # The actor already knows: do not tell it again on connectionLost.
         if self.session is not None:
             self.factory.connected.pop(self.session.session_id, None)
-            self.session.actor_ref = None
+            self.session.link = NO_LINK
         self._close()
 
     def _close(self) -> None:
@@ -412,7 +416,7 @@ class MqttFactory(Factory):
     def __init__(
         self,
         authenticate: Callable[[str], Deferred],
-        attach: Callable[[Device, MqttSession], Any],
+        attach: Attach,
         clock: IReactorTime,
         max_packet_size: int = 256 * 1024,
         connect_timeout: float = 10.0,
@@ -420,6 +424,7 @@ class MqttFactory(Factory):
         find_or_create_subdevice: FindOrCreate | None = None,
     ) -> None:
         self.authenticate = authenticate
+        #: (device, session, exclusive) -> the session's link: device sessions attach exclusively.
         self.attach = attach
         self.clock = clock
         self.max_packet_size = max_packet_size

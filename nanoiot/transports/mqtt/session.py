@@ -1,13 +1,18 @@
 """An MQTT device session: the protocol state a device actor talks to (topic families, packet ids, in-flight
-commands), with no socket of its own — it writes through the callable it is given."""
+commands), with no socket of its own — it writes through the callable it is given, and reports to its actor through
+``link`` (what ``attach`` returned; ``NO_LINK`` before that and once the session ended)."""
 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+from nanoiot.port.link import NO_LINK, DeviceLink
+from nanoiot.port.session import Delivery, next_session_id
 from nanoiot.transports.mqtt import codec
-from nanoiot.transports.session import Delivery, next_session_id
+
+if TYPE_CHECKING:
+    from nanoiot.transports.mqtt.gateway import GatewaySubSession
 
 #: Server-to-device request topic prefix, device answer prefix, by the family a device subscribed with.
 REQUEST_PREFIX = {"v1": "v1/devices/me/rpc/request/", "v2": "v2/r/req/", "v2j": "v2/r/req/j/"}
@@ -16,7 +21,7 @@ RESPONSE_PREFIX = {"v1": "v1/devices/me/rpc/response/", "v2": "v2/r/res/", "v2j"
 
 class MqttSession:
     __slots__ = (
-        "session_id", "device", "actor_ref", "protocol_level", "rpc_family", "_write", "_close",
+        "session_id", "device", "link", "protocol_level", "rpc_family", "_write", "_close",
         "_next_packet_id", "in_flight", "receive_maximum", "max_packet_size", "calls", "gateway_in_flight",
         "congested",
     )
@@ -33,7 +38,7 @@ class MqttSession:
     ) -> None:
         self.session_id = next_session_id()
         self.device = device
-        self.actor_ref: Any = None
+        self.link: DeviceLink = NO_LINK
         self.protocol_level = protocol_level
         self.rpc_family = "v1"
         self._write = write
@@ -48,9 +53,9 @@ class MqttSession:
         self.max_packet_size = max_packet_size
         #: request id of a device-to-server call -> the topic family to answer on.
         self.calls: dict[int, str] = {}
-        #: packet id -> (actor ref, sub-session id, request id) of a QoS 1 command this connection, as a gateway,
-        #: carries for one of its sub-devices; None once that sub-device left (the id stays taken until its PUBACK).
-        self.gateway_in_flight: dict[int, tuple[Any, int, int] | None] = {}
+        #: packet id -> (sub-device session, request id) of a QoS 1 command this connection, as a gateway, carries
+        #: for one of its sub-devices; None once that sub-device left (the id stays taken until its PUBACK).
+        self.gateway_in_flight: dict[int, tuple[GatewaySubSession, int] | None] = {}
 
     def allocate_packet_id(self) -> int | None:
         """A packet id free on this connection: the device's own commands and its sub-devices' share one space

@@ -1,0 +1,184 @@
+"""The command service: the one way in for submitting, inspecting, listing and deleting device commands.
+
+REST, server methods (``context.send_rpc``), the MQTT gateway and, next, rule chains, WebSocket clients and bulk
+RPC all call it. It authorizes (the initiator's tenant and customer), builds the command (plain data), keeps
+``requestUUID`` idempotent, and hands the command to the device port — a local actor, or in a cluster the actor on
+whichever node holds the device. Outcomes are :class:`~nanoiot.rpc.model.RpcResult`; refusals are
+:class:`~nanoiot.errors.NanoError`; ``commands.outcomes`` renders both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+from uuid import UUID
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+
+from nanoiot.actors import messages as m
+from nanoiot.actors.replies import Replies
+from nanoiot.commands.events import EventStream, RpcStatusChanged
+from nanoiot.errors import Conflict, InvalidArguments, NotFound, PermissionDenied
+from nanoiot.persistence.records import Device, Page, PageLink, RpcRecord
+from nanoiot.rpc.body import RpcBody
+from nanoiot.rpc.model import RpcCommand, RpcResult, RpcStatus
+
+DEVICE_NOT_FOUND = "Device with requested id wasn't found!"
+
+
+@dataclass(frozen=True, slots=True)
+class Initiator:
+    """Who sends a command: what it may reach, and what the command records as its origin."""
+
+    tenant_id: UUID
+    #: Set for a customer user: only that customer's devices.
+    customer_id: UUID | None = None
+    user_id: UUID | None = None
+    #: A device commanding another one (a server method's ``context.send_rpc``).
+    device_id: UUID | None = None
+
+
+class DevicePort(Protocol):
+    """What the service needs of the device port: reach a device's actor, wherever it lives."""
+
+    def tell(self, device: Device, message: Any) -> None: ...
+
+
+class Devices(Protocol):
+    def cached_device(self, device_id: UUID) -> Device | None: ...
+
+    def get_device(self, device_id: UUID) -> Deferred: ...
+
+
+class CommandStore(Protocol):
+    def get_rpc(self, rpc_id: UUID) -> Deferred: ...
+
+    def delete_rpc(self, rpc_id: UUID) -> Deferred: ...
+
+    def list_device_rpcs(self, device_id: UUID, link: PageLink, status: RpcStatus | None) -> Deferred: ...
+
+
+class CommandService:
+    def __init__(self, port: DevicePort, replies: Replies, devices: Devices, store: CommandStore,
+                 events: EventStream, clock: IReactorTime) -> None:
+        self.port = port
+        self.replies = replies
+        self.devices = devices
+        self.store = store
+        self.events = events
+        self.clock = clock
+
+    def now(self) -> int:
+        return int(self.clock.seconds() * 1000)
+
+    # --- authorization ----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def check_access(initiator: Initiator, device: Device | None) -> Device:
+        """ThingsBoard's rules: a tenant reaches its own devices, a customer user its customer's."""
+        if device is None:
+            raise NotFound(DEVICE_NOT_FOUND)
+        if device.tenant_id != initiator.tenant_id:
+            raise PermissionDenied()
+        if initiator.customer_id is not None and device.customer_id != initiator.customer_id:
+            raise PermissionDenied()
+        return device
+
+    # --- submit -----------------------------------------------------------------------------------------------------
+
+    def submit(self, initiator: Initiator, device_id: UUID, body: RpcBody, oneway: bool,
+               idempotent: bool = False) -> Deferred[RpcResult]:
+        """Send one command. Fires with its RpcResult: the answer (lightweight), ``{"rpcId"}`` once stored
+        (persistent), or a failure; errbacks with a NanoError for a command that is refused before it is sent.
+
+        ``idempotent``: the caller gave its own ``requestUUID`` for a persistent command, so the same one again is
+        answered with the command already held instead of a second command. While the device is in memory and no
+        such check is needed, this is plain calls and one Deferred (the hot path of the REST API).
+        """
+        device = self.devices.cached_device(device_id)
+        if device is None or (idempotent and body.persistent):
+            return ensureDeferred(self._submit_after_lookup(initiator, device_id, body, oneway, idempotent))
+        return self._send(self.check_access(initiator, device), initiator, body, oneway)
+
+    async def _submit_after_lookup(self, initiator: Initiator, device_id: UUID, body: RpcBody, oneway: bool,
+                                   idempotent: bool) -> RpcResult:
+        device = self.check_access(initiator, await self.devices.get_device(device_id))
+        if idempotent and body.persistent:
+            known = await self.store.get_rpc(body.request_uuid)
+            if known is not None:
+                # The same requestUUID again: the command is already held; it is not sent twice.
+                if known.device_id != device.id:
+                    raise Conflict(f"requestUUID {body.request_uuid} is already used by another command")
+                return RpcResult(response={"rpcId": str(known.id)}, has_response=True)
+        return await self._send(device, initiator, body, oneway)
+
+    def _send(self, device: Device, initiator: Initiator, body: RpcBody, oneway: bool) -> Deferred[RpcResult]:
+        command = RpcCommand(
+            rpc_id=body.request_uuid,
+            tenant_id=device.tenant_id,
+            device_id=device.id,
+            method=body.method,
+            params=body.params,
+            oneway=oneway,
+            expiration_time=body.expiration_time,
+            created_time=self.now(),
+            persistent=body.persistent,
+            retries=body.retries,
+            additional_info=body.additional_info,
+            qos=body.qos,
+            user_id=initiator.user_id,
+        )
+        reply_to, answered = self.replies.expect()
+        self.port.tell(device, m.SubmitRpc(command, reply_to))
+        return answered
+
+    # --- inspect, list, delete ------------------------------------------------------------------------------------
+
+    async def _stored(self, initiator: Initiator, rpc_id: UUID) -> tuple[RpcRecord, Device]:
+        record = await self.store.get_rpc(rpc_id)
+        if record is None:
+            raise NotFound(f"Rpc with id [{rpc_id}] is not found")
+        device = await self.devices.get_device(record.device_id)
+        if device is None:
+            raise NotFound(f"Rpc with id [{rpc_id}] is not found")
+        # Access as for sending: a customer user reaches its own customer's devices only.
+        return record, self.check_access(initiator, device)
+
+    def get(self, initiator: Initiator, rpc_id: UUID) -> Deferred[RpcRecord]:
+        """A persistent command as stored."""
+        async def get() -> RpcRecord:
+            record, _ = await self._stored(initiator, rpc_id)
+            return record
+
+        return ensureDeferred(get())
+
+    def list(self, initiator: Initiator, device_id: UUID, link: PageLink,
+             status: RpcStatus | None = None) -> Deferred[Page[RpcRecord]]:
+        """A device's persistent commands, a page at a time (DELETED ones are not kept, so cannot be listed)."""
+        if status is RpcStatus.DELETED:
+            raise InvalidArguments("RPCs with status DELETED are not kept: they cannot be listed")
+
+        async def page() -> Page[RpcRecord]:
+            device = self.check_access(initiator, await self.devices.get_device(device_id))
+            return await self.store.list_device_rpcs(device.id, link, status)
+
+        return ensureDeferred(page())
+
+    def delete(self, initiator: Initiator, rpc_id: UUID) -> Deferred[None]:
+        """Delete a persistent command: one still pending is taken out of its device's queue first (wherever the
+        device is, so that it is not sent after all), then removed from the database before the answer."""
+        async def delete() -> None:
+            record, device = await self._stored(initiator, rpc_id)
+            cancelled = False
+            if not record.status.is_terminal:
+                reply_to, answered = self.replies.expect()
+                self.port.tell(device, m.DeleteRpc(record.id, reply_to))
+                cancelled = await answered
+            # The actor journals the deletion too (on its own node); deleting here as well makes the answer wait
+            # for a durable deletion wherever that actor lives.
+            await self.store.delete_rpc(record.id)
+            if not cancelled:  # a cancelled command's actor published RPC_DELETED itself
+                self.events.publish(RpcStatusChanged(replace(record, status=RpcStatus.DELETED), True))
+
+        return ensureDeferred(delete())
