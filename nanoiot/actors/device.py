@@ -123,8 +123,6 @@ class ActorContext:
     send_rpc: Callable[..., Deferred] | None = None
     #: This node's name (events say where a device is); "" on a single node.
     node: str = ""
-    #: In a cluster, persistent commands are held in memory only by the node that holds the device's session.
-    cluster: bool = False
 
 
 class DeviceActor(ReactorActor):
@@ -359,11 +357,10 @@ class DeviceActor(ReactorActor):
         for pending in list(self.queue.pending.values()):
             command = pending.command
             if command.persistent:
-                if command.rpc_id in self._inserts_pending:
-                    continue  # its caller is answered when the insert is durable (see _answer_persistent)
                 self.persistent_pending -= 1
                 self.ctx.tenant_counts.release(command.tenant_id)
-                self.waiters.pop(command.rpc_id, None)
+                if command.rpc_id not in self._inserts_pending:  # else answered once durable (_answer_persistent)
+                    self.waiters.pop(command.rpc_id, None)
             else:
                 for reply_to in self.waiters.pop(command.rpc_id, ()):
                     forward.append(m.SubmitRpc(command, reply_to))
@@ -505,8 +502,6 @@ class DeviceActor(ReactorActor):
             log.failure("device {device_id}: persistent RPC {rpc_id} could not be stored", failure,
                         device_id=self.device.id, rpc_id=rpc_id)
             self._apply(self.queue.delete(rpc_id, self.now()))
-        elif self.ctx.cluster and (self.passivated or not self.sessions):
-            self._let_go_of(rpc_id)
         replies = self.ctx.replies
         for reply_to in waiters:
             if failure is None:
@@ -515,19 +510,6 @@ class DeviceActor(ReactorActor):
                 replies.fail(reply_to, failure.value)
         if not self.passivated:
             self._schedule_idle_check()
-
-    def _let_go_of(self, rpc_id: Any) -> None:
-        """Cluster: a stored persistent command of a device with no session here is not kept in memory (the node
-        the device connects to loads it from the database), so no node expires or delivers a stale copy."""
-        pending = self.queue.forget(rpc_id)
-        if pending is None:
-            return
-        self.persistent_pending -= 1
-        self.ctx.tenant_counts.release(pending.command.tenant_id)
-        for kind in Timer:
-            armed = self.timers.pop((kind, pending.request_id), None)
-            if armed is not None and armed[1].active():
-                armed[1].cancel()
 
     def _send(self, effect: Send) -> bool:
         session = self.sessions.get(effect.session_id)

@@ -13,13 +13,13 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 from uuid import UUID
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.internet.interfaces import IReactorTime
 
 from nanoiot.actors import messages as m
 from nanoiot.actors.replies import Replies
 from nanoiot.commands.events import EventStream, RpcStatusChanged
-from nanoiot.errors import Conflict, InvalidArguments, NotFound, PermissionDenied
+from nanoiot.errors import Conflict, InvalidArguments, NanoError, NotFound, PermissionDenied
 from nanoiot.persistence.records import Device, Page, PageLink, RpcRecord
 from nanoiot.rpc.body import RpcBody
 from nanoiot.rpc.model import RpcCommand, RpcResult, RpcStatus
@@ -99,7 +99,11 @@ class CommandService:
         device = self.devices.cached_device(device_id)
         if device is None or (idempotent and body.persistent):
             return ensureDeferred(self._submit_after_lookup(initiator, device_id, body, oneway, idempotent))
-        return self._send(self.check_access(initiator, device), initiator, body, oneway)
+        try:
+            self.check_access(initiator, device)
+        except NanoError:
+            return fail()
+        return self._send(device, initiator, body, oneway)
 
     async def _submit_after_lookup(self, initiator: Initiator, device_id: UUID, body: RpcBody, oneway: bool,
                                    idempotent: bool) -> RpcResult:
@@ -156,10 +160,9 @@ class CommandService:
     def list(self, initiator: Initiator, device_id: UUID, link: PageLink,
              status: RpcStatus | None = None) -> Deferred[Page[RpcRecord]]:
         """A device's persistent commands, a page at a time (DELETED ones are not kept, so cannot be listed)."""
-        if status is RpcStatus.DELETED:
-            raise InvalidArguments("RPCs with status DELETED are not kept: they cannot be listed")
-
         async def page() -> Page[RpcRecord]:
+            if status is RpcStatus.DELETED:
+                raise InvalidArguments("RPCs with status DELETED are not kept: they cannot be listed")
             device = self.check_access(initiator, await self.devices.get_device(device_id))
             return await self.store.list_device_rpcs(device.id, link, status)
 

@@ -2186,3 +2186,115 @@ TestRandomEventsUnderSequentialOnAck = _machine_for(ON_ACK).TestCase
 TestRandomEventsUnderSequentialOnAck.settings = _STATEFUL_SETTINGS
 TestRandomEventsUnderSequentialOnResponse = _machine_for(ON_RESPONSE).TestCase
 TestRandomEventsUnderSequentialOnResponse.settings = _STATEFUL_SETTINGS
+
+
+# --- forget (a command another node's actor holds now) ---------------------------------------------------------------
+
+
+def test_forget_drops_a_queued_command_with_no_effect_and_no_status_change():
+    h = Harness()
+    c = h.command()
+    h.submit(c)
+    history = list(h.history)
+    pending = h.queue.forget(c.rpc_id)
+    assert pending is not None and pending.command is c and pending.request_id == 0
+    assert pending.status is Q  # no status change
+    assert h.history == history  # forget returns no effects, and nothing else was produced
+    assert len(h.queue) == 0 and h.queue.find(c.rpc_id) is None
+    assert h.queue.pending == {} and h.queue.by_rpc_id == {}
+
+
+def test_forget_of_an_unknown_command_is_none():
+    h = Harness()
+    h.submit(h.command())
+    assert h.queue.forget(UUID(int=999)) is None
+    assert len(h.queue) == 1
+
+
+def test_forget_refuses_a_command_in_flight():
+    h = Harness()
+    h.subscribe(7)
+    c = h.command()
+    assert sends(h.submit(c)) == [(7, 0)]
+    assert h.queue.forget(c.rpc_id) is None
+    assert h.queue.find(c.rpc_id).status is SENT and h.queue.find(c.rpc_id).in_flight_on == 7
+
+
+def test_forget_refuses_a_command_that_was_ever_sent_even_once_back_in_the_queue():
+    h = Harness()
+    h.subscribe(7)
+    c = h.command()
+    h.submit(c)
+    h.close(7)  # back in the queue, not in flight: but the device may have it
+    assert h.queue.find(c.rpc_id).in_flight_on is None
+    assert h.queue.forget(c.rpc_id) is None
+    assert len(h.queue) == 1
+
+
+def test_forget_refuses_a_delivered_command():
+    h = Harness()
+    h.subscribe(7)
+    c = h.command()
+    h.submit(c)
+    h.ack(0)
+    assert h.queue.find(c.rpc_id).status is DELIVERED
+    assert h.queue.forget(c.rpc_id) is None
+
+
+@pytest.mark.parametrize("status", [SENT, TIMEOUT, DELIVERED])
+def test_forget_refuses_a_restored_command_that_had_been_sent(status):
+    h = Harness()
+    c = h.command()
+    h.restore(c, status, request_id=5)
+    assert h.queue.forget(c.rpc_id) is None
+    assert h.queue.find(c.rpc_id) is not None
+
+
+def test_forget_takes_a_restored_queued_command():
+    h = Harness()
+    c = h.command()
+    h.restore(c, Q, request_id=5)
+    pending = h.queue.forget(c.rpc_id)
+    assert pending is not None and pending.request_id == 5 and len(h.queue) == 0
+
+
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+@pytest.mark.parametrize("one_shot", [False, True])
+def test_after_forget_the_next_command_is_sent_normally(strategy, one_shot):
+    h = Harness(strategy)
+    first, second = h.command(method="first"), h.command(method="second")
+    h.submit(first)
+    h.submit(second)
+    assert h.queue.forget(first.rpc_id) is not None
+    effects = h.subscribe(7, one_shot=one_shot)
+    assert sends(effects) == [(7, 1)]
+    assert statuses(effects) == [(1, SENT)]
+    assert [e.pending.command.method for e in effects if isinstance(e, Send)] == ["second"]
+    effects = h.answer(1, {"ok": True})
+    assert results(effects) == {second.rpc_id: RpcResult(response={"ok": True}, has_response=True)}
+    assert len(h.queue) == 0
+
+
+def test_a_forgotten_command_leaves_no_outcome_behind():
+    h = Harness()
+    c = h.command(ttl=30_000)
+    h.submit(c)
+    h.queue.forget(c.rpc_id)
+    # its expiry timer (the actor cancels it; here it is left armed) and a forged answer find nothing to end
+    assert h.advance(30_000) == []
+    assert h.answer(0, {"late": True}) == []
+    assert h.ack(0) == []
+    assert results(h.history) == {}
+
+
+def test_a_forgotten_command_can_be_taken_again_under_its_id():
+    h = Harness()
+    c = h.command()
+    h.submit(c, request_id=3)
+    h.queue.forget(c.rpc_id)
+    for kind in Timer:  # as the actor does: forget produces no effects, its caller cancels the command's timers
+        h.armed.pop((kind, 3), None)
+    h.subscribe(7)
+    effects = h.restore(c, Q, request_id=3)
+    assert sends(effects) == [(7, 3)]
+    assert h.queue.find(c.rpc_id).request_id == 3
