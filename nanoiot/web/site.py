@@ -10,6 +10,7 @@ from twisted.web.server import Request, Site
 
 from nanoiot.transports.http.device_api import DeviceApiResource
 from nanoiot.web.auth import AuthApi
+from nanoiot.web.cluster import ClusterApi
 from nanoiot.web.context import WebContext
 from nanoiot.web.devices import DeviceApi
 from nanoiot.web.routing import JsonApi, Router
@@ -18,7 +19,7 @@ from nanoiot.web.rpc import RpcApi
 
 def build_router(context: WebContext) -> Router:
     router = Router()
-    for api in (AuthApi(context), DeviceApi(context), RpcApi(context)):
+    for api in (AuthApi(context), DeviceApi(context), RpcApi(context), ClusterApi(context)):
         api.register(router)
     return router
 
