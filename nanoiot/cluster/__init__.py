@@ -1,0 +1,1 @@
+"""Several NanoIoT processes sharing one PostgreSQL database."""
