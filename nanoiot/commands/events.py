@@ -8,7 +8,7 @@ tests subscribe here; in a cluster each node publishes the events of the devices
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable, ClassVar, Union
 from uuid import UUID
 
 from twisted.logger import Logger
@@ -36,27 +36,29 @@ class RpcStatusChanged:
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceOnline:
-    """The device's first session attached on ``node``."""
+class DevicePresence:
+    """A device came online or went offline on ``node`` (by its sessions: first attached, last detached)."""
 
     device_id: UUID
     tenant_id: UUID
     customer_id: UUID
     transport: str
     node: str = ""
-    type: str = "DEVICE_ONLINE"
+    type: ClassVar[str] = ""
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceOffline:
-    """The device's last session detached (closed, replaced by none, or taken over by another node)."""
+class DeviceOnline(DevicePresence):
+    """The device's first session attached."""
 
-    device_id: UUID
-    tenant_id: UUID
-    customer_id: UUID
-    transport: str
-    node: str = ""
-    type: str = "DEVICE_OFFLINE"
+    type: ClassVar[str] = "DEVICE_ONLINE"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceOffline(DevicePresence):
+    """The device's last session detached (closed, or taken over by another node)."""
+
+    type: ClassVar[str] = "DEVICE_OFFLINE"
 
 
 @dataclass(frozen=True, slots=True)
