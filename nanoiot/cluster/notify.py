@@ -20,8 +20,9 @@ start with any character at all):
 * ``"@<id>"`` - the payload was longer than ``max_payload`` UTF-8 bytes (PostgreSQL's limit is 8000): it is in row
   ``<id>`` of ``cluster_message``, inserted by the same statement that notifies. The receiver deletes the row and
   returns its payload (``DELETE ... RETURNING``), holding later notifications of that channel back meanwhile so
-  that callbacks see the order of sending. One listener per channel, then: the first to fetch a row takes it.
-  Rows nobody fetched are removed by :meth:`NotifyBus.purge_older_than`.
+  that callbacks see the order of sending. On a channel several nodes listen to (a broadcast: ``listen(...,
+  shared=True)`` on every one of them) the receivers only read the row. Rows left behind (shared, or never
+  fetched) are removed by :meth:`NotifyBus.purge_older_than`.
 
 Delivery is at most once: a notification sent while a node's listening connection is down is lost (PostgreSQL
 keeps nothing for absent listeners), and a batch in flight when the sending connection breaks is dropped, since it
@@ -78,7 +79,8 @@ _NOTIFY_ROW_SQL: Final = (
     "WITH m AS (INSERT INTO cluster_message (created_time, payload) VALUES (%s, %s) RETURNING id) "
     "SELECT pg_notify(%s, '@' || m.id) FROM m"
 )
-_FETCH_SQL: Final = "DELETE FROM cluster_message WHERE id = ANY(%s::bigint[]) RETURNING id, payload"
+_TAKE_SQL: Final = "DELETE FROM cluster_message WHERE id = ANY(%s::bigint[]) RETURNING id, payload"
+_READ_SQL: Final = "SELECT id, payload FROM cluster_message WHERE id = ANY(%s::bigint[])"
 _PURGE_SQL: Final = "DELETE FROM cluster_message WHERE created_time < %s"
 
 # TCP keepalives, unless the URL sets them: an idle listening connection whose peer vanished (no RST) would
@@ -427,13 +429,14 @@ class _PgConnection:
 class _Pending:
     """A notification held back on its channel until its row (or an earlier one's) has been fetched."""
 
-    __slots__ = ("row_id", "payload", "ready", "fetching")
+    __slots__ = ("row_id", "payload", "ready", "fetching", "shared")
 
-    def __init__(self, row_id: int | None, payload: str | None, ready: bool) -> None:
+    def __init__(self, row_id: int | None, payload: str | None, ready: bool, shared: bool = False) -> None:
         self.row_id = row_id
         self.payload = payload
         self.ready = ready
         self.fetching = False
+        self.shared = shared  # read the row, do not take it: other nodes listen on the channel too
 
 
 class _Link:
@@ -507,6 +510,7 @@ class NotifyBus:
         self._sender = _Link("sending", reconnect_delay)
 
         self._channels: dict[str, Callable[[str], None]] = {}
+        self._shared: set[str] = set()
         self._listen_waiters: list[Deferred[None]] = []
         self._backlog: dict[str, deque[_Pending]] = {}
 
@@ -587,14 +591,22 @@ class NotifyBus:
 
     # -- receiving ----------------------------------------------------------------------------------------------
 
-    def listen(self, channel: str, callback: Callable[[str], None]) -> Deferred[None]:
+    def listen(self, channel: str, callback: Callable[[str], None], *, shared: bool = False) -> Deferred[None]:
         """Call ``callback(payload)`` for every notification on ``channel``; fires once LISTEN is active.
 
         One callback per channel: listening again replaces it. Before start() or while the listening connection
         is down, the Deferred fires when the channel is LISTENed on the (re)established connection.
+
+        ``shared``: other nodes listen on this channel too (a broadcast), so a large payload's row is read, not
+        taken (the first node to take it would leave the others nothing); purge_older_than() removes it later.
+        Every listener of a shared channel must say so.
         """
         check_channel(channel)
         self._channels[channel] = callback
+        if shared:
+            self._shared.add(channel)
+        else:
+            self._shared.discard(channel)
         d: Deferred[None] = Deferred()
         conn = self._listener.conn
         if conn is None:
@@ -613,6 +625,7 @@ class NotifyBus:
     def unlisten(self, channel: str) -> Deferred[None]:
         """Stop delivering ``channel`` (at once, including notifications held back for a row) and UNLISTEN it."""
         self._channels.pop(channel, None)
+        self._shared.discard(channel)
         self._backlog.pop(channel, None)
         conn = self._listener.conn
         if conn is None:
@@ -647,7 +660,7 @@ class NotifyBus:
                     log.warn("Cluster bus: malformed payload {wire!r} on {channel!r} ignored",
                              wire=wire[:80], channel=channel)
                     continue
-                entry = _Pending(row_id, None, False)
+                entry = _Pending(row_id, None, False, channel in self._shared)
                 backlog.setdefault(channel, deque()).append(entry)
                 to_fetch.append(entry)
                 continue
@@ -683,7 +696,14 @@ class NotifyBus:
             del self._backlog[channel]
 
     def _fetch(self, entries: list[_Pending]) -> None:
-        """Take the rows of large payloads (one statement for all of them) and deliver what they unblock."""
+        """Fetch the rows of large payloads (one statement for all, or two if some are shared); deliver them."""
+        taken = [entry for entry in entries if not entry.shared]
+        if taken:
+            self._fetch_rows(taken, _TAKE_SQL)
+        if len(taken) < len(entries):
+            self._fetch_rows([entry for entry in entries if entry.shared], _READ_SQL)
+
+    def _fetch_rows(self, entries: list[_Pending], query: str) -> None:
         conn = self._listener.conn
         if conn is None:
             return  # fetched once the listening connection is back
@@ -712,7 +732,7 @@ class NotifyBus:
                 entry.ready = True
             self._drain_all()
 
-        conn.run(conn.mogrify(_FETCH_SQL, (ids,))).addCallbacks(fetched, failed)
+        conn.run(conn.mogrify(query, (ids,))).addCallbacks(fetched, failed)
 
     def _drain_all(self) -> None:
         for channel in list(self._backlog):
@@ -756,7 +776,10 @@ class NotifyBus:
         return d
 
     def purge_older_than(self, ms: int) -> Deferred[int]:
-        """Delete cluster_message rows older than ``ms`` milliseconds (their receiver never took them)."""
+        """Delete cluster_message rows older than ``ms`` milliseconds: never taken, or read by a shared channel.
+
+        Fires with the number of rows deleted.
+        """
         conn = self._sender.conn
         if conn is None or not self._sender.up:
             return fail(BusNotConnected("the bus's sending connection is down"))

@@ -58,7 +58,8 @@ class NotifyRouter:
         self._receive = receive
         d = self.bus.start()
         d.addCallback(lambda _: gatherResults([self.bus.listen(self.channel, self._on_payload),
-                                               self.bus.listen(BROADCAST_CHANNEL, self._on_payload)]))
+                                               # every node reads a large broadcast: the row is purged later
+                                               self.bus.listen(BROADCAST_CHANNEL, self._on_payload, shared=True)]))
         return d.addCallback(lambda _: None)
 
     def _on_payload(self, payload: str) -> None:

@@ -371,6 +371,26 @@ async def test_purge_removes_rows_nobody_fetched(bus_url: str, make_bus: Any) ->
     assert message_rows(bus_url) == 0
 
 
+@pytest_twisted.ensureDeferred
+async def test_large_payloads_on_a_shared_channel_reach_every_listener(bus_url: str, make_bus: Any) -> None:
+    """A broadcast: each node reads the row (the first to take it would leave the others nothing); purge removes it."""
+    a1 = await started(make_bus)
+    a2 = await started(make_bus)
+    b = await started(make_bus)
+    inbox1, inbox2, own = Inbox(), Inbox(), Inbox()
+    await a1.listen("broadcast", inbox1, shared=True)
+    await a2.listen("broadcast", inbox2, shared=True)
+    await a1.listen("a1 only", own)
+    big = "B" * 10_000
+    b.notify_many([("broadcast", "small"), ("broadcast", big), ("a1 only", big), ("broadcast", "after")])
+    assert await inbox1.wait(3) == ["small", big, "after"]
+    assert await inbox2.wait(3) == ["small", big, "after"]
+    assert await own.wait(1) == [big]
+    assert message_rows(bus_url) == 1  # the broadcast's row stays (the unshared one was taken) ...
+    assert await b.purge_older_than(-1000) == 1  # ... until purged
+    assert message_rows(bus_url) == 0
+
+
 # -- connections lost and restored ----------------------------------------------------------------------------
 
 
