@@ -79,7 +79,11 @@ class ClusterPort:
         self._claiming: dict[UUID, list[Any]] = {}
         #: Devices taken over by another node while this node was still claiming them -> that node.
         self._lost: dict[UUID, tuple[str, int]] = {}
+        #: Claims to make at the end of this turn: sessions take devices over, commands only free ones.
         self._claim_batch: dict[UUID, Device] = {}
+        self._free_batch: dict[UUID, Device] = {}
+        #: Devices under a claim for commands when a session attached: the session must take it over anyway.
+        self._takeover_wanted: set[UUID] = set()
         self._claim_scheduled = False
         self._release_batch: list[tuple[UUID, int]] = []
         self._release_scheduled = False
@@ -102,8 +106,11 @@ class ClusterPort:
 
     def attach(self, device: Device, session: DeviceSession, exclusive: bool = True) -> DeviceLink:
         """A session attaching here makes this node the device's holder (taking it over from another node)."""
-        if device.id not in self.owned and device.id not in self._claiming:
-            self._claim(device)
+        if device.id not in self.owned:
+            if device.id in self._claiming:
+                self._takeover_wanted.add(device.id)  # a claim for a command is under way: a session outranks it
+            else:
+                self._claim(device, take_over=True)
         self.tell_local(device, m.AttachSession(session, exclusive))
         return ActorLink(self, device, session.session_id)  # type: ignore[arg-type]
 
@@ -173,7 +180,7 @@ class ClusterPort:
                     # The device's node died: a lightweight call fails now, not after its whole timeout.
                     self._answer(message.reply_to, RpcResult(failure=RpcFailure.DEVICE_OFFLINE))
                 else:
-                    self._claim(device)  # held nowhere (or by a dead node): this node holds it from now on
+                    self._claim(device, take_over=False)  # held nowhere (or by a dead node): hold it here
                     self.tell_local(device, message)
             elif isinstance(message, m.DeleteRpc):
                 self._answer(message.reply_to, False)  # no node holds it in memory: nothing to take out
@@ -272,13 +279,14 @@ class ClusterPort:
 
     # --- claims -----------------------------------------------------------------------------------------------------
 
-    def _claim(self, device: Device) -> None:
+    def _claim(self, device: Device, take_over: bool) -> None:
         """Hold the device here: its actor's mail waits until the claim is stored, the previous holder has let go,
-        and the device's persistent commands are loaded. Claims of one reactor turn share one transaction."""
+        and the device's persistent commands are loaded. A session takes the device over from any node; a command
+        claims it only if no live node holds it (else it goes there). Claims of one turn share one transaction."""
         if device.id in self._claiming or device.id in self.owned:
             return
         self._claiming[device.id] = []
-        self._claim_batch[device.id] = device
+        (self._claim_batch if take_over else self._free_batch)[device.id] = device
         if not self._claim_scheduled:
             self._claim_scheduled = True
             self.clock.callLater(0, self._claim_now)
@@ -286,17 +294,28 @@ class ClusterPort:
     def _claim_now(self) -> None:
         self._claim_scheduled = False
         batch, self._claim_batch = self._claim_batch, {}
+        free, self._free_batch = self._free_batch, {}
         if batch:
-            ensureDeferred(self._complete_claims(batch))
+            ensureDeferred(self._complete_claims(batch, True))
+        if free:
+            ensureDeferred(self._complete_claims(free, False))
 
-    async def _complete_claims(self, batch: dict[UUID, Device]) -> None:
+    async def _complete_claims(self, batch: dict[UUID, Device], take_over: bool) -> None:
+        held: dict[UUID, Any] = {}
         try:
-            claims = await self.store.claim_devices(self.node, list(batch))
+            if take_over:
+                claims = await self.store.claim_devices(self.node, list(batch))
+            else:
+                claims, held = await self.store.claim_free_devices(self.node, list(batch), self.dead_after_ms)
         except Exception:
             log.failure("cluster: claiming {n} devices failed; serving them here unclaimed", n=len(batch))
             claims = {}
         claimed = []
         for device_id, device in batch.items():
+            owner = held.get(device_id)
+            if owner is not None:
+                self._held_elsewhere(device, owner.node_id)
+                continue
             claim = claims.get(device_id)
             if claim is not None:
                 self.owned[device_id] = claim.epoch
@@ -305,7 +324,22 @@ class ClusterPort:
         if claimed:
             self.router.broadcast({"t": "claimed", "d": claimed})
 
+    def _held_elsewhere(self, device: Device, node: str) -> None:
+        """A claim for commands found the device held by a live node: the commands go there (unless a session
+        attached here meanwhile, which takes the device over after all)."""
+        waiting = self._claiming.pop(device.id, [])
+        self._remember_owner(device.id, node)
+        self.alive[node] = True
+        if device.id in self._takeover_wanted:
+            self._takeover_wanted.discard(device.id)
+            self._claim(device, take_over=True)
+            self._claiming[device.id].extend(waiting)
+            return
+        for message in waiting:
+            self._route(device, message)
+
     async def _take_over(self, device: Device, claim: Any) -> None:
+        self._takeover_wanted.discard(device.id)
         try:
             previous = claim.previous_node if claim is not None else None
             if previous is not None and previous != self.node and self.alive.get(previous, True):

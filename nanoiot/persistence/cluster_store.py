@@ -157,12 +157,25 @@ class ClusterStore:
         claimers); the upsert then changes a row only if its epoch is still the one read, and a device inserted
         by another node in between is simply claimed again in a further round.
         """
+        d = self._claim(node_id, device_ids, None)
+        return d.addCallback(lambda result: result[0])
+
+    def claim_free_devices(self, node_id: str, device_ids: Sequence[UUID],
+                           dead_after_ms: int) -> Deferred[tuple[dict[UUID, Claim], dict[UUID, Owner]]]:
+        """Claim only the devices no live node holds (nobody, this node, or a node silent for ``dead_after_ms``);
+        the others come back as their live owners. A command never takes a device away from the node holding
+        its session: only a session does (:meth:`claim_devices`)."""
+        return self._claim(node_id, device_ids, dead_after_ms)
+
+    def _claim(self, node_id: str, device_ids: Sequence[UUID],
+               keep_live_owners_ms: int | None) -> Deferred[tuple[dict[UUID, Claim], dict[UUID, Owner]]]:
         wanted = sorted(set(device_ids), key=lambda d: d.int)
         fallback = self._repository._now()
 
-        def thd(conn: Connection) -> dict[UUID, Claim]:
+        def thd(conn: Connection) -> tuple[dict[UUID, Claim], dict[UUID, Owner]]:
             now = _now_sql(conn, fallback)
             claims: dict[UUID, Claim] = {}
+            held: dict[UUID, Owner] = {}
             pending = wanted
             for _ in range(CLAIM_ROUNDS):
                 missed: list[UUID] = []
@@ -172,6 +185,17 @@ class ClusterStore:
                     if conn.dialect.name == "postgresql":
                         query = query.with_for_update()
                     old = {row.device_id: (row.node_id, row.epoch) for row in conn.execute(query)}
+                    if keep_live_owners_ms is not None:
+                        others = {old[d][0] for d in chunk if d in old and old[d][0] != node_id}
+                        live = set(conn.scalars(select(cluster_node.c.node_id).where(
+                            cluster_node.c.node_id.in_(others),
+                            _fresh(cluster_node.c.heartbeat_time, now, keep_live_owners_ms)))) if others else set()
+                        for d in chunk:
+                            if d in old and old[d][0] in live:
+                                held[d] = Owner(d, old[d][0], int(old[d][1]), True)
+                        chunk = [d for d in chunk if d not in held]
+                        if not chunk:
+                            continue
                     rows = [dict(device_id=d, node_id=node_id, epoch=old[d][1] + 1 if d in old else 1,
                                  claimed_time=now) for d in chunk]
                     statement = _insert(conn, device_owner).values(rows)
@@ -189,13 +213,13 @@ class ClusterStore:
                         else:
                             missed.append(d)
                 if not missed:
-                    return claims
+                    return claims, held
                 pending = missed
             raise RuntimeError(f"could not claim {len(pending)} devices in {CLAIM_ROUNDS} rounds: "
                                "other nodes keep claiming them")
 
         if not wanted:
-            return defer.succeed({})
+            return defer.succeed(({}, {}))
         return self._run(thd)
 
     def release_devices(self, node_id: str, releases: Sequence[tuple[UUID, int]]) -> Deferred[int]:

@@ -208,6 +208,24 @@ async def test_owners_say_who_serves_a_device_and_whether_it_is_alive(store, rep
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_claim_for_commands_takes_only_devices_no_live_node_holds(store, repository):
+    await store.register_node("node-a", "a:8080")
+    await store.register_node("node-b", "b:8080")
+    await store.register_node("node-c", "c:8080")
+    held_by_a, held_by_c, mine, free = uuid4(), uuid4(), uuid4(), uuid4()
+    await store.claim_devices("node-a", [held_by_a])
+    await store.claim_devices("node-c", [held_by_c])
+    await store.claim_devices("node-b", [mine])
+    await age_heartbeat(repository, "node-c")  # node-c is dead: its device may be taken
+    claims, held = await store.claim_free_devices("node-b", [held_by_a, held_by_c, mine, free], DEAD_AFTER)
+    assert held == {held_by_a: Owner(held_by_a, "node-a", 1, True)}
+    assert claims == {held_by_c: Claim(held_by_c, 2, "node-c"), mine: Claim(mine, 2, "node-b"),
+                      free: Claim(free, 1, None)}
+    assert (await owner_rows(repository))[held_by_a] == ("node-a", 1)  # untouched
+    assert await store.claim_free_devices("node-b", [], DEAD_AFTER) == ({}, {})
+
+
+@pytest_twisted.ensureDeferred
 async def test_removing_a_node_drops_its_claims_only(store):
     await store.register_node("node-a", "a:8080")
     await store.register_node("node-b", "b:8080")

@@ -18,7 +18,7 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred, fail, succeed
 
 from nanoiot.actors import messages as m
-from nanoiot.actors.device import ActorContext, ActorSettings, DeviceActor, RequestIds
+from nanoiot.actors.device import ActorSettings, RequestIds
 from nanoiot.actors.directory import DeviceDirectory
 from nanoiot.actors.replies import Replies
 from nanoiot.actors.runtime import Dispatcher, RefTable, set_dispatcher, stop_all_deferred
@@ -37,10 +37,6 @@ ACK_TIMEOUT_MS = 1000
 DEAD_AFTER_MS = 10_000
 ROUTE_TIMEOUT_MS = 3000
 _UNCHANGED = object()
-#: ActorContext.cluster and DeviceActor._let_go_of: in a cluster, a stored persistent command of a device with no
-#: session on the node is not kept in that node's memory (the node the device connects to loads it).
-CLUSTER_CONTEXT = "cluster" in getattr(ActorContext, "__dataclass_fields__", {})
-LETS_GO_OF_STORED_COMMANDS = CLUSTER_CONTEXT and hasattr(DeviceActor, "_let_go_of")
 
 
 # --- the shared "database" ------------------------------------------------------------------------------------------
@@ -69,6 +65,16 @@ class FakeStore:
             self.rows[device_id] = (node, epoch)
             claims[device_id] = Claim(device_id, epoch, old[0] if old is not None else None)
         return claims
+
+    def claim_free(self, node: str, device_ids: list[UUID]) -> tuple[dict[UUID, Claim], dict[UUID, Owner]]:
+        """Only devices no live node (other than ``node``) holds; the others are reported with their owner."""
+        held = {}
+        for device_id in device_ids:
+            row = self.rows.get(device_id)
+            if row is not None and row[0] != node and self.alive.get(row[0], True):
+                held[device_id] = Owner(device_id, row[0], row[1], True)
+        free = [d for d in device_ids if d not in held]
+        return (self.claim(node, free) if free else {}), held
 
     def release(self, node: str, releases: list[tuple[UUID, int]]) -> int:
         gone = 0
@@ -104,6 +110,10 @@ class StoreView:
     def claim_devices(self, node_id: str, device_ids: list[UUID]) -> Deferred:
         assert node_id == self.node
         return succeed(self.store.claim(node_id, list(device_ids)))
+
+    def claim_free_devices(self, node_id: str, device_ids: list[UUID], dead_after_ms: int) -> Deferred:
+        assert node_id == self.node and dead_after_ms == DEAD_AFTER_MS
+        return succeed(self.store.claim_free(node_id, list(device_ids)))
 
     def release_devices(self, node_id: str, releases: list[tuple[UUID, int]]) -> Deferred:
         assert node_id == self.node
@@ -411,8 +421,6 @@ class Cluster:
         settings = ActorSettings(queue=QueueSettings(ack_timeout_ms=ACK_TIMEOUT_MS), idle_timeout=IDLE_TIMEOUT)
         journal = FakeJournal(name, self.clock, self.table)
         directory = DeviceDirectory(self.clock, settings, journal=journal, replies=Replies(name), node=name)
-        if CLUSTER_CONTEXT:
-            directory.context.cluster = True  # type: ignore[attr-defined]
         directory.context.ids = RequestIds((index + 1) * 1_000_000)  # disjoint blocks, as BlockRequestIds gives
         repository = FakeRepository(self.table)
         store = StoreView(self.store, name)
@@ -533,6 +541,41 @@ def test_a_command_told_at_another_node_reaches_the_session_and_its_answer_comes
     cluster.assert_quiet()
 
 
+def test_a_command_at_another_node_does_not_take_the_device_from_the_node_holding_its_session(
+        cluster: Cluster) -> None:
+    """The session attaches on A and, in the same moment, B has a command for the device (B's look-up found nobody
+    holding it yet): B's claim is for a command, so it finds A holding the device and sends the command there;
+    A's session is never taken over."""
+    a, b = cluster.A, cluster.B
+    device = cluster.device()
+    session = a.connect(device)
+    call = b.call(device, cluster.command(device, "race"))  # B's look-up runs before A's claim is stored
+    cluster.run()
+    assert cluster.store.rows[device.id] == ("A", 1)
+    assert session.closed == [] and session.methods == ["race"]
+    assert b.port.owned == {} and cluster.network.sent("release", "B", "A") == []
+    session.answer("race", b'{"ok": true}')
+    cluster.run()
+    assert call.value == ok({"ok": True})
+    cluster.assert_quiet()
+
+
+def test_a_session_attaching_while_a_command_claims_the_device_elsewhere_takes_it_over(cluster: Cluster) -> None:
+    """B claims the device for a command first; A's session then takes it over, and B hands its waiting call on."""
+    a, b = cluster.A, cluster.B
+    device = cluster.device()
+    call = b.call(device, cluster.command(device, "handed-on"))
+    session = a.connect(device)
+    cluster.run()
+    assert cluster.store.rows[device.id] == ("A", 2)
+    assert session.closed == [] and session.methods == ["handed-on"]
+    assert b.port.owned == {} and b.directory.existing(device.id) is None
+    session.answer("handed-on", b'1')
+    cluster.run()
+    assert call.value == ok(1)
+    cluster.assert_quiet()
+
+
 def test_a_non_json_answer_travels_back_as_non_json(cluster: Cluster) -> None:
     a, b = cluster.A, cluster.B
     device = cluster.device()
@@ -591,12 +634,8 @@ def test_a_persistent_command_for_a_device_held_nowhere_is_stored_and_follows_th
     assert cluster.table.status(command.rpc_id) is RpcStatus.QUEUED
     state = c.actor_state(device, cluster.clock)
     assert state is not None
-    if LETS_GO_OF_STORED_COMMANDS:
-        # No session here: the command is not kept in memory (the device's next node loads it).
-        assert state["pending"] == [] and state["timers"] == [] and state["persistent_pending"] == 0
-        assert c.tenant_counts == {}
-    else:  # kept by the node that holds the device until the device is taken over (or the command expires)
-        assert len(state["pending"]) == 1 and c.tenant_counts == {TENANT: 1}
+    # Kept by the node that holds the device until the device is taken over (or the command expires).
+    assert len(state["pending"]) == 1 and c.tenant_counts == {TENANT: 1}
 
     session = b.connect(device)
     cluster.run()
@@ -871,8 +910,7 @@ def test_calls_for_a_device_of_a_dead_node_fail_fast_and_a_persistent_one_is_tak
     assert cluster.store.rows[device.id] == ("B", 2) and b.port.owned == {device.id: 2}
     assert cluster.network.sent("release", "B", "A") == []  # a dead node is not asked
     assert cluster.table.status(durable.rpc_id) is RpcStatus.QUEUED
-    if LETS_GO_OF_STORED_COMMANDS:
-        assert b.actor_state(device, cluster.clock)["pending"] == []  # no session at B: not kept in memory
+    assert len(b.actor_state(device, cluster.clock)["pending"]) == 1  # B holds the device now
     cluster.assert_quiet()
 
 

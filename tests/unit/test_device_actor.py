@@ -8,10 +8,10 @@ from uuid import uuid4
 import pytest
 from pykka import ActorRegistry
 from twisted.internet import task
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 
 from nanoiot.actors import messages as m
-from nanoiot.actors.device import ActorSettings, DeviceActor
+from nanoiot.actors.device import ActorSettings
 from nanoiot.actors.directory import DeviceDirectory
 from nanoiot.actors.runtime import Dispatcher, RefTable, set_dispatcher, stop_all_deferred
 from nanoiot.persistence.records import NULL_UUID, Device
