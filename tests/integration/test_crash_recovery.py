@@ -30,7 +30,6 @@ import os
 import signal
 import sqlite3
 import sys
-import traceback
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -38,11 +37,11 @@ from typing import Any
 import pytest_twisted
 import treq
 from sqlalchemy.engine import make_url
-from twisted.internet import defer, error, protocol, reactor, threads
-from twisted.internet.task import deferLater
+from twisted.internet import defer, reactor, threads
 from twisted.web.client import HTTPConnectionPool
 
 from tests.fixtures.database import free_port
+from tests.fixtures.processes import TWISTD, OutputProcess, bounded, sleep
 
 DEVICES = 50
 PER_DEVICE = 20
@@ -64,68 +63,10 @@ STALL_TIMEOUT = 20.0
 
 TERMINAL = {"SUCCESSFUL", "FAILED", "EXPIRED"}
 JWT_KEY = "crash-test-signing-key-not-secret-" * 2
-TWISTD = str(Path(sys.executable).with_name("twistd"))
 DEVICE_SCRIPT = str(Path(__file__).resolve().parents[1] / "crash" / "devices.py")
 START_TIMEOUT = 60.0
 REQUEST_TIMEOUT = 60.0
 SETTLE_TIMEOUT = 90.0
-
-
-def sleep(seconds: float) -> defer.Deferred:
-    return deferLater(reactor, seconds, lambda: None)
-
-
-async def bounded(d: Any, seconds: float, what: str) -> Any:
-    d = defer.ensureDeferred(d) if not isinstance(d, defer.Deferred) else d
-    try:
-        return await d.addTimeout(seconds, reactor)
-    except defer.TimeoutError:
-        raise AssertionError(f"timed out after {seconds:.0f} s: {what}") from None
-
-
-class OutputProcess(protocol.ProcessProtocol):
-    """Collects a subprocess's output lines; ``ended`` fires with its exit status once all output was read."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.lines: list[str] = []
-        self._partial = {1: b"", 2: b""}
-        self.ended: defer.Deferred = defer.Deferred()
-        self.pid: int | None = None
-        self.errors: list[str] = []
-
-    def connectionMade(self) -> None:
-        self.pid = self.transport.pid
-
-    def childDataReceived(self, fd: int, data: bytes) -> None:
-        buffer = self._partial.get(fd, b"") + data
-        *complete, self._partial[fd] = buffer.split(b"\n")
-        for raw in complete:
-            try:
-                self.line_received(fd, raw.decode("utf-8", "replace"))
-            except Exception:  # an error here would make Twisted close the pipe: keep it, report it
-                self.errors.append(traceback.format_exc())
-
-    def line_received(self, fd: int, line: str) -> None:
-        self.lines.append(line)
-
-    def processEnded(self, reason: Any) -> None:
-        for fd, rest in self._partial.items():
-            if rest:
-                self.line_received(fd, rest.decode("utf-8", "replace"))
-        self._partial = {1: b"", 2: b""}
-        self.ended.callback(getattr(reason.value, "exitCode", None))
-
-    @property
-    def running(self) -> bool:
-        return not self.ended.called
-
-    def signal(self, name: str) -> None:
-        if self.running:
-            try:
-                self.transport.signalProcess(name)
-            except error.ProcessExitedAlready:
-                pass
 
 
 class NanoServer:
