@@ -37,7 +37,7 @@ from nanoiot.rpc.model import RpcResult, record_command
 from nanoiot.rpc.queue import QueueSettings
 from nanoiot.transports.coap.server import CoapServer
 from nanoiot.transports.mqtt.protocol import MqttFactory
-from nanoiot.transports.tcp import listen_tcp
+from nanoiot.transports.tcp import TurnFlusher, listen_tcp
 from nanoiot.transports.udp import listen_udp
 from nanoiot.web.context import WebContext
 from nanoiot.web.site import build_site
@@ -142,6 +142,8 @@ class NanoService(MultiService):
             attach=self.port.attach,
             clock=reactor,
         )
+        #: One pass per reactor turn sends what every HTTP and MQTT connection wrote.
+        self.flusher = TurnFlusher(reactor)
         self.http_port: IListeningPort | None = None
         self.mqtt_port: IListeningPort | None = None
         self.coap_port: IListeningPort | None = None
@@ -192,7 +194,8 @@ class NanoService(MultiService):
         return self.commands.submit(Initiator(caller.tenant_id, device_id=caller.id), target_id, body, oneway)
 
     def _listen(self, port: int, factory: Any) -> IListeningPort:
-        return listen_tcp(self.reactor, port, factory, LISTEN_BACKLOG, self.config.host, self.config.reuse_port)
+        return listen_tcp(self.reactor, port, factory, LISTEN_BACKLOG, self.config.host, self.config.reuse_port,
+                          self.flusher)
 
     def startService(self) -> None:
         super().startService()

@@ -58,14 +58,6 @@ class TurnFlusher:
                 connection.reactor._disconnectSelectable(connection, ConnectionLost(), False)
 
 
-def flusher_for(reactor: Any) -> TurnFlusher:
-    """The reactor's one flusher (kept on the reactor, so it goes with it)."""
-    flusher = getattr(reactor, "_nanoiot_flusher", None)
-    if flusher is None:
-        flusher = reactor._nanoiot_flusher = TurnFlusher(reactor)
-    return flusher
-
-
 class CoalescingServer(tcp.Server):
     """A server-side connection whose writes are sent by the turn's :class:`TurnFlusher`."""
 
@@ -75,13 +67,20 @@ class CoalescingServer(tcp.Server):
     _host: Any = None
     _peer: Any = None
 
+    def __init__(self, sock: socket.socket, protocol: Any, client: Any, server: CoalescingPort, sessionno: int,
+                 reactor: Any) -> None:
+        # Writes are already coalesced per reactor turn: Nagle's algorithm would only hold a command back until
+        # the device's delayed ACK (~40 ms per command under sequential delivery).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().__init__(sock, protocol, client, server, sessionno, reactor)
+
     def startWriting(self) -> None:
         # Called by write(), writeSequence(), loseConnection() and loseWriteConnection(): there is something to do
         # on the write side; do it at the end of this turn.
         if self._polling_writes or self._flush_queued:
             return
         self._flush_queued = True
-        flusher_for(self.reactor).queue(self)
+        self.server.flusher.queue(self)
 
     def stopWriting(self) -> None:
         if self._polling_writes:
@@ -135,6 +134,8 @@ class CoalescingPort(tcp.Port):
     transport = CoalescingServer
     #: Set SO_REUSEPORT before bind (Twisted sets SO_REUSEADDR in this same method).
     reuse_port = False
+    #: Sends what every connection of this port wrote during a turn (shared by the ports of one service).
+    flusher: TurnFlusher
 
     def createInternetSocket(self) -> socket.socket:
         sock = super().createInternetSocket()
@@ -144,10 +145,11 @@ class CoalescingPort(tcp.Port):
 
 
 def listen_tcp(reactor: Any, port: int, factory: IProtocolFactory, backlog: int, interface: str,
-               reuse_port: bool = False) -> IListeningPort:
+               reuse_port: bool = False, flusher: TurnFlusher | None = None) -> IListeningPort:
     """Listen like ``reactor.listenTCP``, with :class:`CoalescingServer` connections on a POSIX reactor.
 
     With ``reuse_port`` the port may be shared with other processes that also asked for it (SO_REUSEPORT).
+    ``flusher``: give the ports of one service the same one, so that a turn's writes go out in one pass.
     """
     if reuse_port:
         check_reuse_port(reactor, port, interface)
@@ -155,5 +157,6 @@ def listen_tcp(reactor: Any, port: int, factory: IProtocolFactory, backlog: int,
         return reactor.listenTCP(port, factory, backlog=backlog, interface=interface)
     listening = CoalescingPort(port, factory, backlog, interface, reactor)
     listening.reuse_port = reuse_port
+    listening.flusher = flusher if flusher is not None else TurnFlusher(reactor)
     listening.startListening()
     return listening

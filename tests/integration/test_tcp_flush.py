@@ -16,7 +16,7 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import ClientCreator
 
-from nanoiot.transports.tcp import CoalescingServer, flusher_for, listen_tcp
+from nanoiot.transports.tcp import CoalescingServer, listen_tcp
 
 
 class Recorder(protocol.Protocol):
@@ -112,7 +112,7 @@ async def test_a_reader_that_does_not_read_gets_twisteds_buffer_then_everything_
     port, server, client = await connected_pair(expected=size)
     try:
         client.transport.pauseProducing()  # the client stops reading
-        flusher = flusher_for(reactor)
+        flusher = port.flusher
         before = flusher.fallbacks
         transport = server.transport
         transport.write(payload)
@@ -251,3 +251,33 @@ async def test_a_connection_whose_flush_fails_is_dropped_and_the_others_are_stil
         healthy.transport.loseConnection()
         await healthy.lost
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_accepted_connections_send_without_nagles_delay() -> None:
+    import socket
+
+    port, server, client = await connected_pair()
+    try:
+        sock = server.transport.getHandle()
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        client.transport.loseConnection()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ports_given_one_flusher_share_it() -> None:
+    from nanoiot.transports.tcp import TurnFlusher
+
+    shared = TurnFlusher(reactor)
+    first = listen_tcp(reactor, 0, RecorderFactory(), 50, "127.0.0.1", flusher=shared)
+    second = listen_tcp(reactor, 0, RecorderFactory(), 50, "127.0.0.1", flusher=shared)
+    alone = listen_tcp(reactor, 0, RecorderFactory(), 50, "127.0.0.1")
+    try:
+        assert first.flusher is shared and second.flusher is shared
+        assert alone.flusher is not shared  # nothing kept on the reactor: a port without one gets its own
+        assert not hasattr(reactor, "_nanoiot_flusher")
+    finally:
+        for port in (first, second, alone):
+            await port.stopListening()
