@@ -122,5 +122,12 @@ class ServiceUnavailable(NanoError):
     default_message = "Service unavailable"
 
 
+class RouteLost(ServiceUnavailable):
+    """The node holding the device stopped (or went silent) before it answered: what it did with the call is not
+    known. A persistent command is idempotent (its id is fixed), so the command service tries it once more."""
+
+    default_message = "The node holding the device did not answer"
+
+
 class ConfigError(Exception):
     """Bad start-up configuration: reported as one line and a non-zero exit, never a traceback."""

@@ -32,7 +32,7 @@ from nanoiot.actors.link import ActorLink
 from nanoiot.actors.replies import Replies, ReplyTo
 from nanoiot.cluster import codec
 from nanoiot.cluster.router import Router
-from nanoiot.errors import NotFound, ServiceUnavailable
+from nanoiot.errors import NotFound, RouteLost, ServiceUnavailable
 from nanoiot.persistence.records import Device
 from nanoiot.port.link import DeviceLink
 from nanoiot.port.session import DeviceSession
@@ -244,7 +244,7 @@ class ClusterPort:
     def _routed_timed_out(self, reply_to: ReplyTo) -> None:
         routed = self._routed.pop(reply_to, None)
         if routed is not None:
-            self.replies.fail(reply_to, ServiceUnavailable(f"Node {routed.node} did not answer in time"))
+            self.replies.fail(reply_to, RouteLost(f"Node {routed.node} did not answer in time"))
 
     def node_died(self, node: str) -> None:
         """Fail fast every call waiting on a dead node and forget which devices it held."""
@@ -258,7 +258,7 @@ class ClusterPort:
             if routed.lightweight:
                 self.replies.answer(reply_to, RpcResult(failure=RpcFailure.DEVICE_OFFLINE))
             else:
-                self.replies.fail(reply_to, ServiceUnavailable(f"Node {node} stopped before it answered"))
+                self.replies.fail(reply_to, RouteLost(f"Node {node} stopped before it answered"))
 
     def _answer(self, reply_to: ReplyTo | None, value: Any) -> None:
         if reply_to is not None:

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from nanoiot.actors import messages as m
 from nanoiot.actors.replies import Replies
 from nanoiot.commands.events import EventStream, RpcStatusChanged
-from nanoiot.errors import Conflict, InvalidArguments, NanoError, NotFound, PermissionDenied
+from nanoiot.errors import Conflict, InvalidArguments, NanoError, NotFound, PermissionDenied, RouteLost
 from nanoiot.persistence.records import Device, Page, PageLink, RpcRecord
 from nanoiot.rpc.body import RpcBody
 from nanoiot.rpc.model import RpcCommand, RpcResult, RpcStatus
@@ -106,7 +106,7 @@ class CommandService:
         return self._send(device, initiator, body, oneway)
 
     async def _submit_after_lookup(self, initiator: Initiator, device_id: UUID, body: RpcBody, oneway: bool,
-                                   idempotent: bool) -> RpcResult:
+                                   idempotent: bool, retried: bool = False) -> RpcResult:
         device = self.check_access(initiator, await self.devices.get_device(device_id))
         if idempotent and body.persistent:
             known = await self.store.get_rpc(body.request_uuid)
@@ -115,9 +115,12 @@ class CommandService:
                 if known.device_id != device.id:
                     raise Conflict(f"requestUUID {body.request_uuid} is already used by another command")
                 return RpcResult(response={"rpcId": str(known.id)}, has_response=True)
+        if retried:
+            return await self._send(device, initiator, body, oneway, retry=False)
         return await self._send(device, initiator, body, oneway)
 
-    def _send(self, device: Device, initiator: Initiator, body: RpcBody, oneway: bool) -> Deferred[RpcResult]:
+    def _send(self, device: Device, initiator: Initiator, body: RpcBody, oneway: bool,
+              retry: bool = True) -> Deferred[RpcResult]:
         command = RpcCommand(
             rpc_id=body.request_uuid,
             tenant_id=device.tenant_id,
@@ -135,7 +138,16 @@ class CommandService:
         )
         reply_to, answered = self.replies.expect()
         self.port.tell(device, m.SubmitRpc(command, reply_to))
+        if body.persistent and retry:
+            # In a cluster the node holding the device may die with the command: once more, idempotently (the
+            # command's id is fixed: if that node stored it, the stored one is answered; else it is sent again).
+            answered.addErrback(self._once_more, initiator, device.id, body, oneway)
         return answered
+
+    def _once_more(self, failure: Any, initiator: Initiator, device_id: UUID, body: RpcBody,
+                   oneway: bool) -> Any:
+        failure.trap(RouteLost)
+        return ensureDeferred(self._submit_after_lookup(initiator, device_id, body, oneway, True, retried=True))
 
     # --- inspect, list, delete ------------------------------------------------------------------------------------
 

@@ -410,3 +410,49 @@ def test_deleting_another_tenants_command_is_denied_and_deletes_nothing(w):
 def test_deleting_an_unknown_command_is_not_found(w):
     assert isinstance(error_of(w.service.delete, TENANT_ADMIN, uuid4()), NotFound)
     assert w.port.told == [] and w.store.deleted == []
+
+
+# --- a node lost with the command (cluster) --------------------------------------------------------------------------
+
+
+def test_a_persistent_command_whose_node_was_lost_is_sent_once_more_when_it_was_not_stored(w):
+    from nanoiot.errors import RouteLost
+
+    target = w.devices.add(device(), cached=True)
+    given = body("durable", persistent=True)
+    d = w.service.submit(TENANT_ADMIN, target.id, given, oneway=False)
+    _, first = w.port.told[-1]
+    w.replies.fail(first.reply_to, RouteLost("Node n1 stopped before it answered"))
+    assert len(w.port.told) == 2  # not stored by the lost node: sent again, same command id
+    _, second = w.port.told[-1]
+    assert second.command.rpc_id == first.command.rpc_id and second.reply_to != first.reply_to
+    w.replies.answer(second.reply_to, RpcResult(response={"rpcId": str(given.request_uuid)}, has_response=True))
+    assert result_of(d).response == {"rpcId": str(given.request_uuid)}
+
+
+def test_a_persistent_command_the_lost_node_had_stored_is_answered_with_its_id_and_not_sent_again(w):
+    from nanoiot.errors import RouteLost
+
+    target = w.devices.add(device(), cached=True)
+    given = body("durable", persistent=True)
+    d = w.service.submit(TENANT_ADMIN, target.id, given, oneway=False)
+    _, first = w.port.told[-1]
+    w.store.add(record(target, rpc_id=given.request_uuid))
+    w.replies.fail(first.reply_to, RouteLost("Node n1 stopped before it answered"))
+    assert len(w.port.told) == 1
+    assert result_of(d).response == {"rpcId": str(given.request_uuid)}
+
+
+def test_a_persistent_command_is_tried_once_more_only_once_and_a_lightweight_one_not_at_all(w):
+    from nanoiot.errors import RouteLost
+
+    target = w.devices.add(device(), cached=True)
+    d = w.service.submit(TENANT_ADMIN, target.id, body("durable", persistent=True), oneway=False)
+    for _ in range(2):
+        _, message = w.port.told[-1]
+        w.replies.fail(message.reply_to, RouteLost())
+    assert len(w.port.told) == 2 and isinstance(error_of(lambda: d), RouteLost)
+    light = w.service.submit(TENANT_ADMIN, target.id, body("now"), oneway=False)
+    _, message = w.port.told[-1]
+    w.replies.fail(message.reply_to, RouteLost())
+    assert len(w.port.told) == 3 and isinstance(error_of(lambda: light), RouteLost)
