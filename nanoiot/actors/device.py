@@ -590,7 +590,7 @@ def _record(command: RpcCommand, request_id: int, status: RpcStatus, response: A
         device_id=command.device_id, expiration_time=command.expiration_time, oneway=command.oneway,
         method=command.method, params=command.params, status=status, response=_storable(response),
         additional_info=command.additional_info, retries=command.retries, user_id=command.user_id,
-        seq=request_id,
+        seq=request_id, initiator=command.initiator, batch_id=command.batch_id,
     )
 
 

@@ -40,7 +40,7 @@ def command_to_json(command: RpcCommand) -> dict[str, Any]:
         "method": command.method, "params": command.params, "oneway": command.oneway,
         "expires": command.expiration_time, "created": command.created_time, "persistent": command.persistent,
         "retries": command.retries, "info": command.additional_info, "qos": command.qos,
-        "user": _str(command.user_id),
+        "user": _str(command.user_id), "by": command.initiator, "batch": _str(command.batch_id),
     }
 
 
@@ -50,6 +50,7 @@ def command_from_json(data: dict[str, Any]) -> RpcCommand:
         method=data["method"], params=data["params"], oneway=data["oneway"], expiration_time=data["expires"],
         created_time=data["created"], persistent=data["persistent"], retries=data["retries"],
         additional_info=data["info"], qos=data["qos"], user_id=_uuid(data["user"]),
+        initiator=data.get("by"), batch_id=_uuid(data.get("batch")),
     )
 
 

@@ -37,6 +37,28 @@ class Initiator:
     user_id: UUID | None = None
     #: A device commanding another one (a server method's ``context.send_rpc``).
     device_id: UUID | None = None
+    #: A rule chain's node sending the command (RPC Call Request).
+    rule_chain_id: UUID | None = None
+    rule_node_id: UUID | None = None
+    #: The bulk RPC the command belongs to.
+    batch_id: UUID | None = None
+
+    def to_json(self) -> dict[str, Any] | None:
+        """What the command records as its origin (shown in the Rpc JSON and in events)."""
+        if self.batch_id is not None:
+            return {"type": "BULK", "batchId": str(self.batch_id), "userId": _text(self.user_id)}
+        if self.rule_chain_id is not None:
+            return {"type": "RULE_CHAIN", "ruleChainId": str(self.rule_chain_id),
+                    "ruleNodeId": _text(self.rule_node_id)}
+        if self.device_id is not None:
+            return {"type": "DEVICE", "id": str(self.device_id)}
+        if self.user_id is not None:
+            return {"type": "USER", "id": str(self.user_id)}
+        return None
+
+
+def _text(value: UUID | None) -> str | None:
+    return None if value is None else str(value)
 
 
 class DevicePort(Protocol):
@@ -135,6 +157,8 @@ class CommandService:
             additional_info=body.additional_info,
             qos=body.qos,
             user_id=initiator.user_id,
+            initiator=initiator.to_json(),
+            batch_id=initiator.batch_id,
         )
         reply_to, answered = self.replies.expect()
         self.port.tell(device, m.SubmitRpc(command, reply_to))

@@ -94,6 +94,9 @@ class RpcRecord:
     seq: int = 0
     #: Resends after an acknowledgement timeout so far, kept so that a restart does not renew the retry budget.
     attempts: int = 0
+    #: Who sent it: {"type": "USER" | "DEVICE" | "RULE_CHAIN" | "BULK", ...ids} (see commands/service.py).
+    initiator: Any = None
+    batch_id: UUID | None = None
 
 
 class SortOrder(str, enum.Enum):

@@ -879,7 +879,8 @@ def _credentials_values(record: DeviceCredentials) -> dict[str, Any]:
 def _rpc(row: Row[Any]) -> RpcRecord:
     return RpcRecord(row.id, row.created_time, row.tenant_id, row.device_id, row.expiration_time, row.oneway,
                      row.method, _load(row.params), RpcStatus(row.status), _load(row.response),
-                     _load(row.additional_info), row.retries, row.user_id, row.seq, row.attempts)
+                     _load(row.additional_info), row.retries, row.user_id, row.seq, row.attempts,
+                     _load(row.initiator), row.batch_id)
 
 
 def _rpc_values(record: RpcRecord) -> dict[str, Any]:
@@ -887,4 +888,5 @@ def _rpc_values(record: RpcRecord) -> dict[str, Any]:
                 device_id=record.device_id, expiration_time=record.expiration_time, oneway=record.oneway,
                 method=record.method, params=_dump(record.params), status=RpcStatus(record.status).value,
                 response=_dump(record.response), additional_info=_dump(record.additional_info),
-                retries=record.retries, user_id=record.user_id, attempts=record.attempts)
+                retries=record.retries, user_id=record.user_id, attempts=record.attempts,
+                initiator=_dump(record.initiator), batch_id=record.batch_id)

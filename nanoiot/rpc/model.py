@@ -93,6 +93,9 @@ class RpcCommand:
     additional_info: Any = None
     qos: int | None = None
     user_id: UUID | None = None
+    #: Who sent it, as data: {"type": "USER" | "DEVICE" | "RULE_CHAIN" | "BULK", ...ids}.
+    initiator: Any = None
+    batch_id: UUID | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,4 +126,6 @@ def record_command(record: Any) -> RpcCommand:
         retries=record.retries,
         additional_info=record.additional_info,
         user_id=record.user_id,
+        initiator=record.initiator,
+        batch_id=record.batch_id,
     )

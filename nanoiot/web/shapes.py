@@ -121,4 +121,5 @@ def rpc_json(record: RpcRecord) -> dict[str, Any]:
         "status": record.status.value,
         "additionalInfo": record.additional_info,
         "createdBy": entity_id("USER", record.user_id) if record.user_id else None,
+        "initiator": record.initiator,
     }

@@ -979,6 +979,7 @@ async def test_a_version_2_database_gains_the_cluster_tables_in_place(database_u
     def back_to_version_2() -> set[str]:
         engine = create_engine(database_url)
         with engine.begin() as conn:
+            undo_schema_4(conn)
             for table in reversed(schema.CLUSTER_TABLES):
                 conn.execute(text(f"DROP TABLE {table.name}"))
             conn.execute(update(schema.schema_version).values(version=2))
@@ -991,7 +992,7 @@ async def test_a_version_2_database_gains_the_cluster_tables_in_place(database_u
     again = Repository(database_url)
     await again.start()
     try:
-        assert await again.get_schema_version() == schema.SCHEMA_VERSION == 3
+        assert await again.get_schema_version() == schema.SCHEMA_VERSION
         assert await again.get_rpc(old.id) == old  # upgraded in place, not re-created
 
         def look(conn: Any) -> tuple[set[str], set[str], list[int]]:
@@ -1011,5 +1012,59 @@ async def test_a_version_2_database_gains_the_cluster_tables_in_place(database_u
         assert claimed[device.id].epoch == 1
         assert await store.allocate_request_ids(10) == old.seq + 1
         assert await again.load_device_active_rpcs(device.id) == [old]
+    finally:
+        await again.stop()
+
+
+def undo_schema_4(conn: Any) -> None:
+    """Take a database back from version 4 to 3 (what an older NanoIoT left behind)."""
+    for table in reversed(schema.SCHEMA_4_TABLES):
+        conn.execute(text(f"DROP TABLE {table.name}"))
+    conn.execute(text("DROP INDEX ix_rpc_batch_id"))
+    conn.execute(text("ALTER TABLE rpc DROP COLUMN initiator"))
+    conn.execute(text("ALTER TABLE rpc DROP COLUMN batch_id"))
+    conn.execute(update(schema.schema_version).values(version=3))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_version_3_database_gains_initiators_batches_rule_chains_and_relations_in_place(database_url):
+    from dataclasses import replace
+
+    from sqlalchemy import inspect
+
+    repo = Repository(database_url)
+    await repo.start()
+    tenant = await repo.create_tenant("Acme")
+    device = await new_device(repo, tenant.id, "Lamp")
+    [old] = await repo.insert_rpcs([make_rpc(tenant.id, device.id)])
+    await repo.stop()
+
+    def back_to_version_3() -> set[str]:
+        engine = create_engine(database_url)
+        with engine.begin() as conn:
+            undo_schema_4(conn)
+        with engine.connect() as conn:
+            columns = {c["name"] for c in inspect(conn).get_columns("rpc")}
+        engine.dispose()
+        return columns
+
+    assert not {"initiator", "batch_id"} & await threads.deferToThread(back_to_version_3)
+    again = Repository(database_url)
+    await again.start()
+    try:
+        assert await again.get_schema_version() == schema.SCHEMA_VERSION == 4
+        assert await again.get_rpc(old.id) == old  # upgraded in place; it has no initiator
+        assert old.initiator is None and old.batch_id is None
+        batch = uuid4()
+        by_bulk = replace(make_rpc(tenant.id, device.id), initiator={"type": "BULK", "batchId": str(batch)},
+                          batch_id=batch)
+        [stored] = await again.insert_rpcs([by_bulk])
+        assert (await again.get_rpc(stored.id)).initiator == {"type": "BULK", "batchId": str(batch)}
+        assert (await again.get_rpc(stored.id)).batch_id == batch
+
+        def tables(conn: Any) -> set[str]:
+            return set(inspect(conn).get_table_names())
+
+        assert {t.name for t in schema.SCHEMA_4_TABLES} <= await again._run(tables)
     finally:
         await again.stop()

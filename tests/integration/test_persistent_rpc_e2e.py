@@ -69,6 +69,7 @@ async def test_commands_queued_while_offline_are_stored_delivered_in_order_and_t
         assert first["request"]["body"] == {"method": "step0", "params": '{"m":"step0"}'}
         assert first["id"] == {"entityType": "RPC", "id": ids[0]}
         assert first["createdBy"]["entityType"] == "USER"
+        assert first["initiator"] == {"type": "USER", "id": first["createdBy"]["id"]}
         async with online(server, token) as device:
             for i, rpc_id in enumerate(ids):
                 request_id, body, _ = await device.next_command()

@@ -168,7 +168,7 @@ def test_a_command_is_built_from_the_body_and_the_initiator_and_told_with_a_repl
     assert message.command == RpcCommand(
         rpc_id=given.request_uuid, tenant_id=TENANT, device_id=target.id, method="setGpio", params={"pin": 7},
         oneway=True, expiration_time=T0 * 1000 + 99_000, created_time=T0 * 1000 + 2500, persistent=True,
-        retries=3, additional_info={"note": "x"}, qos=0, user_id=USER)
+        retries=3, additional_info={"note": "x"}, qos=0, user_id=USER, initiator={"type": "USER", "id": str(USER)})
     assert isinstance(message.reply_to, ReplyTo) and w.replies.waiting(message.reply_to)
     assert len(w.replies) == 1 and not d.called
 
@@ -456,3 +456,19 @@ def test_a_persistent_command_is_tried_once_more_only_once_and_a_lightweight_one
     _, message = w.port.told[-1]
     w.replies.fail(message.reply_to, RouteLost())
     assert len(w.port.told) == 3 and isinstance(error_of(lambda: light), RouteLost)
+
+
+@pytest.mark.parametrize("initiator, recorded", [
+    (Initiator(TENANT, user_id=USER), {"type": "USER", "id": str(USER)}),
+    (Initiator(TENANT, device_id=USER), {"type": "DEVICE", "id": str(USER)}),
+    (Initiator(TENANT, rule_chain_id=USER, rule_node_id=TENANT),
+     {"type": "RULE_CHAIN", "ruleChainId": str(USER), "ruleNodeId": str(TENANT)}),
+    (Initiator(TENANT, user_id=TENANT, batch_id=USER), {"type": "BULK", "batchId": str(USER), "userId": str(TENANT)}),
+    (Initiator(TENANT), None),
+])
+def test_every_command_records_who_sent_it(w, initiator, recorded):
+    target = w.devices.add(device(), cached=True)
+    w.service.submit(initiator, target.id, body("m"), oneway=True)
+    _, message = w.port.told[-1]
+    assert message.command.initiator == recorded
+    assert message.command.batch_id == initiator.batch_id
