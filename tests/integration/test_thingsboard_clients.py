@@ -350,3 +350,81 @@ async def test_thingsboard_rest_client_finds_a_tenant_device_by_name(tb_venv: Pa
         assert (lookup["id"], lookup["name"]) == (demo_id, "Demo Device")
     finally:
         await running.service.stopService()
+
+
+#: The spec's RpcResponseRuleChainMetadata (ThingsBoard's black-box test chain): a switch, a JS transformation that
+#: answers ``getResponse``, and RPC Call Reply.
+RPC_REPLY_EXPORT = {
+    "ruleChain": {"name": "RPC reply (tb-rest-client)", "type": "CORE", "root": False, "debugMode": False},
+    "metadata": {
+        "firstNodeIndex": 0,
+        "nodes": [
+            {"type": "org.thingsboard.rule.engine.filter.TbMsgTypeSwitchNode", "name": "switch",
+             "configuration": {"version": 0}, "additionalInfo": {"layoutX": 300, "layoutY": 150}},
+            {"type": "org.thingsboard.rule.engine.transform.TbTransformMsgNode", "name": "formResponse",
+             "configuration": {"jsScript": "if (msg.method == \"getResponse\") {\n    return {msg: {\"response\": "
+                                           "\"requestReceived\"}, metadata: metadata, msgType: msgType};\n}\n\n"
+                                           "return {msg: msg, metadata: metadata, msgType: msgType};"}},
+            {"type": "org.thingsboard.rule.engine.rpc.TbSendRPCReplyNode", "name": "rpcReply",
+             "configuration": {"requestIdMetaDataAttribute": "requestId"}},
+        ],
+        "connections": [{"fromIndex": 0, "toIndex": 1, "type": "RPC Request from Device"},
+                        {"fromIndex": 1, "toIndex": 2, "type": "Success"},
+                        {"fromIndex": 1, "toIndex": 2, "type": "Failure"}],
+        "ruleChainConnections": None,
+    },
+}
+
+
+@pytest_twisted.ensureDeferred
+async def test_thingsboard_rest_client_imports_a_rule_chain_and_makes_it_the_root_chain(tb_venv: Path,
+                                                                                        tmp_path: Path) -> None:
+    from tests.integration.test_rules_e2e import CallingDevice, until_root
+
+    export_file = tmp_path / "rpc_reply_chain.json"
+    export_file.write_text(json.dumps(RPC_REPLY_EXPORT))
+    running = await start_server(make_config(f"sqlite:///{tmp_path / 'nanoiot.db'}",
+                                             jwt_key_file=str(tmp_path / "nanoiot.key")))
+    try:
+        out, err, code = await run_scenario(tb_venv, [
+            "--http-url", running.http_url, "--username", "tenant@nanoiot.io", "--password", "tenant",
+            "--deadline", str(SCENARIO_DEADLINE), "--rule-chain-file", str(export_file),
+        ])
+        result = _result(out, err, code)
+        if code != 0 or not result.get("ok"):
+            pytest.fail(f"the rule chain import failed at stage {result.get('stage')!r} (exit code {code}): "
+                        f"{result.get('error')}\nstderr (tail):\n{err[-3000:]}", pytrace=False)
+        chain = result["rule_chain"]
+        # Before: the tenant's default root chain, as ThingsBoard lists it.
+        assert [(c["name"], c["root"]) for c in chain["before"]] == [("Root Rule Chain", True)]
+        saved = chain["saved"]
+        assert (saved["entity_type"], saved["name"], saved["root"], saved["version"]) == (
+            "RULE_CHAIN", "RPC reply (tb-rest-client)", False, 1)
+        metadata = chain["metadata"]
+        assert metadata["chain"] == saved["id"] and metadata["first"] == 0
+        assert [n["name"] for n in metadata["nodes"]] == ["switch", "formResponse", "rpcReply"]
+        assert all(n["id"] for n in metadata["nodes"])
+        assert metadata["connections"] == [[0, 1, "RPC Request from Device"], [1, 2, "Success"], [1, 2, "Failure"]]
+        # The invalid copy: refused with every problem named.
+        invalid = chain["invalid"]
+        assert invalid["status"] == 400 and invalid["body"]["errorCode"] == 31
+        assert len(invalid["body"]["problems"]) >= 2, invalid
+        # Root now, alone; read back as saved.
+        assert chain["rooted"] == {"id": saved["id"], "root": True}
+        assert [(c["name"], c["root"]) for c in chain["after"]] == [("RPC reply (tb-rest-client)", True)]
+        assert chain["read_back"]["nodes"] == ["switch", "formResponse", "rpcReply"]
+        assert chain["read_back"]["ids"] == [n["id"] for n in metadata["nodes"]]
+        assert chain["chain"]["root"] is True and chain["chain"]["first_rule_node_id"] == metadata["nodes"][0]["id"]
+
+        # And it runs: a device's call is answered by the imported chain.
+        from uuid import UUID
+
+        await until_root(running, UUID(saved["id"]))
+        _, token = await running.demo_device()
+        device = await CallingDevice.connect(running, token)
+        try:
+            assert await device.call("getResponse", {}) == {"response": "requestReceived"}
+        finally:
+            device.close()
+    finally:
+        await running.service.stopService()

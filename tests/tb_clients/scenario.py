@@ -27,6 +27,10 @@ The scenario, with ThingsBoard's clients only:
    (``get_tenant_device``); two-way and one-way calls to the sub-device sent with the REST client reach the handler
    set with ``gw_set_server_side_rpc_request_handler``, which answers with ``gw_send_rpc_reply``.
 
+Two narrower runs: ``--lookup-device NAME`` (only ``get_tenant_device``) and ``--rule-chain-file PATH`` (only the
+REST client's rule chain API: import a chain export file, make it the root chain, read it back; see
+``rule_chain_round``).
+
 It prints exactly one JSON line on stdout (``"ok": true`` with the results and timings, or ``"ok": false`` with the
 failed stage and the reason) and exits 0 on success, 1 on a failed check, 2 when the environment is wrong, 3 when the
 overall deadline passed. Logs go to stderr. Every wait is bounded; the whole run is bounded by ``--deadline``.
@@ -659,6 +663,100 @@ def lookup_only(args: argparse.Namespace, results: dict[str, Any]) -> None:
     results["timings_ms"] = {}
 
 
+def rule_chain_round(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """``--rule-chain-file PATH``: with the REST client only, import a ThingsBoard rule chain export file the way a
+    script would (``save_rule_chain_v1`` for the chain, ``save_rule_chain_meta_data`` for its nodes and connections),
+    make it the root chain (``set_root_rule_chain``), then read it back (``get_rule_chains``,
+    ``get_rule_chain_meta_data``, ``get_rule_chain_by_id``); an invalid copy of the file is refused with every
+    problem listed. The device side is checked by the test that runs this."""
+    results["versions"] = check_environment()
+    from tb_rest_client.rest import ApiException
+    from tb_rest_client.rest_client import RestClient
+    from tb_rest_client.models.node_connection_info import NodeConnectionInfo
+    from tb_rest_client.models.rule_chain import RuleChain
+    from tb_rest_client.models.rule_chain_meta_data import RuleChainMetaData
+    from tb_rest_client.models.rule_node import RuleNode
+
+    with open(args.rule_chain_file, encoding="utf-8") as f:
+        export = json.load(f)
+    timings: dict[str, float] = {}
+    out: dict[str, Any] = {}
+    results["rule_chain"] = out
+    rest = RestClient(base_url=args.http_url)
+    rest.daemon = True
+
+    def metadata_of(chain_id: Any, raw: dict[str, Any]) -> Any:
+        nodes = [RuleNode(type=n["type"], name=n["name"], configuration=n.get("configuration"),
+                          additional_info=n.get("additionalInfo"), configuration_version=n.get("configurationVersion"),
+                          singleton_mode=n.get("singletonMode", False)) for n in raw["nodes"]]
+        connections = [NodeConnectionInfo(from_index=c["fromIndex"], to_index=c["toIndex"], type=c["type"])
+                       for c in raw["connections"]]
+        return RuleChainMetaData(rule_chain_id=chain_id, first_node_index=raw["firstNodeIndex"], nodes=nodes,
+                                 connections=connections)
+
+    with rest:
+        stage = "rest_login"
+        try:
+            rest.login(username=args.username, password=args.password)
+        except Exception as exc:  # noqa: BLE001
+            raise ScenarioFailure(stage, f"{type(exc).__name__}: {exc}") from None
+        try:
+            stage = "rule_chains_before"
+            before = rest.get_rule_chains(page_size=10, page=0)
+            out["before"] = [{"name": c.name, "root": c.root, "id": c.id.id} for c in before.data]
+
+            stage = "save_rule_chain"
+            start = time.monotonic()
+            fields = export["ruleChain"]
+            saved = rest.save_rule_chain_v1(RuleChain(name=fields["name"], type=fields.get("type", "CORE"),
+                                                      debug_mode=False, additional_info={"description": "tb client"}))
+            timings[stage] = ms_since(start)
+            out["saved"] = {"id": saved.id.id, "entity_type": saved.id.entity_type, "name": saved.name,
+                            "root": saved.root, "version": saved.version}
+
+            stage = "save_rule_chain_meta_data"
+            start = time.monotonic()
+            metadata = rest.save_rule_chain_meta_data(metadata_of(saved.id, export["metadata"]))
+            timings[stage] = ms_since(start)
+            out["metadata"] = {"chain": metadata.rule_chain_id.id, "first": metadata.first_node_index,
+                               "nodes": [{"name": n.name, "type": n.type, "id": n.id.id if n.id else None}
+                                         for n in metadata.nodes],
+                               "connections": [(c.from_index, c.to_index, c.type) for c in metadata.connections]}
+
+            stage = "invalid_meta_data"
+            broken = copy.deepcopy(export["metadata"])
+            broken["nodes"].append({"type": "org.example.NoSuchNode", "name": "mystery", "configuration": {}})
+            broken["connections"].append({"fromIndex": 0, "toIndex": 42, "type": "Success"})
+            try:
+                rest.save_rule_chain_meta_data(metadata_of(saved.id, broken))
+            except ApiException as exc:
+                body = exc.body.decode("utf-8", "replace") if isinstance(exc.body, bytes) else exc.body
+                out["invalid"] = {"status": exc.status, "body": json.loads(body) if body else None}
+            else:
+                raise ScenarioFailure(stage, "an invalid chain was accepted")
+
+            stage = "set_root_rule_chain"
+            start = time.monotonic()
+            rooted = rest.set_root_rule_chain(saved.id)
+            timings[stage] = ms_since(start)
+            out["rooted"] = {"id": rooted.id.id, "root": rooted.root}
+
+            stage = "rule_chains_after"
+            after = rest.get_rule_chains(page_size=10, page=0)
+            out["after"] = [{"name": c.name, "root": c.root, "id": c.id.id} for c in after.data]
+            again = rest.get_rule_chain_meta_data(saved.id)
+            out["read_back"] = {"nodes": [n.name for n in again.nodes], "first": again.first_node_index,
+                                "ids": [n.id.id for n in again.nodes]}
+            chain = rest.get_rule_chain_by_id(saved.id)
+            out["chain"] = {"name": chain.name, "root": chain.root, "first_rule_node_id":
+                            chain.first_rule_node_id.id if chain.first_rule_node_id else None}
+        except ApiException as exc:
+            body = exc.body.decode("utf-8", "replace") if isinstance(exc.body, bytes) else exc.body
+            raise ScenarioFailure(stage, f"HTTP {exc.status}: {body}") from None
+    results["ok"] = True
+    results["timings_ms"] = timings
+
+
 def gateway_round(args: argparse.Namespace, rest: Any, api_exception: Any, progress: dict[str, str],
                   timings: dict[str, Any], probes: list[SdkProbe], create_device: Any, rest_rpc_round: Any,
                   suffix: str, gateway_client_class: Any, stage_error: Any) -> dict[str, Any]:
@@ -774,6 +872,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sub-device-type", default="thermostat")
     parser.add_argument("--lookup-device", default="",
                         help="only log in and call the REST client's get_tenant_device(NAME); prints what it got")
+    parser.add_argument("--rule-chain-file", default="",
+                        help="only import this rule chain export file with the REST client and make it the root chain")
     parser.add_argument("--deadline", type=float, default=55.0, help="seconds for the whole scenario (default 55)")
     parser.add_argument("--debug", action="store_true", help="log the clients at DEBUG on stderr")
     args = parser.parse_args(argv)
@@ -796,6 +896,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.lookup_device:
             lookup_only(args, results)
+        elif args.rule_chain_file:
+            rule_chain_round(args, results)
         else:
             run(args, results, capture)
     except ScenarioFailure as failure:
