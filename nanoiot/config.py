@@ -94,6 +94,31 @@ def _rpc_methods(value: str) -> str:
     return value.strip()
 
 
+def _rule_chain_file(value: str) -> str:
+    """A rule chain export file (``--rule-chain``), loaded and validated now: every problem on one line."""
+    path = value.strip()
+    if not path:
+        return ""
+    from nanoiot.rules.chain import ChainProblems, load_chain_file
+
+    try:
+        load_chain_file(path)
+    except ChainProblems as exc:
+        problems = getattr(exc, "problems", None) or [exc]
+        raise ValueError("; ".join(_problem_line(p) for p in problems)) from None
+    except OSError as exc:
+        raise ValueError(f"cannot read it: {exc.strerror or exc}") from None
+    return path
+
+
+def _problem_line(problem: Any) -> str:
+    index, name = getattr(problem, "index", None), getattr(problem, "name", None)
+    where = " ".join(part for part in (f"node {index}" if index is not None else "", repr(name) if name else "")
+                     if part)
+    message = " ".join(str(getattr(problem, "message", problem)).split())  # one line, whatever it holds
+    return f"{where}: {message}" if where else message
+
+
 def _database(value: str) -> str:
     from sqlalchemy.engine import make_url
 
@@ -148,9 +173,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("rpc-qos", 1, int, "MQTT QoS of commands (0 or 1)"),
     Option("rpc-max-persistent-per-device", 1000, _positive, "active persistent commands per device, at most"),
     Option("rpc-max-persistent-per-tenant", 1_000_000, _positive, "active persistent commands per tenant, at most"),
+    Option("rpc-bulk-max-devices", 100_000, _positive, "devices one bulk RPC (POST /api/rpc/bulk) may target, at most"),
     Option("rpc-ttl", 604800, _non_negative, "seconds a finished persistent command is kept (0: forever)"),
     Option("rpc-ttl-interval", 3600, _positive, "seconds between clean-ups of finished persistent commands"),
     Option("rpc-methods", "", _rpc_methods, "extra server methods devices may call: [name=]module:callable,..."),
+    Option("rule-chain", "", _rule_chain_file,
+           "a rule chain export file (ThingsBoard's JSON): the root chain of tenants that have none stored"),
+    Option("rules-bypass", False, _bool,
+           "skip rule chains: commands go straight to devices, device calls only to server methods", flag=True),
+    Option("rules-max-inflight", 10000, _positive, "rule-engine messages a tenant may have in flight (then dropped)"),
+    Option("device-call-timeout", 60000, _positive,
+           "ms a device-to-server call waits for a rule chain's answer (then {\"error\":\"timeout\"})"),
     Option("max-payload-size", 16 * 1024 * 1024, _positive, "REST request body limit, bytes"),
     Option("http-poll-timeout", 60000, _positive, "ms an HTTP device's long poll waits when it gives no timeout"),
     Option("http-max-poll-timeout", 300000, _positive, "ms an HTTP device's long poll waits at most"),
@@ -160,6 +193,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("gc-freeze", True, _bool, "move long-lived objects out of Python's full GC as the fleet grows"),
     Option("log-level", "info", _log_level, "debug, info, warn, error"),
     Option("log-format", "text", _log_format, "text or json"),
+    Option("ws-max-buffer", 1024 * 1024, _positive,
+           "bytes a WebSocket client may leave unread before it is closed as too slow (4008)"),
+    Option("ws-max-subscriptions", 1000, _positive, "device subscriptions per WebSocket, at most"),
+    Option("ws-max-inflight", 1000, _positive, "commands in flight per WebSocket, at most (then 429)"),
 )
 
 
@@ -208,9 +245,14 @@ class Config:
     rpc_qos: int = 1
     rpc_max_persistent_per_device: int = 1000
     rpc_max_persistent_per_tenant: int = 1_000_000
+    rpc_bulk_max_devices: int = 100_000
     rpc_ttl: int = 604800
     rpc_ttl_interval: int = 3600
     rpc_methods: str = ""
+    rule_chain: str = ""
+    rules_bypass: bool = False
+    rules_max_inflight: int = 10000
+    device_call_timeout: int = 60000
     max_payload_size: int = 16 * 1024 * 1024
     http_poll_timeout: int = 60000
     http_max_poll_timeout: int = 300000
@@ -220,6 +262,9 @@ class Config:
     gc_freeze: bool = True
     log_level: str = "info"
     log_format: str = "text"
+    ws_max_buffer: int = 1024 * 1024
+    ws_max_subscriptions: int = 1000
+    ws_max_inflight: int = 1000
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod

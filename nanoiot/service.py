@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import resource
 from typing import Any
 from uuid import UUID, uuid4
@@ -21,6 +22,7 @@ from nanoiot.actors.directory import DeviceDirectory
 from nanoiot.actors.replies import Replies
 from nanoiot.actors.runtime import reactor_dispatcher
 from nanoiot.collector import CollectorPolicy
+from nanoiot.commands.bulk import BulkRpc
 from nanoiot.commands.events import EventStream
 from nanoiot.commands.server_methods import ServerMethods, load_configured_methods, load_entry_point_methods
 from nanoiot.commands.service import CommandService, Initiator
@@ -28,18 +30,22 @@ from nanoiot.config import Config
 from nanoiot.demo import DemoData, banner, seed_demo
 from nanoiot.errors import BadRequest
 from nanoiot.logs import make_observer
+from nanoiot.persistence.batch_store import BatchStore
 from nanoiot.persistence.catalog import DeviceCatalog
 from nanoiot.persistence.journal import RpcJournal
 from nanoiot.persistence.records import Device
 from nanoiot.persistence.repository import Repository
+from nanoiot.persistence.rule_store import RuleStore
 from nanoiot.rpc.body import RpcBody
 from nanoiot.rpc.model import RpcResult, record_command
 from nanoiot.rpc.queue import QueueSettings
+from nanoiot.rules.server import RuleService
 from nanoiot.transports.coap.server import CoapServer
 from nanoiot.transports.mqtt.protocol import MqttFactory
 from nanoiot.transports.tcp import TurnFlusher, listen_tcp
 from nanoiot.transports.udp import listen_udp
 from nanoiot.web.context import WebContext
+from nanoiot.web.event_hub import EventHub
 from nanoiot.web.site import build_site
 from nanoiot.web.tokens import TokenIssuer, load_signing_key
 
@@ -125,9 +131,26 @@ class NanoService(MultiService):
             self.port = self.cluster.port
             self.cluster.setServiceParent(self)
         self.commands = CommandService(self.port, self.replies, self.catalog, self.repository, self.events, reactor)
+        #: Rule chains (nanoiot/rules/server.py): the root chain of each tenant sees its commands, calls and events.
+        self.rules: RuleService | None = None
+        if not config.rules_bypass:
+            self.rules = RuleService(config, reactor, RuleStore(self.repository), self.commands, self.catalog,
+                                     self.repository, self.port, self.replies, self.events, self.node, self.cluster)
+            self.rules.setServiceParent(self)
+            self.rules.install(self.directory.context)
+        # A batch's pending commands are long-lived: frozen out of the full collections, as the collector does for
+        # a growing fleet (see nanoiot/collector.py).
+        self.bulk = BulkRpc(self.commands, BatchStore(self.repository), reactor, config.rpc_bulk_max_devices,
+                            grown=gc.freeze if config.gc_freeze else None)
+        self.bulk.setServiceParent(self)
         self.web_context = WebContext(config, reactor, self.repository, self.catalog, self.port, self.tokens,
-                                      self.commands, self.cluster)
-        self.site = build_site(self.web_context)
+                                      self.commands, self.cluster, bulk=self.bulk)
+        self.web_context.rules = self.rules
+        #: Which WebSocket client wants which event (``/api/ws/rpc``); in a cluster it also drives the relay.
+        self.hub = EventHub(self.events, self.catalog)
+        if self.cluster is not None:
+            self.cluster.events_relay.attach(self.hub)
+        self.site = build_site(self.web_context, self.hub)
         self.mqtt_factory = MqttFactory(
             authenticate=self.catalog.device_for_token,
             attach=self.port.attach,
@@ -204,6 +227,8 @@ class NanoService(MultiService):
     async def _start(self) -> NanoService:
         raise_open_file_limit()
         await self.repository.start()
+        if self.rules is not None:
+            await self.rules.load()
         if self.cluster is None:
             await self._resume_persistent_rpcs()
         else:

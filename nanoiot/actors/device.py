@@ -123,6 +123,9 @@ class ActorContext:
     send_rpc: Callable[..., Deferred] | None = None
     #: This node's name (events say where a device is); "" on a single node.
     node: str = ""
+    #: Set by the rule service: takes a device-to-server call of a method no server method answers, to run it through
+    #: the tenant's root rule chain: (device, transport, session id, request id, payload) -> whether it took it.
+    device_calls: Callable[[Device, str, int, int, bytes], bool] | None = None
 
 
 class DeviceActor(ReactorActor):
@@ -301,10 +304,15 @@ class DeviceActor(ReactorActor):
         if session is None:
             return
         events = self.ctx.events
+        method = _call_method(msg.payload)
         if events is not None and events.has_listeners:
             device = self.device
             events.publish(DeviceCalled(device.id, device.tenant_id, device.customer_id, session.transport,
-                                        _call_method(msg.payload), self.ctx.node))
+                                        method, self.ctx.node))
+        rules = self.ctx.device_calls
+        if (rules is not None and method is not None and method not in self.ctx.server_methods
+                and rules(self.device, session.transport, msg.session_id, msg.request_id, msg.payload)):
+            return  # a rule chain answers it (ReplyToDevice), or the rule service does when none did
         context = CallContext(self.device, session.transport, self.clock, self.settings.session_limits or {},
                               self.ctx.send_rpc)
         d = self.ctx.server_methods.call(context, msg.payload)
@@ -317,6 +325,11 @@ class DeviceActor(ReactorActor):
 
         d.addCallback(reply)
         d.addErrback(lambda f: log.failure("device call failed", f))
+
+    def _reply_to_device(self, msg: m.ReplyToDevice) -> None:
+        target = self.sessions.get(msg.session_id)
+        if target is not None:  # else the session closed meanwhile: nobody is there to answer
+            target.send_reply(msg.request_id, msg.body)
 
     def _timer_fired(self, msg: m.TimerFired) -> None:
         key = (msg.kind, msg.request_id)
@@ -606,6 +619,7 @@ _HANDLERS: dict[type, Callable[[DeviceActor, Any], Any]] = {
     m.CommandAcked: DeviceActor._acked,
     m.CommandAnswered: DeviceActor._answered,
     m.DeviceCall: DeviceActor._device_call,
+    m.ReplyToDevice: DeviceActor._reply_to_device,
     m.TimerFired: DeviceActor._timer_fired,
     m.DeviceRemoved: DeviceActor._removed,
     m.Passivate: DeviceActor._passivate,

@@ -128,3 +128,13 @@ class SendNow:
 
     session_id: int
     request_id: int
+
+
+@dataclass(slots=True)
+class ReplyToDevice:
+    """The server's answer to a device-to-server call that a rule chain answered (RPC Call Reply): written as is on
+    the session the call came from, if it is still there."""
+
+    session_id: int
+    request_id: int
+    body: bytes

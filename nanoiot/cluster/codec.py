@@ -63,8 +63,8 @@ def _reply_to_from(value: Any) -> ReplyTo | None:
 
 
 def message_to_json(message: Any) -> dict[str, Any]:
-    """The device-actor messages that may be routed to another node: commands, deletions and inspections
-    (a session's messages never travel: the actor lives where its session is)."""
+    """The device-actor messages that may be routed to another node: commands, deletions, inspections and a rule
+    chain's answer to a device's call (a session's own reports never travel: the actor lives where its session is)."""
     if isinstance(message, m.SubmitRpc):
         return {"k": "submit", "c": command_to_json(message.command), "r": _reply_to(message.reply_to)}
     if isinstance(message, m.DeleteRpc):
@@ -73,6 +73,9 @@ def message_to_json(message: Any) -> dict[str, Any]:
         return {"k": "inspect", "r": _reply_to(message.reply_to)}
     if isinstance(message, m.DeviceRemoved):
         return {"k": "removed"}
+    if isinstance(message, m.ReplyToDevice):
+        return {"k": "device-reply", "s": message.session_id, "q": message.request_id,
+                "b": message.body.decode("utf-8", "surrogateescape")}
     raise CodecError(f"{type(message).__name__} does not travel between nodes")
 
 
@@ -88,6 +91,8 @@ def message_from_json(data: dict[str, Any]) -> Any:
         return m.Inspect(_reply_to_from(data["r"]))
     if kind == "removed":
         return m.DeviceRemoved()
+    if kind == "device-reply":
+        return m.ReplyToDevice(int(data["s"]), int(data["q"]), str(data["b"]).encode("utf-8", "surrogateescape"))
     raise CodecError(f"unknown message kind {kind!r}")
 
 

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from nanoiot.actors import messages as m
 from nanoiot.actors.device import RequestIds
+from nanoiot.cluster.events import EventRelay
 from nanoiot.cluster.notify import NotifyBus
 from nanoiot.cluster.port import ClusterPort
 from nanoiot.cluster.router import NotifyRouter
@@ -91,7 +92,11 @@ class ClusterNode(Service):
         self._loop: LoopingCall | None = None
         self._joined = False
         events.subscribe(self._on_event)
+        #: This node's events for WebSocket subscribers on other nodes, and theirs for this node's.
+        self.events_relay = EventRelay(self.router, self.node, events, reactor, self.dead_after_ms, catalog)
         catalog.changed = self._device_changed
+        #: Other services' broadcasts, by envelope kind ``t`` (the rule service's "rules-changed").
+        self.notices: dict[str, Any] = {}
 
     @property
     def address(self) -> str:
@@ -132,6 +137,7 @@ class ClusterNode(Service):
 
     async def _heartbeat(self) -> None:
         self._beats += 1
+        self.events_relay.heartbeat()
         await self.store.heartbeat(self.node, len(self.port.online))
         for record in await self.store.list_nodes(self.dead_after_ms):
             if record.node_id == self.node:
@@ -174,6 +180,13 @@ class ClusterNode(Service):
             self.router.broadcast({"t": "invalidate", "d": [str(device_id)], "deleted": deleted})
 
     def _receive(self, envelope: dict[str, Any]) -> None:
+        notice = self.notices.get(envelope.get("t"))  # type: ignore[arg-type]
+        if notice is not None:
+            notice(envelope)
+            return
+        if envelope.get("t") in ("event", "ws-interest"):
+            self.events_relay.receive(envelope)
+            return
         if envelope.get("t") == "invalidate":
             for raw_id in envelope.get("d", []):
                 device_id = UUID(raw_id)

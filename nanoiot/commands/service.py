@@ -10,7 +10,7 @@ whichever node holds the device. Outcomes are :class:`~nanoiot.rpc.model.RpcResu
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 from uuid import UUID
 
 from twisted.internet.defer import Deferred, ensureDeferred, fail
@@ -81,6 +81,12 @@ class CommandStore(Protocol):
     def list_device_rpcs(self, device_id: UUID, link: PageLink, status: RpcStatus | None) -> Deferred: ...
 
 
+#: The rule service's hook (``nanoiot/rules/server.py``): sees a command from a user (REST, WebSocket) or a bulk RPC
+#: before it is sent, as (initiator, device, body, oneway), and either takes it, returning the Deferred of its outcome
+#: (the tenant's root rule chain sends it), or returns None to let it go as it is.
+Interceptor = Callable[[Initiator, Device, RpcBody, bool], "Deferred[RpcResult] | None"]
+
+
 class CommandService:
     def __init__(self, port: DevicePort, replies: Replies, devices: Devices, store: CommandStore,
                  events: EventStream, clock: IReactorTime) -> None:
@@ -90,6 +96,8 @@ class CommandService:
         self.store = store
         self.events = events
         self.clock = clock
+        #: Set by the rule service; None: no rule chains (``--rules-bypass``, or unit tests).
+        self.interceptor: Interceptor | None = None
 
     def now(self) -> int:
         return int(self.clock.seconds() * 1000)
@@ -143,6 +151,11 @@ class CommandService:
 
     def _send(self, device: Device, initiator: Initiator, body: RpcBody, oneway: bool,
               retry: bool = True) -> Deferred[RpcResult]:
+        interceptor = self.interceptor
+        if interceptor is not None and retry and initiator.rule_chain_id is None and initiator.device_id is None:
+            taken = interceptor(initiator, device, body, oneway)  # a user's or a bulk RPC's: the root rule chain
+            if taken is not None:
+                return taken
         command = RpcCommand(
             rpc_id=body.request_uuid,
             tenant_id=device.tenant_id,

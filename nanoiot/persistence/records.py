@@ -162,3 +162,38 @@ class Owner:
     node_id: str
     epoch: int
     alive: bool
+
+
+# --- rule chains and relations (schema 4) ----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class RuleChainRecord:
+    """A tenant's rule chain as stored: ThingsBoard's ``RuleChain`` fields, and ``metadata`` (``firstNodeIndex``,
+    ``nodes`` each with its ``id``, ``connections``) as the JSON value it was saved as, or None before any save.
+    ``version`` grows by one with every change (optimistic locking, as ThingsBoard)."""
+
+    id: UUID
+    created_time: int
+    tenant_id: UUID
+    name: str
+    type: str = "CORE"
+    root: bool = False
+    debug_mode: bool = False
+    configuration: Any = None
+    additional_info: Any = None
+    metadata: Any = None
+    version: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RelationRecord:
+    """One ThingsBoard entity relation: ``from`` -> ``to`` of a ``type`` in a ``type_group``, within a tenant."""
+
+    tenant_id: UUID
+    from_id: UUID
+    from_type: str
+    to_id: UUID
+    to_type: str
+    type: str
+    type_group: str = "COMMON"
+    additional_info: Any = None

@@ -27,6 +27,10 @@ class WebContext:
     commands: CommandService
     #: Where cluster nodes are listed (``GET /api/cluster/nodes``); None on a single node.
     cluster: Any = None
+    #: Bulk RPC (``/api/rpc/bulk``): a :class:`nanoiot.commands.bulk.BulkRpc`; None where it is not wired.
+    bulk: Any = None
+    #: Rule chains (``/api/ruleChain...``): a :class:`nanoiot.rules.server.RuleService`; None with --rules-bypass.
+    rules: Any = None
 
     def now(self) -> int:
         return int(self.clock.seconds() * 1000)

@@ -10,17 +10,23 @@ from twisted.web.server import Request, Site
 
 from nanoiot.transports.http.device_api import DeviceApiResource
 from nanoiot.web.auth import AuthApi
+from nanoiot.web.bulk import BulkApi
 from nanoiot.web.cluster import ClusterApi
 from nanoiot.web.context import WebContext
 from nanoiot.web.devices import DeviceApi
 from nanoiot.web.routing import JsonApi, Router
+from nanoiot.web.relations import RelationApi
 from nanoiot.web.rpc import RpcApi
+from nanoiot.web.rule_chains import RuleChainApi
+from nanoiot.web.ws import websocket_resource
 
 
 def build_router(context: WebContext) -> Router:
     router = Router()
-    for api in (AuthApi(context), DeviceApi(context), RpcApi(context), ClusterApi(context)):
+    for api in (AuthApi(context), DeviceApi(context), BulkApi(context), RpcApi(context), ClusterApi(context)):
         api.register(router)
+    RuleChainApi(context).register(router)
+    RelationApi(context).register(router)
     return router
 
 
@@ -64,10 +70,16 @@ def build_device_api(context: WebContext) -> DeviceApiResource:
     )
 
 
-def build_site(context: WebContext) -> Site:
+def build_site(context: WebContext, hub: Any = None) -> Site:
+    """``hub``: the server's WebSocket event hub (``web/event_hub.py``); with it, ``/api/ws/rpc`` is served."""
     api = JsonApi(build_router(context), context.tokens, context.clock, context.config.max_payload_size)
     root = Resource()
-    root.putChild(b"api", ApiRoot(api, build_device_api(context)))
+    api_root = ApiRoot(api, build_device_api(context))
+    if hub is not None:
+        # A putChild child is found before ApiRoot.getChild is asked.
+        api_root.putChild(b"ws", websocket_resource(hub, context.commands, context.catalog, context.tokens,
+                                                    context.config, context.clock))
+    root.putChild(b"api", api_root)
     root.putChild(b"", api)  # "/" answers with the API's JSON 404 instead of an HTML page
     # The JSON API never reads form fields: skip Twisted's per-POST Content-Type parsing (16 % of a REST RPC's CPU).
     return QuietSite(root, access_log=context.config.log_level == "debug", parsePOSTFormSubmission=False)
