@@ -33,6 +33,8 @@ log = Logger(namespace="nanoiot.actors")
 
 class DeviceDirectory(Service):
     name = "device-directory"
+    #: Every device's actor is on this node (no cluster): stored commands can be handed to actors directly.
+    holds_every_device = True
 
     def __init__(
         self,

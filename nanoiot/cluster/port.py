@@ -58,6 +58,8 @@ class _Routed:
 
 
 class ClusterPort:
+    #: Devices may be held by other nodes: commands go one by one through the actors that hold them.
+    holds_every_device = False
     def __init__(self, node: str, local: DeviceDirectory, store: Any, router: Router, devices: Any,
                  repository: Any, journal: Any, clock: IReactorTime, dead_after_ms: int, route_timeout_ms: int,
                  owner_cache_size: int = 200_000) -> None:

@@ -341,21 +341,23 @@ class BulkRpc(Service):
         chunk, low_water = self.chunk, self.window - self.chunk
         stored, refused = progress.stored_one, progress.refused_one
         since_grown = 0
-        for index, device in enumerate(targets):
+        for start in range(0, len(targets), chunk):
             if progress.cancelled:
                 break
-            progress.in_flight += 1
-            body = RpcBody(t.method, t.params, t.timeout, t.expiration_time, True, t.retries, t.additional_info,
-                           uuid4(), t.qos)
-            d = service.submit(initiator, device.id, body, oneway)
-            d.addCallbacks(stored, refused, callbackArgs=(device.id,), errbackArgs=(device.id,))
-            if index % chunk == chunk - 1:
-                if progress.in_flight > low_water:
-                    await progress.room(low_water)
-                since_grown += chunk
-                if self.grown is not None and since_grown >= self.grown_every:
-                    since_grown = 0
-                    self.grown()
+            part = targets[start:start + chunk]
+            progress.in_flight += len(part)
+            bodies = [(device, RpcBody(t.method, t.params, t.timeout, t.expiration_time, True, t.retries,
+                                       t.additional_info, uuid4(), t.qos)) for device in part]
+            # One transaction for the chunk where the node holds every device (see CommandService.submit_stored).
+            for device, d in zip(part, service.submit_stored(initiator, bodies, oneway)):
+                d.addCallbacks(stored, refused, callbackArgs=(device.id,), errbackArgs=(device.id,))
+            if progress.in_flight > low_water:
+                await progress.room(low_water)
+            since_grown += len(part)
+            if self.grown is not None and since_grown >= self.grown_every:
+                since_grown = 0
+                self.grown()
+            if start + chunk < len(targets):
                 await deferLater(self.clock, 0, lambda: None)  # the reactor's turn: devices, requests, the journal
         await progress.room(0)
         progress.finish()
@@ -457,12 +459,13 @@ class BulkRpc(Service):
             if index % self.chunk == self.chunk - 1:
                 await deferLater(self.clock, 0, lambda: None)
         await gatherResults(answers)
-        # The actors journal their deletions too; deleting here as well makes the answer wait for all of them.
-        deleted = await self.store.delete_rpcs([record.id for record in records])
+        # The actors journal their deletions too; deleting here as well makes the answer wait for all of them
+        # (whichever of the two removes a row first: every unfinished command of the batch is gone).
+        await self.store.delete_rpcs([record.id for record in records])
         for record in records:
             if not cancelled.get(record.id):  # a cancelled command's actor published RPC_DELETED itself
                 commands.events.publish(RpcStatusChanged(replace(record, status=RpcStatus.DELETED), True))
-        return deleted
+        return len(records)
 
     # --- lifecycle ------------------------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ whichever node holds the device. Outcomes are :class:`~nanoiot.rpc.model.RpcResu
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from collections.abc import Sequence
 from typing import Any, Callable, Protocol
 from uuid import UUID
 
@@ -17,6 +18,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.internet.interfaces import IReactorTime
 
 from nanoiot.actors import messages as m
+from nanoiot.actors.device import command_record
 from nanoiot.actors.replies import Replies
 from nanoiot.commands.events import EventStream, RpcStatusChanged
 from nanoiot.errors import Conflict, InvalidArguments, NanoError, NotFound, PermissionDenied, RouteLost
@@ -77,6 +79,8 @@ class CommandStore(Protocol):
     def get_rpc(self, rpc_id: UUID) -> Deferred: ...
 
     def delete_rpc(self, rpc_id: UUID) -> Deferred: ...
+
+    def insert_rpcs(self, records: list[RpcRecord]) -> Deferred: ...
 
     def list_device_rpcs(self, device_id: UUID, link: PageLink, status: RpcStatus | None) -> Deferred: ...
 
@@ -156,7 +160,17 @@ class CommandService:
             taken = interceptor(initiator, device, body, oneway)  # a user's or a bulk RPC's: the root rule chain
             if taken is not None:
                 return taken
-        command = RpcCommand(
+        command = self._command(device, initiator, body, oneway)
+        reply_to, answered = self.replies.expect()
+        self.port.tell(device, m.SubmitRpc(command, reply_to))
+        if body.persistent and retry:
+            # In a cluster the node holding the device may die with the command: once more, idempotently (the
+            # command's id is fixed: if that node stored it, the stored one is answered; else it is sent again).
+            answered.addErrback(self._once_more, initiator, device.id, body, oneway)
+        return answered
+
+    def _command(self, device: Device, initiator: Initiator, body: RpcBody, oneway: bool) -> RpcCommand:
+        return RpcCommand(
             rpc_id=body.request_uuid,
             tenant_id=device.tenant_id,
             device_id=device.id,
@@ -173,13 +187,52 @@ class CommandService:
             initiator=initiator.to_json(),
             batch_id=initiator.batch_id,
         )
-        reply_to, answered = self.replies.expect()
-        self.port.tell(device, m.SubmitRpc(command, reply_to))
-        if body.persistent and retry:
-            # In a cluster the node holding the device may die with the command: once more, idempotently (the
-            # command's id is fixed: if that node stored it, the stored one is answered; else it is sent again).
-            answered.addErrback(self._once_more, initiator, device.id, body, oneway)
-        return answered
+
+    def submit_stored(self, initiator: Initiator, targets: Sequence[tuple[Device, RpcBody]],
+                      oneway: bool) -> list[Deferred[RpcResult]]:
+        """Persistent commands for many devices (a bulk RPC), each fired with its outcome as ``submit`` would.
+
+        Where this node holds every device (no cluster) the commands a rule chain does not take are stored in ONE
+        transaction and then handed to their actors as stored commands (as after a restart): no reply, Deferred or
+        journal entry per command. Elsewhere each is submitted as usual. The devices were authorized by the caller.
+        """
+        results: list[Deferred[RpcResult] | None] = []
+        direct: list[tuple[int, Device, RpcCommand]] = []
+        interceptor = self.interceptor
+        batchable = getattr(self.port, "holds_every_device", False)
+        for device, body in targets:
+            taken = None
+            if interceptor is not None and initiator.rule_chain_id is None and initiator.device_id is None:
+                taken = interceptor(initiator, device, body, oneway)
+            if taken is None and not batchable:
+                taken = self._send(device, initiator, body, oneway, retry=False)
+            results.append(taken)
+            if taken is None:
+                direct.append((len(results) - 1, device, self._command(device, initiator, body, oneway)))
+        if direct:
+            for (index, _, _), outcome in zip(direct, self._store_and_hand_over(direct)):
+                results[index] = outcome
+        return [d for d in results if d is not None]
+
+    def _store_and_hand_over(self, direct: list[tuple[int, Device, RpcCommand]]) -> list[Deferred[RpcResult]]:
+        ids = self.port.request_ids
+        records = [command_record(command, ids.take(), RpcStatus.QUEUED, None) for _, _, command in direct]
+        outcomes: list[Deferred[RpcResult]] = [Deferred() for _ in direct]
+
+        def stored(_: Any) -> None:
+            events = self.events
+            for (_, device, command), record, outcome in zip(direct, records, outcomes):
+                self.port.tell(device, m.RestoreRpcs([(command, RpcStatus.QUEUED, record.seq, 0)]))
+                if events.has_listeners:
+                    events.publish(RpcStatusChanged(record, True))
+                outcome.callback(RpcResult(response={"rpcId": str(command.rpc_id)}, has_response=True))
+
+        def failed(failure: Any) -> None:
+            for outcome in outcomes:
+                outcome.errback(failure)
+
+        self.store.insert_rpcs(records).addCallbacks(stored, failed)
+        return outcomes
 
     def _once_more(self, failure: Any, initiator: Initiator, device_id: UUID, body: RpcBody,
                    oneway: bool) -> Any:

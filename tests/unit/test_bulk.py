@@ -503,7 +503,7 @@ def test_an_unexpected_error_while_queueing_ends_the_batch_and_is_logged(w, monk
     def broken(*args: Any, **kwargs: Any) -> Deferred:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(CommandService, "submit", broken)
+    monkeypatch.setattr(CommandService, "submit_stored", broken)
     logged: list[Any] = []
     from twisted.logger import globalLogPublisher
 

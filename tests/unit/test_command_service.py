@@ -8,7 +8,7 @@ from uuid import UUID, uuid4
 
 import pytest
 from twisted.internet import task
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.python.failure import Failure
 
 from nanoiot.actors import messages as m
@@ -472,3 +472,59 @@ def test_every_command_records_who_sent_it(w, initiator, recorded):
     _, message = w.port.told[-1]
     assert message.command.initiator == recorded
     assert message.command.batch_id == initiator.batch_id
+
+
+# --- many devices at once (bulk RPC) ---------------------------------------------------------------------------------
+
+
+class StoringPort(FakePort):
+    """A node holding every device: stored commands may be handed to the actors directly."""
+
+    holds_every_device = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        from nanoiot.actors.device import RequestIds
+
+        self.request_ids = RequestIds(500)
+
+
+def test_commands_for_many_devices_are_stored_in_one_transaction_then_handed_to_their_actors(w):
+    w.port = w.service.port = StoringPort()
+    inserted: list[list[RpcRecord]] = []
+    pending: Deferred = Deferred()
+
+    def insert_rpcs(records: list[RpcRecord]) -> Deferred:
+        inserted.append(records)
+        return pending
+
+    w.store.insert_rpcs = insert_rpcs
+    targets = [device(name=f"d{i}") for i in range(3)]
+    batch = uuid4()
+    initiator = Initiator(TENANT, user_id=USER, batch_id=batch)
+    outcomes = w.service.submit_stored(initiator, [(t, body("bulk", persistent=True)) for t in targets], False)
+    [records] = inserted
+    assert [r.device_id for r in records] == [t.id for t in targets]
+    assert [r.seq for r in records] == [500, 501, 502] and {r.status for r in records} == {RpcStatus.QUEUED}
+    assert {r.batch_id for r in records} == {batch} and records[0].initiator["type"] == "BULK"
+    assert w.port.told == [] and not any(d.called for d in outcomes)  # nothing reaches an actor before it is stored
+    pending.callback(records)
+    restores = [(d, msg) for d, msg in w.port.told if isinstance(msg, m.RestoreRpcs)]
+    assert [d for d, _ in restores] == targets
+    assert [msg.entries[0][2] for _, msg in restores] == [500, 501, 502]
+    assert [result_of(d).response for d in outcomes] == [{"rpcId": str(r.id)} for r in records]
+    assert len(w.replies) == 0  # no reply address per command
+    assert [e.type for e in w.published] == ["RPC_QUEUED"] * 3
+
+
+def test_commands_for_many_devices_fail_together_when_they_cannot_be_stored(w):
+    w.port = w.service.port = StoringPort()
+    w.store.insert_rpcs = lambda records: fail(RuntimeError("disk full"))
+    outcomes = w.service.submit_stored(TENANT_ADMIN, [(device(), body("bulk", persistent=True))] * 2, False)
+    assert all(isinstance(error_of(lambda d=d: d), RuntimeError) for d in outcomes) and w.port.told == []
+
+
+def test_a_node_that_does_not_hold_every_device_submits_them_one_by_one(w):
+    targets = [device() for _ in range(2)]
+    outcomes = w.service.submit_stored(TENANT_ADMIN, [(t, body("bulk", persistent=True)) for t in targets], False)
+    assert [type(msg) for _, msg in w.port.told] == [m.SubmitRpc, m.SubmitRpc] and len(outcomes) == 2
