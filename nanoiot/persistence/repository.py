@@ -173,8 +173,10 @@ class Repository:
         self._engine = engine
         self._pool = ThreadPool(minthreads=1, maxthreads=threads, name=f"nanoiot-db-{backend}")
         self._pool.start()
-        # If the reactor stops without stop() (Ctrl-C under twistd), still join the threads so the process exits.
-        self._shutdown_trigger = self._reactor.addSystemEventTrigger("before", "shutdown", self._stop_on_shutdown)
+        # If the reactor stops without stop() (Ctrl-C under twistd), still join the threads so the process exits:
+        # DURING shutdown, after every "before" trigger — the services' stopService among them — is done, so that
+        # they can still flush the journal and leave the cluster.
+        self._shutdown_trigger = self._reactor.addSystemEventTrigger("during", "shutdown", self._stop_on_shutdown)
 
         def thd(conn: Connection) -> int:
             return schema.upgrade(conn)
