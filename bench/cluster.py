@@ -84,6 +84,7 @@ from bench.common import ROOT, TWISTD, Server, cpu_seconds, free_port, free_udp_
 from bench.common import write_result  # noqa: E402
 from bench.loadgen import loadavg, wait_for_quiet  # noqa: E402
 from bench.rpc import PYSPY, WRK, HttpLoad, _children_cpu, _own_cpu, _system_busy  # noqa: E402
+from bench.rpc import summarize_profile as rpc_summarize_profile  # noqa: E402
 from tests.fixtures.database import PostgresServer, create_database, find_pg_bin  # noqa: E402
 
 JWT_KEY = "bench-cluster-key-" + "x" * 60
@@ -586,32 +587,7 @@ PROFILE_CATEGORIES = (
 
 def summarize_profile(path: Path, top: int = 20) -> dict[str, Any]:
     """bench/rpc.py's summary of py-spy raw stacks (reactor thread only), with the cluster's categories."""
-    self_counts: Counter[str] = Counter()
-    categories: Counter[str] = Counter()
-    total = other = 0
-    if not path.exists():
-        return {"samples": 0, "other_thread_samples": 0, "categories": [], "self": []}
-    for line in path.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        n = int(count)
-        if "ReactorBase.run " not in stack:
-            other += n
-            continue
-        total += n
-        frames = [re.sub(r" \((?:/[^)]*/)?(?:site-packages/)?([^)]*)\)$", r" (\1)", f) for f in stack.split(";")]
-        self_counts[frames[-1]] += n
-        category = "other"
-        for marker, label in PROFILE_CATEGORIES:
-            if marker in stack:
-                category = label
-                break
-        categories[category] += n
-    share = (lambda n: round(100 * n / total, 1)) if total else (lambda n: 0)
-    return {"samples": total, "other_thread_samples": other,
-            "categories": [(c, share(n)) for c, n in categories.most_common()],
-            "self": [(f, share(n)) for f, n in self_counts.most_common(top)]}
+    return rpc_summarize_profile(path, top, PROFILE_CATEGORIES)
 
 
 # --- the phases ----------------------------------------------------------------------------------------------------

@@ -527,7 +527,8 @@ PROFILE_CATEGORIES = (
 )
 
 
-def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
+def summarize_profile(path: Path, top: int = 25,
+                      categories_of: tuple[tuple[str, str], ...] | None = None) -> dict[str, Any]:
     """py-spy raw (folded) output: the reactor thread's samples by category, and the busiest functions.
 
     Only stacks of the reactor thread (those under ``ReactorBase.run``) count: the database thread pool's idle
@@ -553,7 +554,7 @@ def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
         for frame in set(frames):
             inclusive[frame] += n
         category = "other"
-        for marker, label in PROFILE_CATEGORIES:
+        for marker, label in categories_of or PROFILE_CATEGORIES:
             if marker in stack:
                 category = label
                 break

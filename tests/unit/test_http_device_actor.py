@@ -6,9 +6,8 @@ The HTTP layer alone, with a recording device link, is tested in test_http_devic
 
 from __future__ import annotations
 
-import json
 from io import BytesIO
-from typing import Any, Iterator
+from typing import Iterator
 from uuid import uuid4
 
 import pytest
@@ -26,31 +25,10 @@ from nanoiot.persistence.records import NULL_UUID, Device
 from nanoiot.rpc.model import RpcCommand, RpcFailure, RpcResult
 from nanoiot.rpc.queue import QueueSettings
 from nanoiot.transports.http.device_api import DeviceApiResource
+from tests.unit.test_http_device_api import UnfinishedRequest, json_of
 
 TOKEN = "GOOD_TOKEN"
 DEVICE = Device(uuid4(), 0, uuid4(), NULL_UUID, "dev", "default", None, None)
-
-
-def body_of(request: DummyRequest) -> bytes:
-    return b"".join(request.written)
-
-
-def json_of(request: DummyRequest) -> Any:
-    assert request.responseHeaders.getRawHeaders(b"content-type") == [b"application/json"]
-    return json.loads(body_of(request))
-
-
-class UnfinishedRequest(DummyRequest):
-    """finish() hands the response over but, like a pipelined twisted.web request not yet at the head, does not
-    report it written; processingFailed then says the connection died first."""
-
-    def __init__(self, postpath: list[bytes]) -> None:
-        super().__init__(postpath)
-        self.method = b"GET"
-        self.content = BytesIO(b"")
-
-    def finish(self) -> None:
-        self.finished += 1
 
 
 @pytest.fixture
