@@ -11,6 +11,13 @@ from nanoiot.ids import uuid4
 
 _MISSING = object()
 
+#: Limits both databases hold (the method column; BIGINT times; INTEGER retries), checked at the edge so that one
+#: client's out-of-range value is its own 400 and never fails a write shared with other tenants' commands.
+MAX_METHOD_LENGTH = 255
+MAX_EXPIRATION_TIME = 2**53  # epoch ms: far beyond any real date, and exact in JSON numbers of every client
+MAX_TIMEOUT_MS = 2**40
+MAX_RETRIES = 2**31 - 1
+
 
 @dataclass(frozen=True, slots=True)
 class RpcBody:
@@ -54,20 +61,32 @@ def parse_rpc_body(
     method = method if isinstance(method, str) else str(method).lower() if isinstance(method, bool) else str(method)
     if not method:
         raise BadRequest("Invalid request body: 'method' must not be empty")
+    if len(method) > MAX_METHOD_LENGTH:
+        raise BadRequest(f"Invalid request body: 'method' is longer than {MAX_METHOD_LENGTH} characters")
     timeout = _whole_number(raw, "timeout")
     if timeout is None:
         timeout = default_timeout
     if timeout < 0:
         raise BadRequest("Invalid request body: 'timeout' must not be negative")
+    if timeout > MAX_TIMEOUT_MS:
+        raise BadRequest(f"Invalid request body: 'timeout' must be at most {MAX_TIMEOUT_MS} ms")
     expiration_time = _whole_number(raw, "expirationTime")
     if expiration_time is None:
         expiration_time = now + max(min_timeout, timeout)
+    elif expiration_time <= now:
+        # Would end as DEVICE_OFFLINE (or EXPIRED) at once, even for an online device: say what is wrong instead.
+        raise BadRequest(f"Invalid request body: 'expirationTime' {expiration_time} is not in the future "
+                         f"(server time {now})")
+    elif expiration_time > MAX_EXPIRATION_TIME:
+        raise BadRequest(f"Invalid request body: 'expirationTime' must be at most {MAX_EXPIRATION_TIME}")
     persistent = raw.get("persistent", False)
     if not isinstance(persistent, bool):
         raise BadRequest("Invalid request body: 'persistent' must be true or false")
     retries = _whole_number(raw, "retries")
     if retries is not None and retries < 0:
         raise BadRequest("Invalid request body: 'retries' must not be negative")
+    if retries is not None and retries > MAX_RETRIES:
+        raise BadRequest(f"Invalid request body: 'retries' must be at most {MAX_RETRIES}")
     qos = _whole_number(raw, "qos")
     if qos is not None and qos not in (0, 1):
         raise BadRequest("Invalid request body: 'qos' must be 0 or 1")

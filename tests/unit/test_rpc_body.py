@@ -64,6 +64,12 @@ def test_numeric_method_is_turned_into_text_like_thingsboard():
         ({"method": "m", "retries": -2}, "'retries' must not be negative"),
         ({"method": "m", "qos": 2}, "'qos' must be 0 or 1"),
         ({"method": "m", "requestUUID": "nope"}, "Invalid UUID string: nope"),
+        ({"method": "x" * 256}, "'method' is longer than 255 characters"),
+        ({"method": "m", "timeout": 2**40 + 1}, "'timeout' must be at most"),
+        ({"method": "m", "expirationTime": NOW}, "'expirationTime' 1700000000000 is not in the future"),
+        ({"method": "m", "expirationTime": NOW - 1}, "is not in the future"),
+        ({"method": "m", "expirationTime": 2**63}, "'expirationTime' must be at most"),
+        ({"method": "m", "retries": 2**31}, "'retries' must be at most"),
     ],
 )
 def test_bad_bodies_are_rejected_with_a_message_naming_the_field(raw, fragment):
