@@ -217,6 +217,17 @@ def test_the_v2_short_subscription_switches_the_topic_family_of_commands():
     assert publish.qos == 1
 
 
+def test_a_device_subscribed_at_qos_0_gets_commands_at_qos_0_and_they_count_as_delivered():
+    h = Harness()
+    h.connect()
+    h.feed(codec.encode_subscribe(1, [("v1/devices/me/rpc/request/+", 0)], 4))
+    h.written_packets()
+    session = h.sessions[0]
+    assert session.send_command(7, "m", None, 1) is Delivery.DELIVERED  # no PUBACK will come
+    [publish] = h.written_packets()
+    assert publish.qos == 0 and session.in_flight == {}
+
+
 def test_unsubscribing_from_the_rpc_topic_tells_the_actor_and_other_topics_do_not():
     h = Harness()
     h.connect()

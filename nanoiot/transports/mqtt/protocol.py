@@ -226,11 +226,12 @@ class MqttDeviceProtocol(Protocol):
             codes.append(granted)
             for family, sample in _RPC_FAMILIES:
                 if topic_matches(topic_filter, sample):
-                    subscribed_family = family
+                    subscribed_family, rpc_qos = family, granted
                     break
         self.transport.write(codec.encode_suback(packet.packet_id, codes, self.level))
         if subscribed_family is not None and session is not None:
             session.rpc_family = subscribed_family
+            session.rpc_qos = rpc_qos
             session.link.subscribed()
 
     def _on_unsubscribe(self, packet: codec.Unsubscribe) -> None:

@@ -21,7 +21,7 @@ RESPONSE_PREFIX = {"v1": "v1/devices/me/rpc/response/", "v2": "v2/r/res/", "v2j"
 
 class MqttSession:
     __slots__ = (
-        "session_id", "device", "link", "protocol_level", "rpc_family", "_write", "_close",
+        "session_id", "device", "link", "protocol_level", "rpc_family", "rpc_qos", "_write", "_close",
         "_next_packet_id", "in_flight", "receive_maximum", "max_packet_size", "calls", "gateway_in_flight",
         "congested",
     )
@@ -41,6 +41,8 @@ class MqttSession:
         self.link: DeviceLink = NO_LINK
         self.protocol_level = protocol_level
         self.rpc_family = "v1"
+        #: The QoS granted to the command subscription: MQTT delivers at the lower of it and the command's.
+        self.rpc_qos = 1
         self._write = write
         self._close = close
         self._next_packet_id = 0
@@ -73,7 +75,7 @@ class MqttSession:
     def send_command(self, request_id: int, method: str, params: Any, qos: int) -> Delivery:
         payload = json.dumps({"method": method, "params": params}, separators=(",", ":")).encode()
         topic = REQUEST_PREFIX[self.rpc_family] + str(request_id)
-        return self.publish_tracked(topic, payload, qos, self.in_flight, request_id)
+        return self.publish_tracked(topic, payload, min(qos, self.rpc_qos), self.in_flight, request_id)
 
     def publish_tracked(self, topic: str, payload: bytes, qos: int, in_flight: dict[int, Any], entry: Any) -> Delivery:
         """Write one command PUBLISH; at QoS 1 remember ``entry`` under its packet id in ``in_flight`` (this
