@@ -59,7 +59,11 @@ def _reply_to(reply_to: ReplyTo | None) -> list[Any] | None:
 
 
 def _reply_to_from(value: Any) -> ReplyTo | None:
-    return None if value is None else ReplyTo(value[0], int(value[1]))
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 2:
+        raise CodecError("a reply address is [node, correlation]")
+    return ReplyTo(str(value[0]), int(value[1]))
 
 
 def message_to_json(message: Any) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -36,6 +37,8 @@ def _whole_number(body: dict[str, Any], key: str) -> int | None:
     value = body.get(key)
     if value is None:
         return None
+    if isinstance(value, float) and not math.isfinite(value):  # 1e400 parses as inf: int() would raise
+        raise BadRequest(f"Invalid request body: '{key}' must be a whole number")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             return int(value)

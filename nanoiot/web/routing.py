@@ -70,7 +70,7 @@ class ApiRequest:
         raw = self.raw_body()
         try:
             return json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: a body nested thousands of levels deep
             raise BadRequest("Invalid request body") from None
 
     def on_disconnect(self) -> Deferred:

@@ -81,7 +81,8 @@ class Link(Protocol):
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    # ASCII escapes: a lone surrogate a client sent (and an error echoes) still encodes.
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 class WsSession:
