@@ -5,7 +5,9 @@ In a cluster several nodes often write to one terminal or one collector, so each
 
 from __future__ import annotations
 
+import os
 import sys
+from dataclasses import dataclass
 from typing import IO, Any
 
 from twisted.logger import (
@@ -21,6 +23,7 @@ from twisted.logger import (
     textFileLogObserver,
 )
 from twisted.logger._flatten import flattenEvent
+from twisted.python.logfile import LogFile
 
 _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "error": LogLevel.error,
            "critical": LogLevel.critical}
@@ -52,6 +55,23 @@ def _json_with_node(stream: IO[str], node: str) -> FileLogObserver:
         return f"\x1e{eventAsJSON(record)}\n"
 
     return FileLogObserver(stream, format_event)
+
+
+@dataclass(frozen=True)
+class LogTarget:
+    """Where twistd was told to send the log: ``--logfile PATH`` (``-``: standard output), ``--syslog``, or the
+    daemon's default ``twistd.log``. Our observer replaces twistd's, so it must honour these itself."""
+
+    logfile: str | None = None
+    syslog: bool = False
+    daemon: bool = False
+
+    def open(self) -> IO[str] | None:
+        """The stream to write to (None: standard output); a file rotates as twistd's own log does."""
+        name = self.logfile or ("twistd.log" if self.daemon else None)
+        if not name or name == "-":
+            return None
+        return LogFile.fromFullPath(os.path.abspath(name))  # type: ignore[return-value]
 
 
 def make_observer(level: str = "info", fmt: str = "text", stream: IO[str] | None = None,

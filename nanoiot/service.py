@@ -29,7 +29,7 @@ from nanoiot.commands.service import CommandService, Initiator
 from nanoiot.config import Config
 from nanoiot.demo import DemoData, banner, seed_demo
 from nanoiot.errors import BadRequest
-from nanoiot.logs import make_observer
+from nanoiot.logs import LogTarget, make_observer
 from nanoiot.persistence.batch_store import BatchStore
 from nanoiot.persistence.catalog import DeviceCatalog
 from nanoiot.persistence.journal import RpcJournal
@@ -176,15 +176,22 @@ class NanoService(MultiService):
         #: Set by the twistd plugin: a server that cannot start must not linger half-started.
         self.stop_reactor_on_failure = False
         self._ttl: TimerService | None = None
+        #: Where twistd was told to log (set by the twistd plugin); None: standard output.
+        self.log_target: LogTarget | None = None
         #: Fires with this service once it listens; errbacks if it could not start.
         self.ready: Deferred = Deferred()
 
     def setServiceParent(self, parent: Any) -> None:
         super().setServiceParent(parent)
-        # Under twistd the parent is the Application: give it our quiet, structured log observer.
+        # Under twistd the parent is the Application: give it our quiet, structured log observer, writing where
+        # twistd was told (--logfile, or twistd.log when daemonized); with --syslog twistd's own observer stays.
         if isinstance(parent, Componentized) and parent.getComponent(ILogObserver, None) is None:
+            target = self.log_target
+            if target is not None and target.syslog:
+                return
+            stream = target.open() if target is not None else None
             parent.setComponent(ILogObserver, make_observer(self.config.log_level, self.config.log_format,
-                                                            node=self.node))
+                                                            stream=stream, node=self.node))
 
     def _find_or_create_subdevice(self, gateway: Device, name: str, device_type: str) -> Deferred:
         """A gateway's sub-device by name in the gateway's tenant, created on first sight (as ThingsBoard does:

@@ -63,6 +63,16 @@ class Options(usage.Options):
             _fail(str(exc), 2)
 
 
+def _log_target(twistd_options: Any) -> Any:
+    """What twistd's own options say about logging (--logfile, --syslog, -n), for the service's observer."""
+    from nanoiot.logs import LogTarget
+
+    if twistd_options is None:
+        return None
+    return LogTarget(logfile=twistd_options.get("logfile"), syslog=bool(twistd_options.get("syslog")),
+                     daemon=not twistd_options.get("nodaemon"))
+
+
 @implementer(IServiceMaker, IPlugin)
 class NanoServiceMaker:
     tapname = "nanoiot"
@@ -81,6 +91,7 @@ class NanoServiceMaker:
             check_database(config.database)
             service = NanoService(config, reactor)
             service.stop_reactor_on_failure = True
+            service.log_target = _log_target(getattr(options, "parent", None))
         except ConfigError as exc:
             _fail(str(exc), 1)
 
