@@ -26,6 +26,11 @@ class CodecError(ValueError):
     """A message that cannot travel (an unknown kind) or cannot be read."""
 
 
+#: What reading a malformed message may raise on its way (a missing field, a number that is not an integer or is
+#: infinite, an id that is not a UUID string): all reported as CodecError.
+_MALFORMED = (KeyError, TypeError, ValueError, AttributeError, ArithmeticError)
+
+
 def _uuid(value: Any) -> UUID | None:
     return None if value is None else UUID(value)
 
@@ -84,6 +89,15 @@ def message_to_json(message: Any) -> dict[str, Any]:
 
 
 def message_from_json(data: dict[str, Any]) -> Any:
+    """A routed message; anything malformed in it (a missing field, an id that is not a UUID string) is a
+    CodecError, never another exception."""
+    try:
+        return _message_from_json(data)
+    except _MALFORMED as exc:
+        raise CodecError(f"malformed message: {type(exc).__name__}: {exc}") from None
+
+
+def _message_from_json(data: dict[str, Any]) -> Any:
     if not isinstance(data, dict):
         raise CodecError("a message is an object")
     kind = data.get("k")
@@ -111,6 +125,13 @@ def value_to_json(value: Any) -> Any:
 
 
 def value_from_json(data: Any) -> Any:
+    try:
+        return _value_from_json(data)
+    except _MALFORMED as exc:
+        raise CodecError(f"malformed answer: {type(exc).__name__}: {exc}") from None
+
+
+def _value_from_json(data: Any) -> Any:
     if not isinstance(data, dict):
         raise CodecError("an answer is a tagged object")
     if "$result" in data:
@@ -149,6 +170,13 @@ def error_to_json(error: BaseException) -> dict[str, Any]:
 
 
 def error_from_json(data: dict[str, Any]) -> BaseException:
+    try:
+        return _error_from_json(data)
+    except _MALFORMED as exc:
+        raise CodecError(f"malformed error: {type(exc).__name__}: {exc}") from None
+
+
+def _error_from_json(data: dict[str, Any]) -> BaseException:
     from nanoiot.errors import ErrorCode, NanoError
 
     if not isinstance(data, dict):
