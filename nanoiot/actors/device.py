@@ -282,7 +282,7 @@ class DeviceActor(ReactorActor):
 
     def _publish_presence(self, kind: type, transport: str) -> None:
         events = self.ctx.events
-        if events is not None and events.has_listeners:
+        if events is not None and events.wants(kind):
             device = self.device
             events.publish(kind(device.id, device.tenant_id, device.customer_id, transport, self.ctx.node))
 
@@ -305,7 +305,7 @@ class DeviceActor(ReactorActor):
             return
         events = self.ctx.events
         method = _call_method(msg.payload)
-        if events is not None and events.has_listeners:
+        if events is not None and events.wants(DeviceCalled):
             device = self.device
             events.publish(DeviceCalled(device.id, device.tenant_id, device.customer_id, session.transport,
                                         method, self.ctx.node))
@@ -466,7 +466,7 @@ class DeviceActor(ReactorActor):
         if command.persistent:
             self._journal(pending, status, effect.response)
         events = self.ctx.events
-        if events is not None and events.has_listeners:
+        if events is not None and events.wants(RpcStatusChanged):
             record = _record(command, pending.request_id, status, effect.response)
             events.publish(RpcStatusChanged(record, command.persistent))
 

@@ -33,6 +33,8 @@ log = Logger(namespace="nanoiot.cluster")
 
 EVENT = "event"
 INTEREST = "ws-interest"
+#: The events relayed to nodes with WebSocket subscribers.
+RELAYED = (RpcStatusChanged, DeviceOnline, DeviceOffline)
 #: Encoded events per envelope, at most: stays under PostgreSQL's inline NOTIFY payload (larger ones go through
 #: the bus's message table, which works but costs a row).
 ENVELOPE_BUDGET = 6000
@@ -133,7 +135,8 @@ class EventRelay:
         self._flush_call: Any = None
         self.relayed = 0
         self.received = 0
-        events.subscribe(self._on_local_event)
+        #: Subscribed to this node's events only while another node wants them (else actors build no events).
+        self._unsubscribe: Callable[[], None] | None = None
 
     def attach(self, hub: Any) -> None:
         """Let this node's WebSocket hub drive the interest it announces."""
@@ -161,6 +164,13 @@ class EventRelay:
         for tenant, heard in list(self.interest.items()):
             if heard < cutoff:
                 del self.interest[tenant]
+        if not self.interest and self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+
+    def _listen(self) -> None:
+        if self._unsubscribe is None:
+            self._unsubscribe = self.events.subscribe(self._on_local_event, RELAYED)
 
     def _wants(self, tenant_id: UUID) -> bool:
         interest = self.interest
@@ -178,7 +188,7 @@ class EventRelay:
     def _on_local_event(self, event: Any) -> None:
         if not self.interest or isinstance(event, RemoteEvent):
             return
-        if not isinstance(event, (RpcStatusChanged, DeviceOnline, DeviceOffline)):
+        if not isinstance(event, RELAYED):
             return
         if not self._wants(_tenant_of(event)):
             return
@@ -223,6 +233,7 @@ class EventRelay:
                 else:
                     for tenant in tenants:
                         self.interest[UUID(tenant)] = now
+                self._listen()
                 return
             if envelope.get("t") == EVENT:
                 for data in envelope.get("e") or ():

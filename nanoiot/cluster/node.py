@@ -91,7 +91,7 @@ class ClusterNode(Service):
         self._beats = 0
         self._loop: LoopingCall | None = None
         self._joined = False
-        events.subscribe(self._on_event)
+        events.subscribe(self._on_event, (DeviceOnline, DeviceOffline))  # counts devices: no status records
         #: This node's events for WebSocket subscribers on other nodes, and theirs for this node's.
         self.events_relay = EventRelay(self.router, self.node, events, reactor, self.dead_after_ms, catalog)
         catalog.changed = self._device_changed

@@ -79,20 +79,41 @@ Listener = Callable[[Any], None]
 
 
 class EventStream:
-    def __init__(self) -> None:
-        self._listeners: list[Listener] = []
+    """Listeners say which kinds of event they want, so that an actor builds an event (a record per status change,
+    on the hot path) only when somebody wants that kind."""
 
-    def subscribe(self, listener: Listener) -> Callable[[], None]:
-        """Returns the function that unsubscribes."""
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+    def __init__(self) -> None:
+        self._listeners: list[tuple[Listener, tuple[type, ...] | None]] = []
+        self._wanted: dict[type, bool] = {}
+
+    def subscribe(self, listener: Listener, kinds: tuple[type, ...] | None = None) -> Callable[[], None]:
+        """``kinds``: the event classes wanted (None: every event). Returns the function that unsubscribes."""
+        entry = (listener, kinds)
+        self._listeners.append(entry)
+        self._wanted.clear()
+
+        def unsubscribe() -> None:
+            if entry in self._listeners:
+                self._listeners.remove(entry)
+                self._wanted.clear()
+
+        return unsubscribe
 
     @property
     def has_listeners(self) -> bool:
         return bool(self._listeners)
 
+    def wants(self, kind: type) -> bool:
+        """Whether some listener takes events of ``kind`` (cached until the listeners change)."""
+        wanted = self._wanted.get(kind)
+        if wanted is None:
+            wanted = self._wanted[kind] = any(kinds is None or issubclass(kind, kinds) for _, kinds in self._listeners)
+        return wanted
+
     def publish(self, event: Event) -> None:
-        for listener in tuple(self._listeners):
+        for listener, kinds in tuple(self._listeners):
+            if kinds is not None and not isinstance(event, kinds):
+                continue
             try:
                 listener(event)
             except Exception:

@@ -223,7 +223,7 @@ class CommandService:
             events = self.events
             for (_, device, command), record, outcome in zip(direct, records, outcomes):
                 self.port.tell(device, m.RestoreRpcs([(command, RpcStatus.QUEUED, record.seq, 0)]))
-                if events.has_listeners:
+                if events.wants(RpcStatusChanged):
                     events.publish(RpcStatusChanged(record, True))
                 outcome.callback(RpcResult(response={"rpcId": str(command.rpc_id)}, has_response=True))
 

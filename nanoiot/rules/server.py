@@ -390,7 +390,7 @@ class RuleService(MultiService):
     def _update_subscription(self) -> None:
         wanted = self.fallback_routes.wants_rpc_events or any(r.routes.wants_rpc_events for r in self.roots.values())
         if wanted and self._unsubscribe is None:
-            self._unsubscribe = self.events.subscribe(self._on_event)
+            self._unsubscribe = self.events.subscribe(self._on_event, (RpcStatusChanged,))
         elif not wanted and self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
