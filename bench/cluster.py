@@ -81,7 +81,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # 
 from rich.table import Table  # noqa: E402
 
 from bench.common import ROOT, TWISTD, Server, cpu_seconds, free_port, free_udp_port, machine, provision_devices  # noqa: E402
-from bench.common import write_result  # noqa: E402
+from bench.common import start_fleet, write_result  # noqa: E402
 from bench.loadgen import loadavg, wait_for_quiet  # noqa: E402
 from bench.rpc import PYSPY, WRK, HttpLoad, _children_cpu, _own_cpu, _system_busy  # noqa: E402
 from bench.rpc import summarize_profile as rpc_summarize_profile  # noqa: E402
@@ -355,25 +355,8 @@ class Setup:
     def start_sim(self, mqtt_port: int) -> float:
         out = self.work / "sim.jsonl"
         self.sim_out = out
-        began = time.monotonic()
-        self.sim = subprocess.Popen(
-            [sys.executable, "-m", "nanoiot.sim.fleet", "--port", str(mqtt_port), "--tokens-file",
-             str(self.work / "tokens.txt"), "--answer", "echo", "--hold", "100000", "--concurrency", "200",
-             "--json"], stdout=open(out, "w"), stderr=subprocess.STDOUT, cwd=self.work, env=self.env)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.sim.poll() is not None:
-                raise RuntimeError(f"nanoiot-sim exited: {out.read_text()[-2000:]}")
-            for line in out.read_text().splitlines():
-                if line.startswith("{") and json.loads(line).get("event") == "connected":
-                    event = json.loads(line)
-                    if event["failed"]:
-                        raise RuntimeError(f"{event['failed']} simulated devices failed to connect")
-                    elapsed = time.monotonic() - began
-                    time.sleep(1.0)  # let the SUBSCRIBEs and the claims settle
-                    return elapsed
-            time.sleep(0.2)
-        raise RuntimeError("the simulated devices did not connect in 120 s")
+        self.sim, elapsed = start_fleet(mqtt_port, self.work / "tokens.txt", out, cwd=self.work, env=self.env)
+        return elapsed
 
     def devices_per_node(self) -> dict[str, int]:
         """connectedDevices of each node as its last heartbeat stored it."""

@@ -181,3 +181,29 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+def start_fleet(mqtt_port: int, tokens_file: Path, out: Path, answer: str = "echo", cwd: Path | None = None,
+                env: dict[str, str] | None = None) -> tuple[subprocess.Popen, float]:
+    """``nanoiot-sim`` connecting every token of ``tokens_file`` (JSON lines to ``out``); returns the process and
+    the seconds until every device was connected, once their subscriptions had a second to settle."""
+    began = time.monotonic()
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "nanoiot.sim.fleet", "--port", str(mqtt_port), "--tokens-file", str(tokens_file),
+         "--answer", answer, "--hold", "100000", "--concurrency", "200", "--json"],
+        stdout=open(out, "w"), stderr=subprocess.STDOUT, cwd=cwd or ROOT, env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if sim.poll() is not None:
+            raise RuntimeError(f"nanoiot-sim exited: {out.read_text()[-2000:]}")
+        for line in out.read_text().splitlines():
+            if line.startswith("{") and json.loads(line).get("event") == "connected":
+                event = json.loads(line)
+                if event["failed"]:
+                    raise RuntimeError(f"{event['failed']} simulated devices failed to connect")
+                elapsed = time.monotonic() - began
+                time.sleep(1.0)  # let the SUBSCRIBEs (and, in a cluster, the claims) reach the device actors
+                return sim, elapsed
+        time.sleep(0.2)
+    sim.kill()
+    raise RuntimeError("the simulated devices did not connect in 120 s")

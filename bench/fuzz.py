@@ -30,7 +30,6 @@ import multiprocessing as mp
 import os
 import platform
 import random
-import shutil
 import sys
 import tempfile
 import time

@@ -58,6 +58,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from bench.common import RESULTS, ROOT, Server, cpu_seconds, machine, provision_devices, write_result  # noqa: E402
+from bench.common import start_fleet  # noqa: E402
 from bench.loadgen import wait_for_quiet  # noqa: E402
 
 WRK = shutil.which("wrk")
@@ -353,23 +354,7 @@ class Bench:
         assert self.server is not None
         out = self.work / f"sim-{answer}-{time.monotonic_ns()}.jsonl"
         self.sim_out = out
-        self.sim = subprocess.Popen(
-            [sys.executable, "-m", "nanoiot.sim.fleet", "--port", str(self.server.mqtt_port),
-             "--tokens-file", str(self.work / "tokens.txt"), "--answer", answer, "--hold", "100000",
-             "--concurrency", "200", "--json"], stdout=open(out, "w"), stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.sim.poll() is not None:
-                raise RuntimeError(f"nanoiot-sim exited: {out.read_text()[-2000:]}")
-            for line in out.read_text().splitlines():
-                if line.startswith("{") and json.loads(line).get("event") == "connected":
-                    event = json.loads(line)
-                    if event["failed"]:
-                        raise RuntimeError(f"{event['failed']} simulated devices failed to connect")
-                    time.sleep(1.0)  # let the SUBSCRIBEs reach the device actors
-                    return
-            time.sleep(0.2)
-        raise RuntimeError("the simulated devices did not connect in 120 s")
+        self.sim, _ = start_fleet(self.server.mqtt_port, self.work / "tokens.txt", out, answer)
 
     def stop_sim(self) -> None:
         if self.sim is not None and self.sim.poll() is None:
