@@ -13,7 +13,6 @@ from typing import Any, Callable, Iterator
 from uuid import UUID, uuid4
 
 import pytest
-from pykka import ActorRegistry
 from twisted.internet import task
 from twisted.internet.defer import Deferred, fail, succeed
 
@@ -21,7 +20,7 @@ from nanoiot.actors import messages as m
 from nanoiot.actors.device import ActorSettings, RequestIds
 from nanoiot.actors.directory import DeviceDirectory
 from nanoiot.actors.replies import Replies
-from nanoiot.actors.runtime import Dispatcher, RefTable, set_dispatcher, stop_all_deferred
+from nanoiot.actors.runtime import stop_all_deferred
 from nanoiot.cluster import codec
 from nanoiot.cluster.node import BlockRequestIds
 from nanoiot.cluster.port import EXPIRY_GRACE_MS, MAX_HOPS, ClusterPort
@@ -30,6 +29,7 @@ from nanoiot.persistence.records import NULL_UUID, Claim, Device, Owner, RpcReco
 from nanoiot.port.session import Delivery
 from nanoiot.rpc.model import RpcCommand, RpcFailure, RpcResult, RpcStatus
 from nanoiot.rpc.queue import QueueSettings
+from tests.fixtures.actors import actors_on_clock
 
 TENANT = uuid4()
 IDLE_TIMEOUT = 5.0
@@ -496,16 +496,8 @@ def persisted(command: RpcCommand) -> RpcResult:
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[task.Clock]:
-    monkeypatch.setattr(ActorRegistry, "_actor_refs", RefTable())
-    clock = task.Clock()
-    clock.advance(1_700_000_000)
-    set_dispatcher(Dispatcher(clock))
-    try:
+    with actors_on_clock(monkeypatch) as clock:
         yield clock
-        stop_all_deferred()
-        clock.advance(0)
-    finally:
-        set_dispatcher(None)
 
 
 @pytest.fixture

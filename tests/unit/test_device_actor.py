@@ -6,18 +6,17 @@ from typing import Any, Iterator
 from uuid import uuid4
 
 import pytest
-from pykka import ActorRegistry
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 
 from nanoiot.actors import messages as m
 from nanoiot.actors.device import ActorSettings
 from nanoiot.actors.directory import DeviceDirectory
-from nanoiot.actors.runtime import Dispatcher, RefTable, set_dispatcher, stop_all_deferred
 from nanoiot.persistence.records import NULL_UUID, Device
 from nanoiot.rpc.model import RpcCommand, RpcFailure, RpcStatus
 from nanoiot.rpc.queue import QueueSettings
 from nanoiot.port.session import Delivery
+from tests.fixtures.actors import actors_on_clock
 
 DEVICE = Device(uuid4(), 0, uuid4(), NULL_UUID, "dev", "default", None, None)
 
@@ -79,16 +78,8 @@ class RecordingJournal:
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[task.Clock]:
-    monkeypatch.setattr(ActorRegistry, "_actor_refs", RefTable())
-    clock = task.Clock()
-    clock.advance(1_700_000_000)
-    set_dispatcher(Dispatcher(clock))
-    try:
+    with actors_on_clock(monkeypatch) as clock:
         yield clock
-        stop_all_deferred()
-        clock.advance(0)
-    finally:
-        set_dispatcher(None)
 
 
 def directory_on(clock: task.Clock, journal: Any = None, **queue: Any) -> DeviceDirectory:

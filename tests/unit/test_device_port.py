@@ -12,7 +12,6 @@ from typing import Any, Iterator
 from uuid import UUID, uuid4
 
 import pytest
-from pykka import ActorRegistry
 from twisted.internet import task
 from twisted.internet.defer import Deferred, succeed
 
@@ -20,7 +19,6 @@ import nanoiot
 from nanoiot.actors import messages as m
 from nanoiot.actors.device import ActorSettings
 from nanoiot.actors.directory import DeviceDirectory
-from nanoiot.actors.runtime import Dispatcher, RefTable, set_dispatcher, stop_all_deferred
 from nanoiot.commands.events import DeviceCalled, DeviceOffline, DeviceOnline, EventStream, RpcStatusChanged
 from nanoiot.commands.service import CommandService, Initiator
 from nanoiot.persistence.records import Device
@@ -29,6 +27,7 @@ from nanoiot.port.session import Delivery
 from nanoiot.rpc.body import RpcBody
 from nanoiot.rpc.model import RpcFailure, RpcResult, RpcStatus
 from nanoiot.rpc.queue import QueueSettings
+from tests.fixtures.actors import actors_on_clock
 
 T0 = 1_700_000_000
 DEVICE = Device(uuid4(), 0, uuid4(), uuid4(), "dev", "default", None, None)
@@ -125,16 +124,8 @@ class Port:
 
 @pytest.fixture
 def port(monkeypatch: pytest.MonkeyPatch) -> Iterator[Port]:
-    monkeypatch.setattr(ActorRegistry, "_actor_refs", RefTable())
-    clock = task.Clock()
-    clock.advance(T0)
-    set_dispatcher(Dispatcher(clock))
-    try:
+    with actors_on_clock(monkeypatch, T0) as clock:
         yield Port(clock)
-        stop_all_deferred()
-        clock.advance(0)
-    finally:
-        set_dispatcher(None)
 
 
 def attached(port: Port, session_id: int = 1, exclusive: bool = True, **options: Any) -> tuple[FakeSession, Any]:

@@ -11,7 +11,6 @@ from typing import Iterator
 from uuid import uuid4
 
 import pytest
-from pykka import ActorRegistry
 from twisted.internet import task
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
@@ -20,12 +19,12 @@ from twisted.web.test.requesthelper import DummyRequest
 from nanoiot.actors import messages as m
 from nanoiot.actors.device import ActorSettings
 from nanoiot.actors.directory import DeviceDirectory
-from nanoiot.actors.runtime import Dispatcher, RefTable, set_dispatcher, stop_all_deferred
 from nanoiot.persistence.records import NULL_UUID, Device
 from nanoiot.rpc.model import RpcCommand, RpcFailure, RpcResult
 from nanoiot.rpc.queue import QueueSettings
 from nanoiot.transports.http.device_api import DeviceApiResource
 from tests.unit.test_http_device_api import UnfinishedRequest, json_of
+from tests.fixtures.actors import actors_on_clock
 
 TOKEN = "GOOD_TOKEN"
 DEVICE = Device(uuid4(), 0, uuid4(), NULL_UUID, "dev", "default", None, None)
@@ -33,16 +32,8 @@ DEVICE = Device(uuid4(), 0, uuid4(), NULL_UUID, "dev", "default", None, None)
 
 @pytest.fixture
 def actors(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[task.Clock, DeviceDirectory]]:
-    monkeypatch.setattr(ActorRegistry, "_actor_refs", RefTable())
-    clock = task.Clock()
-    set_dispatcher(Dispatcher(clock))
-    directory = DeviceDirectory(clock, ActorSettings(queue=QueueSettings(ack_timeout_ms=10_000)))
-    try:
-        yield clock, directory
-        stop_all_deferred()
-        clock.advance(0)
-    finally:
-        set_dispatcher(None)
+    with actors_on_clock(monkeypatch, 0) as clock:
+        yield clock, DeviceDirectory(clock, ActorSettings(queue=QueueSettings(ack_timeout_ms=10_000)))
 
 
 class LiveApi:

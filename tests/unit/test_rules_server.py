@@ -35,6 +35,7 @@ from nanoiot.rules.server import (
     analyse_routes,
 )
 from nanoiot.web.rule_chains import default_root_id
+from tests.fixtures.actors import actors_on_clock
 
 T0 = 1_700_000_000
 TENANT, CUSTOMER = uuid4(), uuid4()
@@ -584,20 +585,8 @@ def test_http_requests_return_status_reason_headers_and_body():
 
 @pytest.fixture
 def actor_clock(monkeypatch: pytest.MonkeyPatch) -> Any:
-    from pykka import ActorRegistry
-
-    from nanoiot.actors.runtime import Dispatcher, RefTable, set_dispatcher, stop_all_deferred
-
-    monkeypatch.setattr(ActorRegistry, "_actor_refs", RefTable())
-    clock = task.Clock()
-    clock.advance(T0)
-    set_dispatcher(Dispatcher(clock))
-    try:
+    with actors_on_clock(monkeypatch, T0) as clock:
         yield clock
-        stop_all_deferred()
-        clock.advance(0)
-    finally:
-        set_dispatcher(None)
 
 
 class ReplySession:
