@@ -7,6 +7,8 @@ web layer, the transports and the actors never invent their own mapping.
 from __future__ import annotations
 
 import enum
+import math
+import uuid
 from typing import Any
 
 
@@ -33,11 +35,21 @@ class NanoError(Exception):
     http_status: int = 500
     error_code: ErrorCode = ErrorCode.GENERAL
     default_message: str = "Internal server error"
+    #: Seconds a client should wait before trying again (sent as ``Retry-After`` with 429 and 503).
+    retry_after: float | None = None
 
-    def __init__(self, message: str | None = None, **details: Any) -> None:
+    def __init__(self, message: str | None = None, retry_after: float | None = None, **details: Any) -> None:
         self.message = message or self.default_message
         self.details = details
+        if retry_after is not None:
+            self.retry_after = retry_after
         super().__init__(self.message)
+
+    def headers(self) -> dict[bytes, bytes]:
+        """Headers an HTTP answer of this error carries."""
+        if self.retry_after is None:
+            return {}
+        return {b"retry-after": b"%d" % max(1, math.ceil(self.retry_after))}
 
     def to_json(self, timestamp_ms: int) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -116,6 +128,14 @@ class DatabaseError(NanoError):
     default_message = "Database error"
 
 
+class InternalError(NanoError):
+    """An unexpected failure: the client gets an error id to quote, the log line the same id and the traceback;
+    never SQL, parameters, host names or a traceback in the body."""
+
+    def __init__(self, error_id: str) -> None:
+        super().__init__(f"Internal server error (error id {error_id})", errorId=error_id)
+
+
 class ServiceUnavailable(NanoError):
     http_status = 503
     error_code = ErrorCode.GENERAL
@@ -127,6 +147,17 @@ class RouteLost(ServiceUnavailable):
     known. A persistent command is idempotent (its id is fixed), so the command service tries it once more."""
 
     default_message = "The node holding the device did not answer"
+
+
+def unexpected(failure: Any, log: Any, what: str, **fields: Any) -> NanoError:
+    """The error a client is shown for ``failure``: itself if it is one of ours, else an :class:`InternalError`
+    whose id the log line (with the traceback) also carries. Unexpected failures are always logged here."""
+    error = getattr(failure, "value", failure)
+    if isinstance(error, NanoError):
+        return error
+    error_id = uuid.uuid4().hex[:12]
+    log.failure(what + " (error id {error_id})", failure, error_id=error_id, **fields)
+    return InternalError(error_id)
 
 
 class ConfigError(Exception):

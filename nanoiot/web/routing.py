@@ -17,7 +17,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from nanoiot.errors import AuthenticationFailed, BadRequest, MethodNotAllowed, NanoError, NotFound, PayloadTooLarge
+from nanoiot.errors import (AuthenticationFailed, BadRequest, MethodNotAllowed, NanoError, NotFound, PayloadTooLarge,
+                            unexpected)
 from nanoiot.web.tokens import Principal, TokenIssuer
 
 log = Logger(namespace="nanoiot.web")
@@ -194,17 +195,16 @@ class JsonApi(Resource):
     def _fail(self, request: Request, failure: Failure, gone: list[bool]) -> None:
         if gone or failure.check(CancelledError):
             return
-        error = failure.value
-        if not isinstance(error, NanoError):
-            log.failure("unhandled error in {method} {path}", failure, method=request.method.decode(),
-                        path=request.path.decode("utf-8", "replace"))
-            error = NanoError(str(error) or "Internal server error")
+        error = unexpected(failure, log, "unhandled error in {method} {path}", method=request.method.decode(),
+                           path=request.path.decode("utf-8", "replace"))
         self._write_error(request, error)
 
     def _write_error(self, request: Request, error: NanoError) -> None:
         body = error.to_json(int(self.clock.seconds() * 1000))
         request.setResponseCode(error.http_status)
         data = json.dumps(body, separators=(",", ":")).encode()
+        for name, value in error.headers().items():
+            request.setHeader(name, value)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"content-length", b"%d" % len(data))
         request.write(data)

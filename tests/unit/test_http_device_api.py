@@ -17,6 +17,8 @@ from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
+from nanoiot.errors import ServiceUnavailable
+
 from nanoiot.persistence.records import NULL_UUID, Device
 from nanoiot.port.link import NO_LINK
 from nanoiot.port.session import Delivery
@@ -227,11 +229,21 @@ def test_a_client_that_leaves_while_its_token_is_looked_up_attaches_nothing() ->
     assert request.written == []
 
 
-def test_a_failing_token_lookup_is_a_503_json_error() -> None:
-    h = Harness(auth=fail(RuntimeError("database down")))
+def test_an_unavailable_token_lookup_is_a_503_json_error_with_retry_after() -> None:
+    h = Harness(auth=fail(ServiceUnavailable("database down", retry_after=5)))
     request = h.poll()
     assert request.responseCode == 503
     assert json_of(request)["status"] == 503
+    assert request.responseHeaders.getRawHeaders(b"retry-after") == [b"5"]
+
+
+def test_an_unexpected_failure_is_a_500_with_an_error_id_and_no_internals() -> None:
+    h = Harness(auth=fail(RuntimeError("psycopg2 could not connect to db.internal:5432")))
+    request = h.poll()
+    assert request.responseCode == 500
+    body = json_of(request)
+    assert "db.internal" not in json.dumps(body) and len(body["errorId"]) == 12
+    assert body["errorId"] in body["message"]
 
 
 # --- answers -------------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from nanoiot.errors import (
     NanoError,
     NotFound,
     PayloadTooLarge,
-    ServiceUnavailable,
+    unexpected,
 )
 from nanoiot.port.link import NO_LINK, Attach, DeviceLink
 from nanoiot.port.session import Delivery, next_session_id
@@ -356,9 +356,7 @@ class DeviceApiResource(Resource):
     def _failed(self, failure: Failure, request: Any, gone: list[Failure]) -> None:
         if gone:
             return
-        log.failure("http: device API request failed", failure)
-        error = failure.value if isinstance(failure.value, NanoError) else ServiceUnavailable(
-            "Device API temporarily unavailable")
+        error = unexpected(failure, log, "http: device API request failed")
         try:
             self._write_error(request, error)
         except Exception:  # the response was already (partly) written: nothing more to say
@@ -367,6 +365,8 @@ class DeviceApiResource(Resource):
     def _write_error(self, request: Any, error: NanoError) -> None:
         request.setResponseCode(error.http_status)
         body = error.to_json(int(self.clock.seconds() * 1000))
+        for name, value in error.headers().items():
+            request.setHeader(name, value)
         request.setHeader(b"content-type", b"application/json")
         request.write(json.dumps(body, separators=(",", ":")).encode())
         request.finish()
