@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import click
 
@@ -78,6 +78,76 @@ def run(processes: int, options: tuple[str, ...]) -> None:
         from nanoiot.supervisor import Supervisor
 
         raise SystemExit(Supervisor(cluster_commands(twistd, options, processes, os.environ)).run())
+
+
+@main.group()
+@click.option("--database", metavar="URL", default=None,
+              help="SQLAlchemy URL, as the server's --database (default: $NANOIOT_DATABASE, else sqlite:///nanoiot.db)")
+@click.pass_context
+def db(ctx: click.Context, database: str | None) -> None:
+    """The database schema (Alembic revisions): upgrade, current, history."""
+    from nanoiot.config import Config
+    from nanoiot.errors import ConfigError
+
+    try:
+        ctx.obj = Config.from_sources({"database": database}).database
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _schema_command(action: Callable[[], str]) -> None:
+    from nanoiot.errors import ConfigError
+
+    try:
+        click.echo(action())
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@db.command()
+@click.pass_obj
+def upgrade(url: str) -> None:
+    """Create the schema, or upgrade it to the head revision (the server also does this at start)."""
+    from nanoiot.persistence import bootstrap
+
+    def action() -> str:
+        done = bootstrap.upgrade_database(url)
+        if done.found is None:
+            return f"Created the schema at revision {done.head}"
+        if done.found == done.head:
+            return f"Already at revision {done.head} (head)"
+        was = f"schema version {done.legacy}" if done.legacy is not None else f"revision {done.found}"
+        return f"Upgraded from {was} to revision {done.head}"
+
+    _schema_command(action)
+
+
+@db.command()
+@click.pass_obj
+def current(url: str) -> None:
+    """Print the database's revision."""
+    from nanoiot.persistence import bootstrap
+
+    _schema_command(lambda: bootstrap.describe_current(url))
+
+
+@db.command()
+def history() -> None:
+    """List the revisions this NanoIoT knows, newest first."""
+    from nanoiot.persistence import bootstrap
+
+    _schema_command(lambda: "\n".join(bootstrap.history()))
+
+
+@db.command()
+@click.option("-m", "--message", required=True, help="what the revision changes (also its file name)")
+@click.option("--autogenerate", is_flag=True, help="draft it from schema.py's Tables vs. the database (at head)")
+@click.pass_obj
+def revision(url: str, message: str, autogenerate: bool) -> None:
+    """For developers: write the next revision file into nanoiot/persistence/migrations/versions/."""
+    from nanoiot.persistence import bootstrap
+
+    _schema_command(lambda: f"Wrote {bootstrap.new_revision(url, message, autogenerate)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

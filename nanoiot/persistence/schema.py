@@ -10,17 +10,35 @@ Portability choices:
 * ``rpc.seq`` orders a device's RPCs even when their ``created_time`` ties. PostgreSQL draws it from the sequence
   :data:`RPC_SEQ`; SQLite (a single writer) from ``max(seq) + 1`` inside the inserting transaction.
 
-Versioning: :func:`upgrade` creates a fresh database with ``metadata.create_all`` and records
-:data:`SCHEMA_VERSION` in the ``schema_version`` table. A later change to the schema must NOT edit an existing
-database through ``create_all`` (which only adds missing tables): bump :data:`SCHEMA_VERSION` and add a numbered
-step to :data:`MIGRATIONS` that takes a version N-1 database to version N (plain SQL or Alembic operations run on
-the given connection). :func:`upgrade` runs the missing steps in order, in the start-up transaction.
+Migrations: Alembic, with its environment inside the package (``migrations/env.py``, ``migrations/versions/``,
+configured in code by :func:`alembic_config`: no ``alembic.ini``). At start :func:`upgrade` brings the database
+to the head revision; ``nanoiot db upgrade|current|history`` does the same for an operator. Revisions are numbered
+``0001`` (the baseline, schema version 1 of the releases before Alembic), ``0002``...
+
+To change the schema, never edit a revision that has shipped (nor rely on ``create_all``, which only adds missing
+tables): change the Tables here, then let Alembic draft the next revision from the difference, against a database
+at the current head, and review it (autogenerate misses renames, and server defaults need a look)::
+
+    nanoiot db --database sqlite:////tmp/dev.db upgrade
+    nanoiot db --database sqlite:////tmp/dev.db revision -m "add device.firmware" --autogenerate
+
+That writes ``migrations/versions/0006_add_device_firmware.py``. Write it so that it runs on SQLite and
+PostgreSQL (``op.batch_alter_table`` for what SQLite's ALTER TABLE cannot do), then run
+``tests/integration/test_migrations.py``: it checks on both databases that the revisions give exactly what
+``create_all`` gives, and that databases of every older release are upgraded in place.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import Script, ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -42,11 +60,9 @@ from sqlalchemy import (
     inspect,
     select,
     text,
-    update,
+    true,
 )
 
-#: The version this code writes and understands.
-SCHEMA_VERSION = 4
 
 #: Deterministic constraint names: the repository recognises a violated constraint by its name.
 metadata = MetaData(naming_convention={
@@ -85,6 +101,8 @@ tb_user = Table(
     Column("first_name", String(255)),
     Column("last_name", String(255)),
     Column("password_hash", LargeBinary, nullable=False),
+    #: False for a disabled user (schema 5): their tokens stop working and they cannot log in.
+    Column("enabled", Boolean, nullable=False, server_default=true()),
 )
 #: E-mail addresses are unique regardless of case (login looks them up case-insensitively).
 USER_EMAIL_UNIQUE = "uq_tb_user_lower_email"
@@ -192,8 +210,6 @@ cluster_message = Table(
     Column("payload", Text, nullable=False),
 )
 
-CLUSTER_TABLES = (cluster_node, device_owner, cluster_setting, cluster_message)
-
 # --- rule chains, relations and bulk RPC (schema 4) -----------------------------------------------------------------
 
 #: A tenant's rule chains as ThingsBoard exports them: the chain's fields here, ``metadata`` (firstNodeIndex, nodes,
@@ -239,72 +255,112 @@ rpc_batch = Table(
     Column("initiator", Text),
 )
 
-SCHEMA_4_TABLES = (rule_chain, entity_relation, rpc_batch)
-
+#: The version table of the releases before Alembic. Kept, and set to :data:`LEGACY_GUARD` for good, so that such a
+#: release started on a database this code has upgraded refuses it ("newer than this NanoIoT understands") instead of
+#: writing to it. Nothing here reads it except :func:`upgrade`, once, on a database that has no Alembic revision yet.
 schema_version = Table(
     "schema_version", metadata,
     Column("id", Integer, primary_key=True),  # always 1: a single row
     Column("version", Integer, nullable=False),
 )
+LEGACY_GUARD = 5
 
-#: ``MIGRATIONS[n]`` upgrades a version n-1 database to version n. Version 1 is ``create_all`` on an empty database.
-def _add_rpc_attempts(conn: Connection) -> None:
-    conn.execute(text("ALTER TABLE rpc ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0"))
+#: The revision that a database recorded at old schema version N is at (5: the guard revision 0005 writes).
+LEGACY_REVISIONS = {1: "0001", 2: "0002", 3: "0003", 4: "0004", 5: "0005"}
 
+#: The Alembic environment (env.py, versions/) shipped inside the package.
+MIGRATIONS = Path(__file__).with_name("migrations")
 
-def _add_cluster_tables(conn: Connection) -> None:
-    # checkfirst: a database once at version 3 and marked back down (as tests do) still upgrades.
-    metadata.create_all(conn, tables=list(CLUSTER_TABLES), checkfirst=True)
-
-
-def _add_rules_relations_and_batches(conn: Connection) -> None:
-    # Each part only if missing: a database once at version 4 and marked back down (as tests do) still upgrades.
-    columns = {c["name"] for c in inspect(conn).get_columns("rpc")}
-    if "initiator" not in columns:
-        conn.execute(text("ALTER TABLE rpc ADD COLUMN initiator TEXT"))
-    if "batch_id" not in columns:
-        uuid_type = "UUID" if conn.dialect.name == "postgresql" else "CHAR(32)"
-        conn.execute(text(f"ALTER TABLE rpc ADD COLUMN batch_id {uuid_type}"))
-    if "ix_rpc_batch_id" not in {i["name"] for i in inspect(conn).get_indexes("rpc")}:
-        conn.execute(text("CREATE INDEX ix_rpc_batch_id ON rpc (batch_id)"))
-    metadata.create_all(conn, tables=list(SCHEMA_4_TABLES), checkfirst=True)
-
-
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _add_rpc_attempts, 3: _add_cluster_tables,
-                                                       4: _add_rules_relations_and_batches}
+#: PostgreSQL advisory lock held by the upgrade transaction: nodes of a cluster starting at once upgrade in turn.
+UPGRADE_LOCK = 0x4E616E6F496F54  # "NanoIoT"
 
 
 class SchemaTooNew(Exception):
     """The database was written by a newer NanoIoT: refusing to guess what its extra columns mean."""
 
-    def __init__(self, found: int) -> None:
-        super().__init__(f"the database schema is version {found}, newer than this NanoIoT understands "
-                         f"({SCHEMA_VERSION}); upgrade NanoIoT")
+    def __init__(self, found: str) -> None:
+        super().__init__(f"the database schema is at {found}, newer than this NanoIoT understands "
+                         f"(revision {head_revision()}); upgrade NanoIoT")
         self.found = found
 
 
-def upgrade(conn: Connection) -> int:
-    """Bring the database behind ``conn`` to :data:`SCHEMA_VERSION` (idempotent); returns the version found.
+@dataclass(frozen=True)
+class Upgraded:
+    """What :func:`upgrade` found and did."""
 
-    0 means the database was new. Runs inside the caller's transaction, so a failed upgrade changes nothing.
+    #: The revision the database was at (after recognising an old version table); None if the database was empty.
+    found: str | None
+    head: str
+    #: The old ``schema_version`` the database had instead of a revision, if it had one.
+    legacy: int | None = None
+
+
+def alembic_config(connection: Connection | None = None, url: str | None = None) -> Config:
+    """Alembic's configuration in code (no alembic.ini): env.py runs on ``connection``, else connects to ``url``."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("file_template", "%%(rev)s_%%(slug)s")
+    config.attributes.update(connection=connection, url=url)
+    return config
+
+
+@cache
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def revisions() -> list[Script]:
+    """Every revision, newest first."""
+    return list(_scripts().walk_revisions())
+
+
+def head_revision() -> str:
+    """The revision this code writes and understands."""
+    head = _scripts().get_current_head()
+    assert head is not None
+    return head
+
+
+def upgrade(conn: Connection) -> Upgraded:
+    """Bring the database behind ``conn`` to the head revision (idempotent).
+
+    Runs inside the caller's transaction, so a failed upgrade changes nothing (SQLite and PostgreSQL both have
+    transactional DDL). An empty database is created at head by ``create_all`` and stamped (the tests check that
+    this equals running every revision); one made before Alembic is stamped at the revision of its
+    ``schema_version`` and upgraded from there. On PostgreSQL an advisory lock makes concurrent starts take turns.
     """
-    if not inspect(conn).has_table(schema_version.name):
-        # A new database (create_all and the version row commit together, so there are no half-made ones).
-        metadata.create_all(conn)
-        conn.execute(insert(schema_version).values(id=1, version=SCHEMA_VERSION))
-        return 0
-    found = conn.scalar(select(schema_version.c.version).where(schema_version.c.id == 1)) or 0
-    if found > SCHEMA_VERSION:
-        raise SchemaTooNew(found)
-    for version in range(found + 1, SCHEMA_VERSION + 1):
-        MIGRATIONS[version](conn)
-    if found < SCHEMA_VERSION:
-        conn.execute(update(schema_version).where(schema_version.c.id == 1).values(version=SCHEMA_VERSION))
-    return found
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": UPGRADE_LOCK})
+    scripts, head = _scripts(), head_revision()
+    context = MigrationContext.configure(conn)
+    found, legacy = context.get_current_revision(), None
+    if found is None:
+        legacy = legacy_version(conn)
+        if legacy is None:
+            metadata.create_all(conn)
+            conn.execute(insert(schema_version).values(id=1, version=LEGACY_GUARD))
+            context.stamp(scripts, head)
+            return Upgraded(None, head)
+        if legacy > max(LEGACY_REVISIONS):
+            raise SchemaTooNew(f"schema version {legacy}")
+        found = LEGACY_REVISIONS[legacy]
+        context.stamp(scripts, found)
+    try:
+        scripts.get_revision(found)
+    except CommandError:
+        raise SchemaTooNew(f"revision {found}") from None
+    if found != head:
+        command.upgrade(alembic_config(conn), "head")
+    return Upgraded(found, head, legacy)
 
 
-def current_version(conn: Connection) -> int | None:
-    """The recorded schema version, or None on a database that has none."""
+def legacy_version(conn: Connection) -> int | None:
+    """The old ``schema_version`` (releases before Alembic), or None on a database without one."""
     if not inspect(conn).has_table(schema_version.name):
         return None
     return conn.scalar(select(schema_version.c.version).where(schema_version.c.id == 1))
+
+
+def current_revision(conn: Connection) -> str | None:
+    """The Alembic revision recorded in the database, or None on a database that has none."""
+    return MigrationContext.configure(conn).get_current_revision()
