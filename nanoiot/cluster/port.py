@@ -33,6 +33,7 @@ from nanoiot.actors.replies import Replies, ReplyTo
 from nanoiot.cluster import codec
 from nanoiot.cluster.router import Router
 from nanoiot.errors import NotFound, RouteLost, ServiceUnavailable
+from nanoiot.persistence.errors import DatabaseUnavailable
 from nanoiot.persistence.records import Device
 from nanoiot.port.link import DeviceLink
 from nanoiot.port.session import DeviceSession
@@ -347,6 +348,11 @@ class ClusterPort:
             if previous is not None and previous != self.node and self.alive.get(previous, True):
                 await self._ask_release(previous, device, claim.epoch)
             records = await self.repository.load_device_active_rpcs(device.id)
+        except DatabaseUnavailable:
+            log.warn("cluster: device {device_id} served without its stored commands until the database is back",
+                     device_id=device.id)
+            self.repository.when_healthy().addCallback(lambda _: self._load_again(device))
+            records = []
         except Exception:
             log.failure("cluster: taking device {device_id} over failed", device_id=device.id)
             records = []
@@ -368,6 +374,17 @@ class ClusterPort:
             self.local.tell_local(device, m.RestoreRpcs(entries))
         for message in waiting:
             self.local.tell_local(device, message)
+
+    def _load_again(self, device: Device) -> None:
+        """The database is back after a take-over could not load the device's stored commands: while its actor is
+        still here, claim it again (if that failed too) or load them, so a device connected throughout gets its
+        QUEUED commands without reconnecting (a restore skips the commands its actor already holds)."""
+        if self.local.existing(device.id) is None or device.id in self._claiming:
+            return
+        if device.id not in self.owned:
+            self._claim(device, take_over=True)
+        else:
+            ensureDeferred(self._take_over(device, None))
 
     def _ask_release(self, node: str, device: Device, epoch: int) -> Deferred[Any]:
         reply_to, answered = self.replies.expect()

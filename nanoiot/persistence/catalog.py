@@ -11,10 +11,16 @@ from collections import OrderedDict
 from typing import Any, Callable
 from uuid import UUID
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 
+from nanoiot.errors import BadRequest
 from nanoiot.persistence.records import Device, DeviceCredentials, NULL_UUID
 from nanoiot.persistence.repository import Repository
+
+#: The ``credentials_id`` column's length: no device has a longer token.
+MAX_TOKEN_LENGTH = 255
+#: The length of a device's name, type and label columns.
+MAX_TEXT = 255
 
 
 class DeviceCatalog:
@@ -47,6 +53,11 @@ class DeviceCatalog:
         return self.repository.get_device(device_id).addCallback(self._remember)
 
     def device_for_token(self, token: str) -> Deferred:
+        """The device whose access token this is (None for none). Every door (MQTT CONNECT, CoAP, the HTTP device
+        API) looks tokens up here, so a token no device can have (longer than the column, or with a NUL that
+        PostgreSQL refuses) is answered here without a query."""
+        if not _storable_token(token):
+            return succeed(None)
         device_id = self._id_by_token.get(token)
         if device_id is not None:
             device = self._by_id.get(device_id)
@@ -96,6 +107,14 @@ class DeviceCatalog:
     def create_device(self, tenant_id: UUID, name: str, type: str = "default", label: str | None = None,
                       additional_info: Any = None, customer_id: UUID = NULL_UUID,
                       access_token: str | None = None) -> Deferred:
+        try:  # every creator (REST, a gateway's new child device) gets the same limits, on both databases
+            _check_text("name", name, required=True)
+            _check_text("type", type, required=True)
+            _check_text("label", label)
+            if access_token is not None:
+                _check_text("accessToken", access_token, required=True)
+        except BadRequest as error:
+            return fail(error)
         d = self.repository.create_device(tenant_id, name, type, label, additional_info, customer_id, access_token)
 
         def created(result: tuple[Device, DeviceCredentials]) -> tuple[Device, DeviceCredentials]:
@@ -117,6 +136,8 @@ class DeviceCatalog:
         return d.addCallback(self._tell_changed, device_id, False)
 
     def update_credentials(self, device_id: UUID, token: str) -> Deferred:
+        if not _storable_token(token):
+            return fail(BadRequest(f"accessToken: must be 1 to {MAX_TOKEN_LENGTH} characters, without NUL"))
         self.forget(device_id)
         return self.repository.update_credentials(device_id, token).addCallback(self._tell_changed, device_id, False)
 
@@ -152,3 +173,16 @@ class DeviceCatalog:
     def _link_token(self, device_id: UUID, token: str) -> None:
         self._id_by_token[token] = device_id
         self._token_by_id[device_id] = token
+
+
+def _storable_token(token: object) -> bool:
+    return isinstance(token, str) and 0 < len(token) <= MAX_TOKEN_LENGTH and "\x00" not in token
+
+
+def _check_text(field: str, value: str | None, required: bool = False) -> None:
+    if value is None:
+        if required:
+            raise BadRequest(f"{field}: is required")
+        return
+    if not isinstance(value, str) or len(value) > MAX_TEXT or "\x00" in value or (required and not value.strip()):
+        raise BadRequest(f"{field}: must be a non-empty string of at most {MAX_TEXT} characters, without NUL")

@@ -5,10 +5,17 @@ batch, with one batch in flight at a time. Each record call returns a Deferred t
 durable, so the REST layer answers ``{"rpcId"}`` only after the insert committed and an actor writes a command
 to a device only after its SENT status committed. Under load many changes share a transaction, so throughput
 does not collapse into one commit per status change.
+
+A batch carries many tenants' commands, so one client's row must not fail the others: when the database refuses
+a row (a value out of range, a violated constraint; see :mod:`nanoiot.persistence.errors`), the batch is written
+again in halves until the refused rows stand alone, and only their own callers fail. When the database is out of
+reach the whole batch fails at once, as before — except when the repository says so itself
+(:class:`~nanoiot.persistence.errors.DatabaseUnavailable`): then the journal holds (see :meth:`RpcJournal._hold`).
 """
 
 from __future__ import annotations
 
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +26,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from nanoiot.errors import NanoError
+from nanoiot.persistence.errors import DatabaseUnavailable, RowRefused, is_refused_row
 from nanoiot.persistence.records import RpcRecord, RpcStatus
 from nanoiot.persistence.repository import UNCHANGED, Repository
 
@@ -49,6 +58,13 @@ class RpcJournal:
         self._ops: deque[_Op] = deque()
         self._flushing = False
         self._scheduled = False
+        #: The batch being flushed, in parts still to write (one part unless a refused row split it).
+        self._parts: deque[list[_Op]] = deque()
+        #: RPCs of the batch being flushed whose row the database refused, with the error their callers got.
+        self._refused: dict[UUID | None, NanoError] = {}
+        self._split = False
+        #: While the database is out of reach, the failure new inserts get (see :meth:`_hold`); else None.
+        self._held: Failure | None = None
         self.batches_written = 0
         self.changes_written = 0
 
@@ -76,6 +92,11 @@ class RpcJournal:
 
     def _record(self, kind: int, payload: Any) -> Deferred:
         d: Deferred = Deferred()
+        if self._held is not None and kind in (INSERT, MARK):
+            # The database is out of reach: a new command is refused at once (503), never acknowledged unstored.
+            # On the next turn: the recording actor is in the middle of applying its effects.
+            self.clock.callLater(0, d.errback, self._held)
+            return d
         self._ops.append(_Op(kind, payload, d))
         self._schedule()
         return d
@@ -93,26 +114,138 @@ class RpcJournal:
         if self._flushing or not self._ops:
             return
         batch = [self._ops.popleft() for _ in range(min(self.max_batch, len(self._ops)))]
-        inserts = [op.payload for op in batch if op.kind == INSERT]
-        changes = [op.payload for op in batch if op.kind == CHANGE]
-        deletes = [op.payload for op in batch if op.kind == DELETE]
         self._flushing = True
-        # In one transaction inserts go first, then changes, then deletes: within a batch an RPC is always
-        # inserted before it changes and changes before it is deleted, so its own order is kept.
-        d = self.repository.write_rpc_batch(inserts, changes, deletes)
-        d.addCallbacks(self._written, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
+        self._parts = deque([batch])
+        self._refused = {}
+        self._split = False
+        self._write_next()
 
-    def _written(self, _: Any, batch: list[_Op]) -> None:
+    def _write_next(self) -> None:
+        """Write the next part of the batch being flushed (the whole batch unless a refused row split it); when
+        none is left, the journal is free for the next batch."""
+        while self._parts:
+            part = self._without_refused(self._parts.popleft())
+            if not any(op.kind != MARK for op in part):
+                for op in part:  # barriers only: everything before them is settled
+                    op.waiter.callback(None)
+                continue
+            # In one transaction inserts go first, then changes, then deletes: within a part an RPC is always
+            # inserted before it changes and changes before it is deleted, so its own order is kept (parts are
+            # written one after another, in recorded order).
+            inserts = [op.payload for op in part if op.kind == INSERT]
+            changes = [op.payload for op in part if op.kind == CHANGE]
+            deletes = [op.payload for op in part if op.kind == DELETE]
+            d = self.repository.write_rpc_batch(inserts, changes, deletes)
+            d.addCallbacks(self._written, self._failed, callbackArgs=(part,), errbackArgs=(part,))
+            return
         self._flushing = False
+        self._refused = {}
+        self._schedule()
+
+    def _without_refused(self, part: list[_Op]) -> list[_Op]:
+        """The part less the later operations of an RPC whose earlier one was refused (they fail alike: an RPC
+        never stored must not look SENT or deleted to its actor)."""
+        if not self._refused:
+            return part
+        kept = []
+        for op in part:
+            error = self._refused.get(_rpc_id(op))
+            if error is None:
+                kept.append(op)
+            else:
+                op.waiter.errback(error)
+        return kept
+
+    def _written(self, _: Any, part: list[_Op]) -> None:
         self.batches_written += 1
-        self.changes_written += sum(1 for op in batch if op.kind != MARK)
-        for op in batch:
+        self.changes_written += sum(1 for op in part if op.kind != MARK)
+        for op in part:
             op.waiter.callback(None)
+        self._write_next()
+
+    def _failed(self, failure: Failure, part: list[_Op]) -> None:
+        if isinstance(failure.value, DatabaseUnavailable):
+            self._hold(failure, part)
+            return
+        writes = [i for i, op in enumerate(part) if op.kind != MARK]
+        if not is_refused_row(failure.value):
+            # The database is out of reach (or failed in a way no row explains): the whole batch fails alike;
+            # splitting it would only send thousands of single writes to a database that is down.
+            rest = [op for remaining in self._parts for op in remaining]
+            self._parts.clear()
+            log.failure("journal: a batch of {n} RPC changes could not be written", failure, n=len(part) + len(rest))
+            for op in part + rest:
+                op.waiter.errback(failure)
+            self._write_next()
+            return
+        if len(writes) > 1:
+            # Some row of this part was refused: write each half on its own until the refused rows stand alone,
+            # so that only their own callers fail and every other change (another tenant's, an acknowledged
+            # command's status) is stored.
+            if not self._split:
+                self._split = True
+                log.warn("journal: the database refused a row of a batch of {n} RPC changes ({error}); writing it in "
+                         "parts to isolate it", n=len(writes), error=type(failure.value).__name__)
+            middle = writes[len(writes) // 2]
+            self._parts.extendleft([part[middle:], part[:middle]])
+            self._write_next()
+            return
+        op = part[writes[0]]
+        error_id = uuid.uuid4().hex[:12]
+        log.failure("journal: the database refused {what} of RPC {rpc_id} (error id {error_id})", failure,
+                    what=_WHAT[op.kind], rpc_id=_rpc_id(op), error_id=error_id)
+        error = RowRefused(f"the values of this command ({_WHAT[op.kind]})", error_id)
+        self._refused[_rpc_id(op)] = error
+        for other in part:
+            if other is op:
+                other.waiter.errback(error)
+            else:
+                other.waiter.callback(None)
+        self._write_next()
+
+
+    def _hold(self, failure: Failure, part: list[_Op]) -> None:
+        """The database is out of reach: a new command's insert fails (its caller gets 503 with Retry-After, so
+        nothing is acknowledged that is not stored), and until the repository finds the database back every other
+        insert fails alike while status changes and deletions of stored commands wait, in recorded order, and are
+        written then. So nothing a device did is lost, and a command waiting for its SENT to be stored reaches its
+        device, still connected, as soon as the database is back."""
+        # The later operations of an RPC whose row was refused fail with it, as they would have been written.
+        held = self._without_refused(part + [op for remaining in self._parts for op in remaining])
+        self._parts.clear()
+        self._refused = {}
+        if self._held is None:
+            log.warn("journal: the database is out of reach; holding {n} RPC changes until it is back",
+                     n=sum(1 for op in held if op.kind == CHANGE or op.kind == DELETE))
+        self._held = failure
+        kept = []
+        for op in held:
+            if op.kind in (INSERT, MARK):
+                op.waiter.errback(failure)
+            else:
+                kept.append(op)
+        # Newer inserts and barriers fail too (as they would have had they come after the hold).
+        for op in [op for op in self._ops if op.kind in (INSERT, MARK)]:
+            self._ops.remove(op)
+            op.waiter.errback(failure)
+        self._ops.extendleft(reversed(kept))
+        self.repository.when_healthy().addCallback(self._resume)
+
+    def _resume(self, _: Any = None) -> None:
+        log.info("journal: the database is back; writing {n} held RPC changes", n=len(self._ops))
+        self._held = None
+        self._flushing = False
         self._schedule()
 
-    def _failed(self, failure: Failure, batch: list[_Op]) -> None:
-        self._flushing = False
-        log.failure("journal: a batch of {n} RPC changes could not be written", failure, n=len(batch))
-        for op in batch:
-            op.waiter.errback(failure)
-        self._schedule()
+
+_WHAT = {INSERT: "the insert", CHANGE: "a status change", DELETE: "the deletion"}
+
+
+def _rpc_id(op: _Op) -> UUID | None:
+    if op.kind == INSERT:
+        return op.payload.id
+    if op.kind == CHANGE:
+        return op.payload[0]
+    if op.kind == DELETE:
+        return op.payload
+    return None

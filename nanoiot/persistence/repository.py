@@ -8,6 +8,13 @@ Each public method is a nested ``def thd(conn)`` run by :meth:`Repository._run` 
 SQLite gets exactly one thread (it has one writer anyway; a second thread would only wait on the lock) and, for
 file databases, write-ahead logging so that readers in other processes do not block it. PostgreSQL gets a few
 threads (``pool_size``, default 4), one connection each.
+
+Health: when the database cannot be reached, every query fails with
+:class:`~nanoiot.persistence.errors.DatabaseUnavailable` (a 503 with ``Retry-After`` at every door, never the
+driver's text) and the repository turns unhealthy (:attr:`Repository.healthy` False, :attr:`Repository.failing_since`
+set). While unhealthy it probes the database every ``probe_interval`` seconds on the reactor clock; the first query
+or probe that succeeds makes it healthy again and fires every :meth:`Repository.when_healthy` Deferred, which is how
+the journal and the cluster port resume what they had to leave. :meth:`Repository.ping` is the readiness check.
 """
 
 from __future__ import annotations
@@ -39,7 +46,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (ArgumentError, DBAPIError, DisconnectionError, IntegrityError, InterfaceError,
+                            OperationalError, SQLAlchemyError)
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import StaticPool
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
@@ -49,6 +58,7 @@ from twisted.python.threadpool import ThreadPool
 
 from nanoiot.errors import BadRequest, ConfigError, Conflict, InvalidArguments, NotFound
 from nanoiot.persistence import schema
+from nanoiot.persistence.errors import DatabaseUnavailable
 from nanoiot.persistence.records import (
     NULL_UUID,
     Authority,
@@ -84,6 +94,10 @@ SQLITE_BUSY_TIMEOUT_MS = 5000
 RETRY_ATTEMPTS = 4
 #: Seconds before the first retry; doubled for each further one.
 RETRY_DELAY = 0.05
+#: ``Retry-After`` (seconds) of the 503 a client gets while the database is unreachable (``--db-retry-after``).
+DEFAULT_RETRY_AFTER = 5.0
+#: Seconds between two probes of an unreachable database.
+DEFAULT_PROBE_INTERVAL = 1.0
 
 TOKEN_LENGTH = 20
 _TOKEN_ALPHABET = string.ascii_letters + string.digits
@@ -132,6 +146,9 @@ _TRANSIENT_MESSAGES = (
     "could not send data to server",
     "ssl syscall error",
 )
+# SQLite OperationalErrors that are a statement's fault, not the database's absence.
+_STATEMENT_ERRORS = ("no such table", "no such column", "no such function", "syntax error", "has no column",
+                     "already exists", "no such index")
 # PostgreSQL SQLSTATEs of the same kind: serialization failure, deadlock, server shutting down or starting.
 _TRANSIENT_PGCODES = frozenset({"40001", "40P01", "57P01", "57P02", "57P03"})
 
@@ -139,7 +156,8 @@ _TRANSIENT_PGCODES = frozenset({"40001", "40P01", "57P01", "57P02", "57P03"})
 class Repository:
     """Tenants, customers, users, devices, credentials and RPCs, as Deferreds of records."""
 
-    def __init__(self, url: str, reactor: Any = None, pool_size: int | None = None) -> None:
+    def __init__(self, url: str, reactor: Any = None, pool_size: int | None = None,
+                 retry_after: float = DEFAULT_RETRY_AFTER, probe_interval: float = DEFAULT_PROBE_INTERVAL) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -150,6 +168,18 @@ class Repository:
         self._pool: ThreadPool | None = None
         self._engine: Engine | None = None
         self._shutdown_trigger: Any = None
+        #: Seconds a client is told to wait (``Retry-After``) while the database is unreachable.
+        self.retry_after = retry_after
+        #: Seconds between probes while unhealthy.
+        self.probe_interval = probe_interval
+        #: Reactor time of the last query that succeeded (None: none yet).
+        self.last_success: float | None = None
+        #: Reactor time the database became unreachable; None while healthy.
+        self.failing_since: float | None = None
+        self._recovery_waiters: list[Deferred[None]] = []
+        self._probe_call: Any = None
+        #: Set once the schema is in place: an unreachable database before that is a start-up error, not an outage.
+        self._started = False
 
     # --- lifecycle ------------------------------------------------------------------------------------------------
 
@@ -178,11 +208,13 @@ class Repository:
         # they can still flush the journal and leave the cluster.
         self._shutdown_trigger = self._reactor.addSystemEventTrigger("during", "shutdown", self._stop_on_shutdown)
 
-        def thd(conn: Connection) -> int:
+        def thd(conn: Connection) -> schema.Upgraded:
             return schema.upgrade(conn)
 
         def failed(failure: Any) -> Any:
             exc = failure.value
+            if isinstance(exc, DatabaseUnavailable) and exc.__cause__ is not None:
+                exc = exc.__cause__
             if isinstance(exc, schema.SchemaTooNew):
                 failure = ConfigError(f"{_safe_url(url)}: {exc}")
             elif isinstance(exc, SQLAlchemyError):
@@ -190,13 +222,14 @@ class Repository:
             # Whatever went wrong, leave no threads behind.
             return self.stop().addBoth(lambda _: defer.fail(failure))
 
-        def upgraded(found: int) -> None:
-            if found == 0:
-                log.info("Created the database schema (version {version}) in {url}",
-                         version=schema.SCHEMA_VERSION, url=_safe_url(url))
-            elif found < schema.SCHEMA_VERSION:
-                log.info("Upgraded the database schema from version {old} to {new}",
-                         old=found, new=schema.SCHEMA_VERSION)
+        def upgraded(done: schema.Upgraded) -> None:
+            self._started = True
+            if done.found is None:
+                log.info("Created the database schema (revision {head}) in {url}", head=done.head,
+                         url=_safe_url(url))
+            elif done.found != done.head:
+                was = f"schema version {done.legacy}" if done.legacy is not None else f"revision {done.found}"
+                log.info("Upgraded the database schema from {was} to revision {head}", was=was, head=done.head)
 
         # No retries: an unreachable database at start is a configuration error to report at once.
         return self._run(thd, attempts=1).addCallbacks(upgraded, failed)
@@ -205,6 +238,8 @@ class Repository:
         """Let queued queries finish, then join the threads and close the connections, off the reactor thread."""
         pool, engine = self._pool, self._engine
         self._pool = self._engine = None
+        self._started = False
+        self._cancel_probe()
         if self._shutdown_trigger is not None:
             self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
             self._shutdown_trigger = None
@@ -222,9 +257,75 @@ class Repository:
         self._shutdown_trigger = None
         return self.stop()
 
-    def get_schema_version(self) -> Deferred[int | None]:
-        """The schema version recorded in the database (for diagnostics and tests)."""
-        return self._run(schema.current_version)
+    # --- health ---------------------------------------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        """False from the moment a query found the database unreachable until a query or probe succeeds again
+        (readiness checks read it; it costs nothing)."""
+        return self.failing_since is None
+
+    async def ping(self) -> None:
+        """One round trip (``SELECT 1``): returns when the database answers, raises
+        :class:`~nanoiot.persistence.errors.DatabaseUnavailable` (a ServiceUnavailable) when it does not, or when
+        the repository is not running. For readiness checks; it updates :attr:`healthy` like any query."""
+        if self._pool is None:
+            raise DatabaseUnavailable("The database is not connected", retry_after=self.retry_after)
+        await self._run(_select_one, attempts=1)
+
+    def when_healthy(self) -> Deferred[None]:
+        """Fires (on the reactor) once the database is reachable: at once while healthy, else after the query or
+        probe that finds it back. What had to be left during an outage is resumed from here."""
+        if self.healthy:
+            return defer.succeed(None)
+        d: Deferred[None] = Deferred()
+        self._recovery_waiters.append(d)
+        return d
+
+    def _succeeded(self) -> None:
+        self.last_success = self._reactor.seconds()
+        if self.failing_since is None:
+            return
+        log.info("The database is reachable again after {seconds:.1f} s", seconds=self.last_success -
+                 self.failing_since)
+        self.failing_since = None
+        self._cancel_probe()
+        waiters, self._recovery_waiters = self._recovery_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _unreachable(self, exc: BaseException) -> DatabaseUnavailable:
+        if self._started and self._pool is not None:
+            if self.failing_since is None:
+                self.failing_since = self._reactor.seconds()
+                # The operator's log may name the host and port; a client never sees them.
+                log.warn("The database is unreachable ({error}); answering 503 until it is back, probing every "
+                         "{interval} s", error=_first_line(exc), interval=self.probe_interval)
+            self._schedule_probe()
+        error = DatabaseUnavailable(retry_after=self.retry_after)
+        error.__cause__ = exc
+        return error
+
+    def _schedule_probe(self) -> None:
+        if self._pool is None or (self._probe_call is not None and self._probe_call.active()):
+            return
+        self._probe_call = self._reactor.callLater(self.probe_interval, self._probe)
+
+    def _probe(self) -> None:
+        self._probe_call = None
+        if self._pool is None or self.healthy:
+            return
+        # A failure marks the repository unhealthy again, which schedules the next probe.
+        self._run(_select_one, attempts=1).addErrback(lambda f: f.trap(DatabaseUnavailable, RuntimeError))
+
+    def _cancel_probe(self) -> None:
+        call, self._probe_call = self._probe_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def get_schema_revision(self) -> Deferred[str | None]:
+        """The Alembic revision recorded in the database (for diagnostics and tests)."""
+        return self._run(schema.current_revision)
 
     # --- tenants, customers, users --------------------------------------------------------------------------------
 
@@ -387,6 +488,8 @@ class Repository:
 
     def get_tenant_device_by_name(self, tenant_id: UUID, name: str) -> Deferred[Device | None]:
         """Names are unique per tenant and compared exactly (``/api/tenant/devices?deviceName=``)."""
+        if len(name) > 255 or "\x00" in name:
+            return defer.succeed(None)  # no stored name is longer; PostgreSQL refuses NUL (a gateway's names too)
 
         def thd(conn: Connection) -> Device | None:
             row = conn.execute(select(devices).where(devices.c.tenant_id == tenant_id, devices.c.name == name)).first()
@@ -652,17 +755,30 @@ class Repository:
             number = 1
             while True:
                 try:
-                    return await deferToThreadPool(self._reactor, pool, transaction)
+                    result = await deferToThreadPool(self._reactor, pool, transaction)
                 except OperationalError as exc:
                     if number >= attempts or not _is_transient(exc):
+                        if _is_unreachable(exc):
+                            raise self._unreachable(exc) from exc
                         raise
                     delay = RETRY_DELAY * 2 ** (number - 1)
                     log.warn("Transient database error (attempt {number} of {attempts}), retrying in {delay}s: "
                              "{error}", number=number, attempts=attempts, delay=delay, error=_first_line(exc))
                     await task.deferLater(self._reactor, delay, lambda: None)
                     number += 1
+                except (InterfaceError, DisconnectionError, PoolTimeout, DBAPIError) as exc:
+                    if _is_unreachable(exc):
+                        raise self._unreachable(exc) from exc
+                    raise
+                else:
+                    self._succeeded()
+                    return result
 
         return defer.ensureDeferred(with_retries())
+
+
+def _select_one(conn: Connection) -> None:
+    conn.exec_driver_sql("SELECT 1")
 
 
 def generate_token() -> str:
@@ -715,6 +831,25 @@ def _is_transient(exc: OperationalError) -> bool:
         return True
     text = str(exc.orig).lower()
     return any(message in text for message in _TRANSIENT_MESSAGES)
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    """The database itself is out of reach (a 503 for everyone until it is back), as opposed to a failed statement
+    (a missing table, bad SQL: a bug, kept a 500 with an error id)."""
+    if isinstance(exc, (InterfaceError, DisconnectionError, PoolTimeout)):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    code = getattr(exc.orig, "pgcode", None)
+    if code:  # PostgreSQL answered: only its connection, shutdown and resource classes mean "not now"
+        return code.startswith(("08", "53", "57P"))
+    text = str(exc.orig).lower()
+    # No SQLSTATE: psycopg2 could not connect or lost the connection; SQLite could not open, read or lock its file.
+    return not any(bug in text for bug in _STATEMENT_ERRORS)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -848,8 +983,10 @@ def _customer(row: Row[Any]) -> Customer:
 
 
 def _user(row: Row[Any]) -> User:
+    # ``enabled`` (schema 5) read defensively: a row selected without it counts as enabled.
     return User(row.id, row.created_time, row.tenant_id, row.customer_id, row.email, Authority(row.authority),
-                row.first_name, row.last_name, bytes(row.password_hash))
+                row.first_name, row.last_name, bytes(row.password_hash),
+                bool(row._mapping.get("enabled", True)))
 
 
 def _device(row: Row[Any]) -> Device:

@@ -9,6 +9,7 @@ from uuid import UUID
 
 from nanoiot.errors import BadRequest
 from nanoiot.ids import uuid4
+from nanoiot.validation import json_depth, shown
 
 _MISSING = object()
 
@@ -66,6 +67,8 @@ def parse_rpc_body(
         raise BadRequest("Invalid request body: 'method' must not be empty")
     if len(method) > MAX_METHOD_LENGTH:
         raise BadRequest(f"Invalid request body: 'method' is longer than {MAX_METHOD_LENGTH} characters")
+    if "\x00" in method:
+        raise BadRequest("Invalid request body: 'method' must not contain the NUL character")
     timeout = _whole_number(raw, "timeout")
     if timeout is None:
         timeout = default_timeout
@@ -100,15 +103,18 @@ def parse_rpc_body(
         try:
             request_uuid = UUID(str(raw_uuid))
         except ValueError:
-            raise BadRequest(f"Invalid UUID string: {raw_uuid}") from None
+            raise BadRequest(f"Invalid UUID string: {shown(raw_uuid)}") from None
+    # Stored as JSON text (persistent commands) and read back by every client: bounded nesting, as the edge's.
+    params = json_depth("params", raw.get("params"))
+    additional_info = json_depth("additionalInfo", raw.get("additionalInfo"))
     return RpcBody(
         method=method,
-        params=raw.get("params"),
+        params=params,
         timeout=timeout,
         expiration_time=expiration_time,
         persistent=persistent,
         retries=retries,
-        additional_info=raw.get("additionalInfo"),
+        additional_info=additional_info,
         request_uuid=request_uuid,
         qos=qos,
     )

@@ -10,10 +10,11 @@ from typing import Any
 from nanoiot.commands.bulk import BatchStatus, BulkRpc, parse_bulk_request
 from nanoiot.errors import ServiceUnavailable
 from nanoiot.persistence.records import Authority
-from nanoiot.web.access import parse_uuid, require_authority
+from nanoiot.web.access import require_authority
 from nanoiot.web.context import WebContext
 from nanoiot.web.routing import ApiRequest, Router
 from nanoiot.web.rpc import initiator_of
+from nanoiot.validation import text, uuid_param
 
 
 class BulkApi:
@@ -35,20 +36,23 @@ class BulkApi:
     async def send(self, request: ApiRequest) -> dict[str, Any]:
         initiator = initiator_of(request.user)  # a system administrator commands no device: 403
         config = self.context.config
-        parsed = parse_bulk_request(request.json_body(), request.now(), config.rpc_default_timeout,
+        raw = request.json_body()
+        if isinstance(raw, dict):
+            text("deviceType", raw.get("deviceType"))  # the rest as parse_bulk_request checks it
+        parsed = parse_bulk_request(raw, request.now(), config.rpc_default_timeout,
                                     config.rpc_min_timeout, config.rpc_bulk_max_devices)
         batch = await self.bulk.start(initiator, parsed)
         return {"batchId": str(batch.id), "total": batch.total}
 
     async def get(self, request: ApiRequest) -> dict[str, Any]:
         require_authority(request.user, Authority.TENANT_ADMIN, Authority.CUSTOMER_USER)
-        batch_id = parse_uuid(request.params["batchId"])
+        batch_id = uuid_param("batchId", request.params["batchId"])
         with_rpc_ids = (request.query("rpcIds") or "true").lower() != "false"
         return batch_status_json(await self.bulk.status(initiator_of(request.user), batch_id, with_rpc_ids))
 
     async def delete(self, request: ApiRequest) -> dict[str, Any]:
         require_authority(request.user, Authority.TENANT_ADMIN)
-        batch_id = parse_uuid(request.params["batchId"])
+        batch_id = uuid_param("batchId", request.params["batchId"])
         return {"deleted": await self.bulk.delete(initiator_of(request.user), batch_id)}
 
 

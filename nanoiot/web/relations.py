@@ -16,9 +16,10 @@ from uuid import UUID
 from nanoiot.errors import BadRequest, InvalidArguments, NotFound, PermissionDenied
 from nanoiot.persistence.records import Authority, RelationRecord
 from nanoiot.persistence.rule_store import COMMON, FROM, TO, RuleStore
-from nanoiot.web.access import parse_uuid, require_authority
+from nanoiot.web.access import require_authority
 from nanoiot.web.context import WebContext
 from nanoiot.web.routing import NO_BODY, ApiRequest, Response, Router
+from nanoiot.validation import json_depth, json_object, shown, text, uuid_param
 
 #: ThingsBoard's EntityType names (a relation end of any other type is a 400).
 ENTITY_TYPES: Final = frozenset("""
@@ -47,7 +48,7 @@ def _entity_type(value: Any, name: str) -> str:
         raise InvalidArguments(f"Required request parameter '{name}' is not present")
     entity_type = value.strip().upper()
     if entity_type not in ENTITY_TYPES:
-        raise BadRequest(f"Invalid entity type '{value}'")
+        raise BadRequest(f"{name}: Invalid entity type '{shown(value)}'")
     return entity_type
 
 
@@ -55,16 +56,14 @@ def _type_group(value: Any) -> str:
     if value is None or value == "":
         return COMMON
     if not isinstance(value, str) or not _TYPE_GROUP.match(value):
-        raise BadRequest(f"Invalid relation type group '{value}'")
+        raise BadRequest(f"Invalid relation type group '{shown(value)}'")
     return value
 
 
-def _relation_type(value: Any) -> str:
+def _relation_type(value: Any, field: str = "type") -> str:
     if not isinstance(value, str) or not value.strip():
         raise BadRequest("Relation type should be specified!")
-    if len(value) > 255:
-        raise BadRequest("Relation type is too long (at most 255 characters)")
-    return value
+    return text(field, value)  # type: ignore[return-value]
 
 
 class RelationApi:
@@ -116,7 +115,7 @@ class RelationApi:
         if not isinstance(raw, dict):
             raise BadRequest(f"Relation '{what}' should be an entity id {{\"entityType\", \"id\"}}")
         entity_type = _entity_type(raw.get("entityType"), f"{what}.entityType")
-        return await self._entity(tenant_id, entity_type, parse_uuid(str(raw.get("id"))))
+        return await self._entity(tenant_id, entity_type, uuid_param(f"{what}.id", raw.get("id")))
 
     async def _query_entity(self, request: ApiRequest, tenant_id: UUID, prefix: str) -> tuple[str, UUID] | None:
         raw_id, raw_type = request.query(f"{prefix}Id"), request.query(f"{prefix}Type")
@@ -124,8 +123,9 @@ class RelationApi:
             return None
         if raw_id is None:
             raise InvalidArguments(f"Required request parameter '{prefix}Id' is not present")
+        entity_id = uuid_param(f"{prefix}Id", raw_id)
         entity_type = _entity_type(raw_type, f"{prefix}Type")
-        return await self._entity(tenant_id, entity_type, parse_uuid(raw_id))
+        return await self._entity(tenant_id, entity_type, entity_id)
 
     async def _both_ends(self, request: ApiRequest, tenant_id: UUID) -> tuple[tuple[str, UUID], tuple[str, UUID],
                                                                                 str, str]:
@@ -138,19 +138,20 @@ class RelationApi:
         relation_type = request.query("relationType")
         if relation_type is None:
             raise InvalidArguments("Required request parameter 'relationType' is not present")
-        return from_, to, _relation_type(relation_type), _type_group(request.query("relationTypeGroup"))
+        return from_, to, _relation_type(relation_type, "relationType"), \
+            _type_group(request.query("relationTypeGroup"))
 
     # --- handlers ---------------------------------------------------------------------------------------------------
 
     async def save(self, request: ApiRequest) -> dict[str, Any]:
         tenant_id = self._tenant(request)
-        body = request.json_body()
-        if not isinstance(body, dict):
-            raise BadRequest("Invalid request body: expected a JSON object")
+        body = json_object(request.json_body())
+        relation_type = _relation_type(body.get("type"))
+        additional_info = json_depth("additionalInfo", body.get("additionalInfo"))
         from_ = await self._entity_of(tenant_id, body.get("from"), "from")
         to = await self._entity_of(tenant_id, body.get("to"), "to")
-        relation = RelationRecord(tenant_id, from_[1], from_[0], to[1], to[0], _relation_type(body.get("type")),
-                                  _type_group(body.get("typeGroup")), body.get("additionalInfo"))
+        relation = RelationRecord(tenant_id, from_[1], from_[0], to[1], to[0], relation_type,
+                                  _type_group(body.get("typeGroup")), additional_info)
         return relation_json(await self.store.save_relation(relation))
 
     async def get_one(self, request: ApiRequest) -> dict[str, Any]:
@@ -179,7 +180,8 @@ class RelationApi:
         direction, (entity_type, entity_id) = (FROM, from_) if from_ is not None else (TO, to)  # type: ignore[misc]
         relation_type = request.query("relationType")
         found = await self.store.list_relations(tenant_id, entity_id, entity_type, direction,
-                                                _relation_type(relation_type) if relation_type is not None else None,
+                                                _relation_type(relation_type, "relationType")
+                                                if relation_type is not None else None,
                                                 _type_group(request.query("relationTypeGroup")))
         return [relation_json(r) for r in found]
 
@@ -189,7 +191,8 @@ class RelationApi:
         raw_id = request.query("entityId")
         if raw_id is None:
             raise InvalidArguments("Required request parameter 'entityId' is not present")
+        entity_id = uuid_param("entityId", raw_id)
         entity_type = _entity_type(request.query("entityType"), "entityType")
-        entity = await self._entity(tenant_id, entity_type, parse_uuid(raw_id))
+        entity = await self._entity(tenant_id, entity_type, entity_id)
         await self.store.delete_entity_relations(tenant_id, entity[1], entity[0], type_group=COMMON)
         return Response(body=NO_BODY)

@@ -17,12 +17,13 @@ from nanoiot.errors import InvalidArguments, NotFound, PermissionDenied
 from nanoiot.persistence.records import Authority, RpcStatus
 from nanoiot.rpc.body import parse_rpc_body
 from nanoiot.rpc.model import RpcResult
-from nanoiot.web.access import SYSADMIN_DENIED, parse_uuid, require_authority
+from nanoiot.web.access import SYSADMIN_DENIED, require_authority
 from nanoiot.web.context import WebContext
 from nanoiot.web.paging import page_link
 from nanoiot.web.routing import NO_BODY, ApiRequest, Response, Router
 from nanoiot.web.shapes import page_json, rpc_json
 from nanoiot.web.tokens import Principal
+from nanoiot.validation import shown, uuid_param
 
 KINDS = ("oneway", "twoway")
 RPC_SORTS = ("createdTime", "expirationTime", "request", "response")
@@ -36,9 +37,26 @@ def initiator_of(principal: Principal) -> Initiator:
     return Initiator(principal.tenant_id, customer, principal.user_id)
 
 
+#: Callers remembered by ``RpcApi._initiator`` at most (then it starts again).
+MAX_INITIATORS = 10_000
+
+
 class RpcApi:
     def __init__(self, context: WebContext) -> None:
         self.context = context
+        #: id(principal) -> (principal, its Initiator): a verified token's Principal is one object (the token
+        #: cache's), so the same caller's commands share one Initiator, and its origin JSON (CommandService).
+        self._initiators: dict[int, tuple[Principal, Initiator]] = {}
+
+    def _initiator(self, principal: Principal) -> Initiator:
+        cached = self._initiators.get(id(principal))
+        if cached is not None and cached[0] is principal:
+            return cached[1]
+        initiator = initiator_of(principal)
+        if len(self._initiators) >= MAX_INITIATORS:
+            self._initiators.clear()
+        self._initiators[id(principal)] = (principal, initiator)
+        return initiator
 
     def register(self, router: Router) -> None:
         router.add("POST", "/api/rpc/{kind}/{deviceId}", self.send_v2)
@@ -51,17 +69,18 @@ class RpcApi:
 
     async def get_persistent(self, request: ApiRequest) -> dict[str, Any]:
         require_authority(request.user, Authority.TENANT_ADMIN, Authority.CUSTOMER_USER)
-        record = await self.context.commands.get(initiator_of(request.user), parse_uuid(request.params["rpcId"]))
+        rpc_id = uuid_param("rpcId", request.params["rpcId"])
+        record = await self.context.commands.get(initiator_of(request.user), rpc_id)
         return rpc_json(record)
 
     async def delete_persistent(self, request: ApiRequest) -> Response:
         require_authority(request.user, Authority.TENANT_ADMIN)
-        await self.context.commands.delete(initiator_of(request.user), parse_uuid(request.params["rpcId"]))
+        await self.context.commands.delete(initiator_of(request.user), uuid_param("rpcId", request.params["rpcId"]))
         return Response(body=NO_BODY)
 
     async def list_persistent(self, request: ApiRequest) -> dict[str, Any]:
         require_authority(request.user, Authority.TENANT_ADMIN, Authority.CUSTOMER_USER)
-        device_id = parse_uuid(request.params["deviceId"])
+        device_id = uuid_param("deviceId", request.params["deviceId"])
         status = None
         raw_status = request.query("rpcStatus")
         if raw_status:
@@ -69,7 +88,7 @@ class RpcApi:
                 status = RpcStatus(raw_status.upper())
             except ValueError:
                 names = ", ".join(s.value for s in RpcStatus if s is not RpcStatus.DELETED)
-                raise InvalidArguments(f"Invalid rpcStatus '{raw_status}': use one of {names}") from None
+                raise InvalidArguments(f"Invalid rpcStatus '{shown(raw_status)}': use one of {names}") from None
         link = page_link(request, RPC_SORTS)
         page = await self.context.commands.list(initiator_of(request.user), device_id, link, status)
         return page_json(page, rpc_json)
@@ -84,14 +103,14 @@ class RpcApi:
         # The hot path of the REST API: plain calls and one Deferred while the device is in memory.
         kind = request.params["kind"]
         if kind not in KINDS:
-            raise NotFound(f"Unknown RPC type '{kind}': use oneway or twoway")
-        device_id = parse_uuid(request.params["deviceId"])
+            raise NotFound(f"Unknown RPC type '{shown(kind)}': use oneway or twoway")
+        device_id = uuid_param("deviceId", request.params["deviceId"])
         config = self.context.config
         raw = request.json_body()
         body = parse_rpc_body(raw, request.now(), config.rpc_default_timeout, config.rpc_min_timeout)
         oneway = kind == "oneway"
         idempotent = isinstance(raw.get("requestUUID"), str)
-        d = self.context.commands.submit(initiator_of(request.user), device_id, body, oneway, idempotent)
+        d = self.context.commands.submit(self._initiator(request.user), device_id, body, oneway, idempotent)
         return d.addCallback(_render, body.persistent, body.request_uuid, oneway, v1)
 
 

@@ -23,10 +23,11 @@ from uuid import UUID
 from nanoiot.errors import BadRequest, Conflict, InvalidArguments, NotFound, PermissionDenied
 from nanoiot.persistence.records import Authority, PageLink, RuleChainRecord
 from nanoiot.persistence.rule_store import CHAIN_NOT_FOUND, ROOT_DELETE_REFUSED, RuleStore
-from nanoiot.web.access import parse_uuid, require_authority
+from nanoiot.web.access import require_authority
 from nanoiot.web.context import WebContext
 from nanoiot.web.paging import page_link
 from nanoiot.web.routing import NO_BODY, ApiRequest, Response, Router
+from nanoiot.validation import json_depth, shown, text, uuid_param
 
 RULE_CHAIN_SORTS: Final = ("createdTime", "name", "root", "type")
 CHAIN_TYPES: Final = ("CORE", "EDGE")
@@ -178,9 +179,21 @@ def with_node_ids(metadata: dict[str, Any], keep: set[UUID]) -> dict[str, Any]:
 
 def _chain_type(body: dict[str, Any]) -> str:
     value = body.get("type") or "CORE"
-    if value not in CHAIN_TYPES:
-        raise BadRequest(f"Invalid rule chain type '{value}': use CORE or EDGE")
+    if not isinstance(value, str) or value not in CHAIN_TYPES:
+        raise BadRequest(f"type: Invalid rule chain type '{shown(value)}': use CORE or EDGE")
     return str(value)
+
+
+def _chain_name(body: dict[str, Any], field: str = "name") -> str:
+    name = body.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise BadRequest(NAME_REQUIRED)
+    return text(field, name)  # type: ignore[return-value]
+
+
+def _stored_json(body: dict[str, Any], *fields: str) -> None:
+    for field in fields:
+        json_depth(field, body.get(field))
 
 
 def _id_of(value: Any) -> str | None:
@@ -244,9 +257,9 @@ class RuleChainApi:
         """The tenant's root chain while none is stored: the server's default, under its fixed id."""
         return default_root_record(tenant_id, self._default_export())
 
-    async def _chain(self, tenant_id: UUID, raw_id: str) -> RuleChainRecord:
+    async def _chain(self, tenant_id: UUID, raw_id: str, field: str = "ruleChainId") -> RuleChainRecord:
         """The tenant's chain (404 when missing, 403 when another tenant's), or its not-yet-stored default root."""
-        chain_id = parse_uuid(raw_id)
+        chain_id = uuid_param(field, raw_id)
         record = await self.store.get_rule_chain(chain_id)
         if record is not None:
             if record.tenant_id != tenant_id:
@@ -278,10 +291,9 @@ class RuleChainApi:
     async def save_chain(self, request: ApiRequest) -> dict[str, Any]:
         tenant_id = self._tenant(request)
         body = _json_object(request)
-        name = body.get("name")
-        if not isinstance(name, str) or not name.strip():
-            raise BadRequest(NAME_REQUIRED)
+        name = _chain_name(body)
         chain_type = _chain_type(body)
+        _stored_json(body, "configuration", "additionalInfo")
         debug_mode = bool(body.get("debugMode") or False)
         version = body.get("version")
         expected = version if isinstance(version, int) and not isinstance(version, bool) else None
@@ -292,7 +304,7 @@ class RuleChainApi:
             created = await self.store.create_rule_chain(tenant_id, name, chain_type, debug_mode,
                                                          body.get("configuration"), body.get("additionalInfo"))
             return rule_chain_json(created)
-        record = await self._chain(tenant_id, existing_id)
+        record = await self._chain(tenant_id, existing_id, "id")
         if body.get("root") is True and not record.root:
             raise BadRequest(ANOTHER_ROOT)
         if record.root and chain_type != "CORE":
@@ -312,8 +324,9 @@ class RuleChainApi:
         raw_id = _id_of(body.get("ruleChainId"))
         if raw_id is None:
             raise BadRequest("Rule chain metadata should have ruleChainId")
-        record = await self._chain(tenant_id, raw_id)
+        record = await self._chain(tenant_id, raw_id, "ruleChainId")
         given = {k: v for k, v in body.items() if k not in ("ruleChainId", "version")}
+        json_depth("metadata", given)
         loaded = self._load(chain_export(record, given), record.id)
         normalized = (getattr(loaded, "export", None) or {}).get("metadata") or given
         keep = {node_uuid for node in (record.metadata or {}).get("nodes") or []
@@ -328,12 +341,11 @@ class RuleChainApi:
         """A whole export file, validated as one (every problem listed), stored as a new non-root chain."""
         tenant_id = self._tenant(request)
         body = _json_object(request)
+        json_depth("ruleChain export", body)
         loaded = self._load(body, None)
         export = getattr(loaded, "export", None) or body
         fields = export.get("ruleChain") or body.get("ruleChain") or {}
-        name = fields.get("name")
-        if not isinstance(name, str) or not name.strip():
-            raise BadRequest(NAME_REQUIRED)
+        name = _chain_name(fields, "ruleChain.name")
         metadata = with_node_ids(export.get("metadata") or {}, set())
         created = await self.store.create_rule_chain(
             tenant_id, name, _chain_type(fields), bool(fields.get("debugMode") or False),
@@ -353,7 +365,7 @@ class RuleChainApi:
         link = page_link(request, RULE_CHAIN_SORTS)
         chain_type = request.query("type") or None
         if chain_type is not None and chain_type not in CHAIN_TYPES:
-            raise InvalidArguments(f"Invalid rule chain type '{chain_type}': use CORE or EDGE")
+            raise InvalidArguments(f"type: Invalid rule chain type '{shown(chain_type)}': use CORE or EDGE")
         virtual = None
         if chain_type in (None, "CORE") and await self.store.get_root(tenant_id) is None:
             candidate = self.default_root(tenant_id)

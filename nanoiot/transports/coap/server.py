@@ -33,6 +33,7 @@ sends again while it is queued or in flight is not duplicated.
 from __future__ import annotations
 
 import json
+import math
 import random as _random
 from collections import Counter
 from typing import Any, Callable
@@ -43,6 +44,8 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from nanoiot.errors import ServiceUnavailable
+from nanoiot.limits import KeyedLimiter
 from nanoiot.port.link import NO_LINK, Attach, DeviceLink
 from nanoiot.port.session import Delivery, next_session_id
 from nanoiot.transports.coap import codec
@@ -206,6 +209,7 @@ class CoapServer(DatagramProtocol):
         block_szx: int = MAX_SZX,
         call_timeout: float = CALL_TIMEOUT,
         max_queued: int = MAX_QUEUED,
+        rate_limiter: KeyedLimiter | None = None,
     ) -> None:
         self.authenticate = authenticate
         self.attach = attach
@@ -214,6 +218,8 @@ class CoapServer(DatagramProtocol):
         self.block_szx = clamp_szx(block_szx)
         self.call_timeout = call_timeout
         self.max_queued = max_queued
+        #: Requests per device (--coap-device-rate-limit): over it 4.29 Too Many Requests, Max-Age = when to retry.
+        self.rate_limiter = rate_limiter
         self.sweeper = Sweeper(clock)
         self.messages = MessageLayer(clock, self._write, random, self.sweeper)
         self.observers = ObserveRegistry()
@@ -354,9 +360,20 @@ class CoapServer(DatagramProtocol):
                 self.stats["unauthorized"] += 1
                 self._respond(exchange, codec.UNAUTHORIZED)
                 return
+            wait = self.rate_limiter.take(device.id) if self.rate_limiter is not None else 0.0
+            if wait:
+                self.stats["rate_limited"] += 1
+                self._respond(exchange, codec.code(4, 29), options=[(codec.MAX_AGE, max(1, math.ceil(wait)))])
+                return
             handler(exchange, device, *args)
 
         def failed(failure: Failure) -> None:
+            unavailable = failure.check(ServiceUnavailable)
+            if unavailable and not self._stopped:
+                # The database is out of reach: 5.03, Max-Age saying when to try again (RFC 7252 §5.9.3.4).
+                retry_after = max(1, math.ceil(failure.value.retry_after or 1))
+                self._respond(exchange, codec.SERVICE_UNAVAILABLE, options=[(codec.MAX_AGE, retry_after)])
+                return
             log.failure("coap: token lookup failed", failure)
             if not self._stopped:
                 self._respond(exchange, codec.INTERNAL_SERVER_ERROR)
