@@ -48,6 +48,8 @@ class User:
     first_name: str | None
     last_name: str | None
     password_hash: bytes = field(repr=False)
+    #: False for a disabled user (``tb_user.enabled``, schema 5): no login, and its tokens stop working.
+    enabled: bool = True
 
 
 @dataclass(frozen=True, slots=True)

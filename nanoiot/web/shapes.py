@@ -7,7 +7,7 @@ import uuid
 from typing import Any, Callable, TypeVar
 from uuid import UUID
 
-from nanoiot.persistence.records import Customer, Device, DeviceCredentials, Page, RpcRecord, User
+from nanoiot.persistence.records import Customer, Device, DeviceCredentials, Page, RpcRecord, Tenant, User
 
 T = TypeVar("T")
 
@@ -40,6 +40,14 @@ def device_json(device: Device) -> dict[str, Any]:
         "version": device.version,
         "additionalInfo": device.additional_info,
     }
+
+
+def device_info_json(device: Device, active: bool, customer_title: str | None = None) -> dict[str, Any]:
+    """ThingsBoard's DeviceInfo: the device with its customer's title, its profile's name and whether it is
+    connected (``active``)."""
+    info = device_json(device)
+    info.update(customerTitle=customer_title, customerIsPublic=False, deviceProfileName="default", active=active)
+    return info
 
 
 def credentials_json(credentials: DeviceCredentials) -> dict[str, Any]:
@@ -81,7 +89,24 @@ def user_json(user: User) -> dict[str, Any]:
         "firstName": user.first_name,
         "lastName": user.last_name,
         "phone": None,
-        "additionalInfo": {},
+        # ThingsBoard reports whether the user may log in here (POST /api/user/{id}/userCredentialsEnabled).
+        "additionalInfo": {"userCredentialsEnabled": user.enabled},
+        "version": 1,
+    }
+
+
+def tenant_json(tenant: Tenant) -> dict[str, Any]:
+    """ThingsBoard's ``Tenant``; only the title is stored (the address fields are null, the region "Global")."""
+    return {
+        "id": entity_id("TENANT", tenant.id),
+        "createdTime": tenant.created_time,
+        "title": tenant.title,
+        "name": tenant.title,
+        "region": "Global",
+        "tenantProfileId": entity_id("TENANT_PROFILE", uuid.uuid5(_PROFILE_NAMESPACE, "default tenant profile")),
+        "country": None, "state": None, "city": None, "address": None, "address2": None, "zip": None,
+        "phone": None, "email": None,
+        "additionalInfo": None,
         "version": 1,
     }
 
