@@ -50,8 +50,10 @@ from nanoiot.errors import (
     NanoError,
     NotFound,
     PayloadTooLarge,
+    TooManyRequests,
     unexpected,
 )
+from nanoiot.limits import Counter, KeyedLimiter, parse_rates
 from nanoiot.port.link import NO_LINK, Attach, DeviceLink
 from nanoiot.port.session import Delivery, next_session_id
 
@@ -249,6 +251,8 @@ class DeviceApiResource(Resource):
         max_poll_ms: int = MAX_POLL_MS,
         default_poll_ms: int = DEFAULT_POLL_MS,
         max_payload: int = MAX_PAYLOAD,
+        rate_limit: str = "",
+        max_open_per_device: int = 0,
     ) -> None:
         super().__init__()
         self.authenticate = authenticate
@@ -258,6 +262,13 @@ class DeviceApiResource(Resource):
         self.max_poll_ms = max(1, max_poll_ms)
         self.default_poll_ms = max(1, min(default_poll_ms, self.max_poll_ms))
         self.max_payload = max_payload
+        #: Requests per device (``--http-device-rate-limit``, ThingsBoard's syntax); None: no limit.
+        self.limiter: KeyedLimiter | None = None
+        if rate_limit:
+            self.limiter = KeyedLimiter(parse_rates(rate_limit), clock.seconds)
+        #: Long polls and calls open per device (``--http-max-requests-per-device``; 0: no limit): each holds a
+        #: session on the device's actor until it ends.
+        self.open_requests: Counter = Counter(max_open_per_device)
 
     # --- twisted.web ----------------------------------------------------------------------------------------------
 
@@ -338,13 +349,31 @@ class DeviceApiResource(Resource):
         if device is None:
             finish_empty(request, 401)  # ThingsBoard: 401 with an empty body
             return
+        if self.limiter is not None:
+            wait = self.limiter.take(device.id)
+            if wait:
+                self._write_error(request, TooManyRequests("Too many requests for current device!",
+                                                           retry_after=wait))
+                return
         handler(request, device, argument)
 
     def _poll(self, request: Any, device: Any, timeout_ms: int) -> None:
-        HttpPollSession(self, request, device, timeout_ms).start()
+        if self._opened(request, device):
+            HttpPollSession(self, request, device, timeout_ms).start()
 
     def _call(self, request: Any, device: Any, payload: bytes) -> None:
-        HttpCallSession(self, request, device, self.default_poll_ms).start(payload)
+        if self._opened(request, device):
+            HttpCallSession(self, request, device, self.default_poll_ms).start(payload)
+
+    def _opened(self, request: Any, device: Any) -> bool:
+        """Counts a long-lived request of ``device`` until it ends; False (answered 429) over the limit."""
+        opened = self.open_requests
+        if not opened.acquire(device.id):
+            self._write_error(request, TooManyRequests(
+                f"Too many open requests for this device (limit {opened.maximum})", limit=opened.maximum))
+            return False
+        request.notifyFinish().addBoth(lambda _: opened.release(device.id))
+        return True
 
     def _answer(self, request: Any, device: Any, argument: tuple[int, bytes]) -> None:
         request_id, payload = argument
