@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from nanoiot.actors import messages as m
 from nanoiot.persistence.records import Device
+from nanoiot.port.link import Done
 
 if TYPE_CHECKING:
     from nanoiot.actors.directory import DeviceDirectory
@@ -34,11 +35,11 @@ class ActorLink:
     def acked(self, request_id: int) -> None:
         self.directory.tell_local(self.device, m.CommandAcked(self.session_id, request_id))
 
-    def answered(self, request_id: int, payload: bytes) -> None:
-        self.directory.tell_local(self.device, m.CommandAnswered(self.session_id, request_id, payload))
+    def answered(self, request_id: int, payload: bytes, done: Done = None) -> None:
+        self.directory.tell_local(self.device, m.CommandAnswered(self.session_id, request_id, payload, done))
 
-    def called(self, request_id: int, payload: bytes) -> None:
-        self.directory.tell_local(self.device, m.DeviceCall(self.session_id, request_id, payload))
+    def called(self, request_id: int, payload: bytes, done: Done = None) -> None:
+        self.directory.tell_local(self.device, m.DeviceCall(self.session_id, request_id, payload, done))
 
     def closed(self) -> None:
         self.directory.tell_local(self.device, m.DetachSession(self.session_id))

@@ -12,6 +12,7 @@ from typing import Any
 from uuid import UUID
 
 from nanoiot.actors.replies import ReplyTo
+from nanoiot.port.link import Done
 from nanoiot.port.session import DeviceSession
 from nanoiot.rpc.model import RpcCommand
 from nanoiot.rpc.queue import Timer
@@ -68,6 +69,8 @@ class CommandAnswered:
     session_id: int
     request_id: int
     payload: bytes
+    #: Called once handled: the session acknowledges the device's message only then (a local report, never routed).
+    done: Done = None
 
 
 @dataclass(slots=True)
@@ -77,6 +80,8 @@ class DeviceCall:
     session_id: int
     request_id: int
     payload: bytes
+    #: Called once handled, as for :class:`CommandAnswered`.
+    done: Done = None
 
 
 @dataclass(slots=True)
@@ -99,6 +104,14 @@ class TimerFired:
     request_id: int
     #: Which arming of the timer this is: a firing that raced with a cancel or re-arm is ignored.
     generation: int = 0
+
+
+@dataclass(slots=True)
+class TimersDue:
+    """The actor's one wake-up call fired: every timer due by now fires, in order (``DeviceActor._timers_due``)."""
+
+    #: Which arming of the wake-up call this is: one that raced with a re-arm or a cancel is ignored.
+    generation: int
 
 
 @dataclass(slots=True)

@@ -4,21 +4,28 @@ session reports, and a :class:`RecordingAttach` that hands one out per attached 
 A report is recorded as a plain tuple, named after the :class:`~nanoiot.port.link.DeviceLink` method:
 ``("subscribed", one_shot)``, ``("unsubscribed",)``, ``("acked", request_id)``, ``("answered", request_id,
 payload)``, ``("called", request_id, payload)``, ``("closed",)``.
+
+A report's ``done`` (the actor has handled it) is called at once, unless the link was made with ``hold=True``: then
+it waits in ``held`` until the test calls it, as a busy actor would.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 
 class RecordingLink:
     """A :class:`~nanoiot.port.link.DeviceLink` that records every report, in order, in ``calls``."""
 
-    def __init__(self, session: Any = None, journal: list[tuple[int, tuple]] | None = None) -> None:
+    def __init__(self, session: Any = None, journal: list[tuple[int, tuple]] | None = None,
+                 hold: bool = False) -> None:
         #: The session this link was attached for (None for a link made by hand).
         self.session = session
         self.calls: list[tuple] = []
+        self.hold = hold
+        #: The ``done`` of every report not handled yet (only with ``hold``), oldest first.
+        self.held: list[Callable[[], None]] = []
         #: Shared with the other links of one :class:`RecordingAttach`: ``(session id, call)`` in report order.
         self._journal = journal
 
@@ -42,11 +49,29 @@ class RecordingLink:
     def acked(self, request_id: int) -> None:
         self._record(("acked", request_id))
 
-    def answered(self, request_id: int, payload: bytes) -> None:
-        self._record(("answered", request_id, payload))
+    def _handled(self, done: Callable[[], None] | None) -> None:
+        if done is None:
+            return
+        if self.hold:
+            self.held.append(done)
+        else:
+            done()
 
-    def called(self, request_id: int, payload: bytes) -> None:
+    def handle(self, count: int | None = None) -> int:
+        """Call the ``done`` of the oldest ``count`` held reports (all by default), as the actor would; how many."""
+        taken = self.held if count is None else self.held[:count]
+        self.held = self.held[len(taken):]
+        for done in taken:
+            done()
+        return len(taken)
+
+    def answered(self, request_id: int, payload: bytes, done: Callable[[], None] | None = None) -> None:
+        self._record(("answered", request_id, payload))
+        self._handled(done)
+
+    def called(self, request_id: int, payload: bytes, done: Callable[[], None] | None = None) -> None:
         self._record(("called", request_id, payload))
+        self._handled(done)
 
     def closed(self) -> None:
         self._record(("closed",))
@@ -71,12 +96,14 @@ class RecordingAttach:
     ``attached`` lists the calls in order; ``reports`` is every link's calls interleaved in the order they were made,
     as ``(session id, call)`` pairs (``reports == []``: nothing was reported on any session)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hold: bool = False) -> None:
         self.attached: list[Attached] = []
         self.reports: list[tuple[int, tuple]] = []
+        #: Links hold their reports' ``done`` until the test handles them (see :class:`RecordingLink`).
+        self.hold = hold
 
     def __call__(self, device: Any, session: Any, exclusive: bool) -> RecordingLink:
-        link = RecordingLink(session, self.reports)
+        link = RecordingLink(session, self.reports, self.hold)
         self.attached.append(Attached(device, session, exclusive, link))
         return link
 

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from nanoiot.persistence.records import Device
-from nanoiot.port.link import NO_LINK, Attach, DeviceLink
+from nanoiot.port.link import NO_LINK, Attach, DeviceLink, Done
 from nanoiot.port.session import Delivery, next_session_id
 
 if TYPE_CHECKING:
@@ -92,19 +92,30 @@ class GatewayRouter:
 
     # --- publishes from the gateway -------------------------------------------------------------------------------
 
-    def on_publish(self, topic: str, payload: bytes) -> None:
-        """One PUBLISH on a ``v1/gateway/`` topic. Never raises: a bad message is logged and dropped."""
+    def on_publish(self, topic: str, payload: bytes, done: Done = None) -> None:
+        """One PUBLISH on a ``v1/gateway/`` topic. Never raises: a bad message is logged and dropped.
+
+        ``done`` is called once the message is handled: an answer once its sub-device's actor has it, a connect
+        once the sub-device is looked up, anything else at once (the gateway's PUBACK waits for it)."""
+        done = done or _nothing
         if topic == CONNECT_TOPIC:
-            handler: Callable[[dict[str, Any], str], None] = self._on_connect
+            handler: Callable[[dict[str, Any], str, Callable[[], None]], None] = self._on_connect
         elif topic == DISCONNECT_TOPIC:
             handler = self._on_disconnect
         elif topic == RPC_TOPIC:
             handler = self._on_rpc_answer
         else:
+            done()
             return  # telemetry, attributes, claims: accepted and acknowledged, of no use to an RPC server
         message = self._parse(topic, payload)
-        if message is not None:
-            handler(message, message["device"])
+        if message is None:
+            done()
+            return
+        try:
+            handler(message, message["device"], done)
+        except Exception:
+            done()
+            raise
 
     def _parse(self, topic: str, payload: bytes) -> dict[str, Any] | None:
         try:
@@ -125,8 +136,9 @@ class GatewayRouter:
         log.info("mqtt gateway {device_id}: ignored a publish to {topic}: {why}", device_id=self.gateway.id,
                  topic=topic, why=why)
 
-    def _on_connect(self, message: dict[str, Any], name: str) -> None:
+    def _on_connect(self, message: dict[str, Any], name: str, done: Callable[[], None]) -> None:
         if name in self.subs or name in self.pending:
+            done()
             return  # already connected, or being connected: a repeated connect changes nothing
         device_type = message.get("type")
         if not isinstance(device_type, str) or not device_type:
@@ -139,8 +151,11 @@ class GatewayRouter:
             self.pending.pop(name, None)
             log.failure("mqtt gateway {device_id}: looking up sub-device {name} failed", device_id=self.gateway.id,
                         name=name)
+            done()
             return
         d.addCallbacks(self._found, self._lookup_failed, callbackArgs=(name, marker), errbackArgs=(name, marker))
+        # Lookups of one gateway are bounded by its inbound window: its PUBACK waits for the lookup.
+        d.addBoth(_then, done)
 
     def _found(self, device: Device | None, name: str, marker: object) -> None:
         if self.closed or self.pending.get(name) is not marker:
@@ -166,27 +181,30 @@ class GatewayRouter:
         log.failure("mqtt gateway {device_id}: looking up sub-device {name} failed", failure,
                     device_id=self.gateway.id, name=name)
 
-    def _on_disconnect(self, message: dict[str, Any], name: str) -> None:
+    def _on_disconnect(self, message: dict[str, Any], name: str, done: Callable[[], None]) -> None:
+        done()
         self.pending.pop(name, None)
         sub = self.subs.pop(name, None)
         if sub is not None:
             self._forget_in_flight(sub)
             _detach(sub)
 
-    def _on_rpc_answer(self, message: dict[str, Any], name: str) -> None:
+    def _on_rpc_answer(self, message: dict[str, Any], name: str, done: Callable[[], None]) -> None:
         sub = self.subs.get(name)
         if sub is None:
+            done()
             self._ignored(RPC_TOPIC, f"sub-device {name!r} is not connected")
             return
         request_id = message.get("id")
         if isinstance(request_id, str) and request_id.isdigit():
             request_id = int(request_id)
         if not isinstance(request_id, int) or isinstance(request_id, bool):
+            done()
             self._ignored(RPC_TOPIC, 'no numeric "id"')
             return
         # ThingsBoard re-serialises "data" as the answer; a missing "data" is an empty answer, i.e. JSON null.
         body = json.dumps(message.get("data"), separators=(",", ":")).encode()
-        sub.link.answered(request_id, body)
+        sub.link.answered(request_id, body, done)
 
     # --- commands to sub-devices ----------------------------------------------------------------------------------
 
@@ -237,6 +255,15 @@ class GatewayRouter:
         for packet_id, entry in gateway_in_flight.items():
             if entry is not None and entry[0] is sub:
                 gateway_in_flight[packet_id] = None
+
+
+def _nothing() -> None:
+    pass
+
+
+def _then(result: Any, done: Callable[[], None]) -> Any:
+    done()
+    return result
 
 
 def _detach(sub: GatewaySubSession) -> None:

@@ -7,6 +7,12 @@ An authenticated connection's :class:`MqttSession` is attached exclusively (``at
 reconnect replaces the older connection) and reports through the :class:`~nanoiot.port.link.DeviceLink` it got back:
 SUBSCRIBE -> ``subscribed``, UNSUBSCRIBE -> ``unsubscribed``, PUBACK -> ``acked``, an answer -> ``answered``, a call
 -> ``called``, the connection lost -> ``closed``.
+
+The inbound path is bounded (:mod:`nanoiot.transports.mqtt.flow`): an answer or a call goes to the actor with a
+``done``, its PUBACK is written once the actor has handled it, and past the connection's window the socket is not
+read until the actor catches up. Reading also stops while a rate limit throttles the device and while the device
+does not read what we write (:mod:`nanoiot.transports.mqtt.limits`). Frames already read when reading stops are held
+in order and handled first when it resumes: nothing the device sent is lost.
 """
 
 from __future__ import annotations
@@ -20,12 +26,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from nanoiot.errors import ServiceUnavailable
 from nanoiot.persistence.records import Device
 from nanoiot.port.link import NO_LINK, Attach
 from nanoiot.transports.mqtt import codec
 from nanoiot.transports.mqtt.gateway import GATEWAY_PREFIX, FindOrCreate, GatewayRouter
+from nanoiot.transports.mqtt.flow import InboundWindow
+from nanoiot.transports.mqtt.limits import CLOSE, MqttLimits
 from nanoiot.transports.mqtt.session import MqttSession
-from nanoiot.transports.mqtt.topics import topic_matches, valid_topic_filter
+from nanoiot.transports.mqtt.topics import allowed_filter, topic_matches, valid_topic_filter
 
 log = Logger(namespace="nanoiot.mqtt")
 
@@ -51,6 +60,10 @@ MAX_HELD_FRAMES = 16
 #: QoS 2 publishes from one device awaiting their PUBREL, at most (the set is per connection and must stay bounded).
 MAX_QOS2_PENDING = 100
 
+#: Why a connected socket is not read (bits of ``MqttDeviceProtocol.stops``): its inbound window is full, a rate
+#: limit throttles it, its write buffer is full (the device does not read).
+STOP_WINDOW, STOP_THROTTLE, STOP_CONGESTED = 1, 2, 4
+
 
 @implementer(IPushProducer)
 class MqttDeviceProtocol(Protocol):
@@ -64,11 +77,24 @@ class MqttDeviceProtocol(Protocol):
         self.keep_alive = 0
         self.last_activity = 0.0
         self.timer: IDelayedCall | None = None
-        #: Packets that arrived while the CONNECT's token was being looked up (a client may pipeline SUBSCRIBE).
+        #: Packets read but not handled yet, in order: those that arrived while the CONNECT's token was looked up (a
+        #: client may pipeline SUBSCRIBE), and those read in the same chunk as the one that stopped reading.
         self.held: list[codec.Frame] = []
-        #: Reading stops only once MAX_HELD_FRAMES are held: pausing every socket during the lookup cost two
-        #: epoll_ctl calls per connection for nothing.
+        #: During the token lookup reading stops only once MAX_HELD_FRAMES are held: pausing every socket during the
+        #: lookup cost two epoll_ctl calls per connection for nothing.
         self.reading_paused = False
+        #: STOP_* bits: why frames are held and the socket is not read once connected (0: read and handle).
+        self.stops = 0
+        #: True while held frames are being handled (a report handled at once must not re-enter that loop).
+        self.running = False
+        self.window: InboundWindow | None = None
+        self.throttle_call: IDelayedCall | None = None
+        self.congestion_call: IDelayedCall | None = None
+        #: The source address and the device this connection is counted against (released when it ends).
+        self.counted_address: str | None = None
+        self.counted_device: Any = None
+        #: The window's ``handled`` count at the last keep-alive check that found it full (-1: it was not).
+        self.handled_at_check = -1
         self.qos2_received: set[int] = set()
         #: The sub-devices this connection speaks for, once it acts as a gateway (``v1/gateway/*``).
         self.gateway: GatewayRouter | None = None
@@ -76,6 +102,15 @@ class MqttDeviceProtocol(Protocol):
     # --- Twisted hooks --------------------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        limits = self.factory.limits
+        if limits.max_connections_per_address:
+            host = str(getattr(self.transport.getPeer(), "host", ""))
+            if not limits.addresses.acquire(host):
+                log.debug("mqtt: refused a connection from {host}: too many from that address", host=host)
+                self.state = CLOSED
+                self.transport.loseConnection()
+                return
+            self.counted_address = host
         self.reader = codec.FrameReader(self.factory.max_packet_size)
         clock = self.factory.clock
         self.last_activity = clock.seconds()
@@ -87,25 +122,77 @@ class MqttDeviceProtocol(Protocol):
         self.last_activity = self.factory.clock.seconds()
         try:
             frames = self.reader.feed(data)  # type: ignore[union-attr]
-            for frame in frames:
-                if self.state == CLOSED:
-                    return
-                if self.state == AUTHENTICATING:
-                    self.held.append(frame)
-                    if len(self.held) == MAX_HELD_FRAMES:
-                        # A client that keeps sending before its CONNACK waits until it has one.
-                        self.transport.pauseProducing()
-                        self.reading_paused = True
-                else:
-                    self._handle_frame(frame)
         except codec.PacketTooLarge as exc:
             self._violation(f"packet too large: {exc}", codec.REASON_PACKET_TOO_LARGE)
+            return
         except codec.MqttError as exc:
             self._violation(f"malformed packet: {exc}", codec.REASON_MALFORMED_PACKET)
+            return
+        if not frames:
+            return
+        if self.held or self.stops or self.state == AUTHENTICATING or self.running:
+            self.held.extend(frames)  # behind what is already waiting, in order
+            self._update_reading()
+            return
+        self._run(frames)
+
+    def _run(self, frames: list[codec.Frame]) -> None:
+        """Handle frames in order until one must wait (token lookup, full window, throttled): the rest are held."""
+        self.running = True
+        limits = self.factory.limits
+        rated = limits.rated
+        try:
+            for index, frame in enumerate(frames):
+                if self.state == CLOSED:
+                    return
+                if self.stops or self.state == AUTHENTICATING:
+                    self.held[:0] = frames[index:]
+                    break
+                if rated and frame.packet_type == codec.PUBLISH and self.state == CONNECTED and not self._rate_allows():
+                    if self.state != CLOSED:
+                        self.held[:0] = frames[index:]
+                    break
+                self._handle_frame(frame)
+        except codec.MqttError as exc:
+            self._violation(f"malformed packet: {exc}", codec.REASON_MALFORMED_PACKET)
+        finally:
+            self.running = False
+        self._update_reading()
+
+    def _run_held(self) -> None:
+        """Handle what was held (reading resumed, or the token lookup ended), then read again if nothing stops it."""
+        if self.running or self.state == CLOSED:
+            return  # the loop under way sees the cleared stop itself
+        held, self.held = self.held, []
+        if held:
+            self._run(held)
+        else:
+            self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Pause or resume reading the socket: paused while anything stops this connection, and during the token
+        lookup once too many packets are held."""
+        if self.state == CLOSED:
+            return
+        pause = bool(self.stops) or (self.state == AUTHENTICATING and len(self.held) >= MAX_HELD_FRAMES)
+        if pause != self.reading_paused:
+            self.reading_paused = pause
+            if pause:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.state = CLOSED
         self._cancel_timer()
+        self._end_flow()
+        limits = self.factory.limits
+        if self.counted_address is not None:
+            limits.addresses.release(self.counted_address)
+            self.counted_address = None
+        if self.counted_device is not None:
+            limits.device_sessions.release(self.counted_device)
+            self.counted_device = None
         if self.gateway is not None:
             self.gateway.close()
         session = self.session
@@ -158,6 +245,16 @@ class MqttDeviceProtocol(Protocol):
         if device is None:
             self._refuse_connect()
             return
+        limits = self.factory.limits
+        if limits.max_sessions_per_device:
+            if not limits.device_sessions.acquire(device.id):
+                log.info("mqtt: refused a connection of device {device_id} from {peer}: too many sessions",
+                         device_id=device.id, peer=self._peer())
+                code = codec.CONNACK_SERVER_UNAVAILABLE if self.level < 5 else codec.REASON_QUOTA_EXCEEDED
+                self.transport.write(codec.encode_connack(False, code, self.level))
+                self._close()
+                return
+            self.counted_device = device.id
         props = connect.properties or {}
         session = MqttSession(
             device,
@@ -168,6 +265,7 @@ class MqttDeviceProtocol(Protocol):
             max_packet_size=props.get("maximum_packet_size"),
         )
         self.session = session
+        self.window = InboundWindow(limits.max_inflight_in, limits.max_queued_bytes, self._acknowledge, self._drained)
         self.state = CONNECTED
         # We produce commands for this socket: Twisted pauses us when its write buffer fills up.
         self.transport.registerProducer(self, True)
@@ -177,27 +275,21 @@ class MqttDeviceProtocol(Protocol):
         if self.level == 5:
             connack_props = {
                 "maximum_packet_size": self.factory.max_packet_size,
-                "receive_maximum": self.factory.receive_maximum,
+                # How many QoS 1/2 publishes the device may have unacknowledged: our inbound window.
+                "receive_maximum": min(self.factory.receive_maximum, limits.max_inflight_in, 65535),
                 "retain_available": 0,
                 "shared_subscription_available": 0,
                 "topic_alias_maximum": 0,
             }
         self.transport.write(codec.encode_connack(False, 0, self.level, connack_props))
         self._arm_keepalive()
-        if self.reading_paused:
-            self.reading_paused = False
-            self.transport.resumeProducing()
-        held, self.held = self.held, []
-        try:
-            for frame in held:
-                if self.state != CONNECTED:
-                    break
-                self._handle_frame(frame)
-        except codec.MqttError as exc:
-            self._violation(f"malformed packet: {exc}", codec.REASON_MALFORMED_PACKET)
+        self._run_held()
 
     def _authentication_failed(self, failure: Failure) -> None:
-        log.failure("mqtt: token lookup failed for {peer}", failure, peer=self._peer())
+        if failure.check(ServiceUnavailable):  # the database is out of reach: CONNACK "server unavailable"
+            log.info("mqtt: CONNECT from {peer} refused: {error}", peer=self._peer(), error=failure.getErrorMessage())
+        else:
+            log.failure("mqtt: token lookup failed for {peer}", failure, peer=self._peer())
         if self.state != CLOSED:
             code = codec.CONNACK_SERVER_UNAVAILABLE if self.level < 5 else codec.REASON_SERVER_UNAVAILABLE
             self.transport.write(codec.encode_connack(False, code, self.level))
@@ -222,6 +314,12 @@ class MqttDeviceProtocol(Protocol):
                 # Protobuf payloads are not served: refuse rather than send JSON the device cannot parse.
                 codes.append(0x80 if self.level < 5 else codec.REASON_IMPLEMENTATION_SPECIFIC_ERROR)
                 continue
+            if not allowed_filter(topic_filter, self.factory.find_or_create_subdevice is not None):
+                # Not one of the device's own topics ('#', another device's, ...): ThingsBoard refuses it too.
+                log.debug("mqtt: device {device_id} may not subscribe to {topic_filter}",
+                          device_id=session.device.id if session else None, topic_filter=topic_filter)
+                codes.append(0x80 if self.level < 5 else codec.REASON_NOT_AUTHORIZED)
+                continue
             granted = min(qos, 1)
             codes.append(granted)
             for family, sample in _RPC_FAMILIES:
@@ -245,51 +343,123 @@ class MqttDeviceProtocol(Protocol):
                 break
 
     def _on_publish(self, packet: codec.Publish) -> None:
-        if packet.qos == 2:
-            # Exactly-once from the device: answer PUBREC, and act only on the first copy of a packet id.
-            self.transport.write(codec.encode_pubrec(packet.packet_id, self.level))
-            if packet.packet_id in self.qos2_received:
+        qos = packet.qos
+        packet_id = packet.packet_id
+        window = self.window
+        if window is None:
+            return
+        if qos == 2:
+            # Exactly-once from the device: act only on the first copy of a packet id (PUBREC once handled).
+            if packet_id in self.qos2_received:
+                window.handled_now(2, packet_id)
                 return
             if len(self.qos2_received) >= MAX_QOS2_PENDING:
                 self._violation("too many QoS 2 messages without PUBREL", codec.REASON_RECEIVE_MAXIMUM_EXCEEDED)
                 return
-            self.qos2_received.add(packet.packet_id)
-        self._route_publish(packet.topic, packet.payload)
-        if packet.qos == 1:
-            self.transport.write(codec.encode_puback(packet.packet_id, self.level))
+            self.qos2_received.add(packet_id)
+        if not self._route_publish(packet.topic, packet.payload, qos, packet_id):
+            window.handled_now(qos, packet_id)
+        elif window.full:
+            self.stops |= STOP_WINDOW  # read nothing more until the actor has handled some
 
-    def _route_publish(self, topic: str, payload: bytes) -> None:
+    def _route_publish(self, topic: str, payload: bytes, qos: int, packet_id: int) -> bool:
+        """Hand an answer or a call to the actor, acknowledged once it is handled: True if it was handed over
+        (else the message was handled here and now)."""
         session = self.session
         if session is None:
-            return
+            return False
         if topic.startswith(GATEWAY_PREFIX):
-            self._route_gateway_publish(session, topic, payload)
-            return
+            return self._route_gateway_publish(session, topic, payload, qos, packet_id)
         for prefix, kind, family in _INBOUND:
             if topic.startswith(prefix):
                 suffix = topic[len(prefix):]
                 if not suffix.isdigit():
                     log.debug("mqtt: device {device_id} published to {topic}: not a request id",
                               device_id=session.device.id, topic=topic)
-                    return
+                    return False
                 request_id = int(suffix)
+                done = self.window.hand_over(qos, packet_id, len(topic) + len(payload))  # type: ignore[union-attr]
                 if kind == "answer":
-                    session.link.answered(request_id, payload)
+                    session.link.answered(request_id, payload, done)
                 else:
                     session.calls[request_id] = family
-                    session.link.called(request_id, payload)
-                return
+                    session.link.called(request_id, payload, done)
+                return True
         # Telemetry, attributes and other topics are accepted and acknowledged; an RPC server has no use for them.
+        return False
 
-    def _route_gateway_publish(self, session: MqttSession, topic: str, payload: bytes) -> None:
+    def _route_gateway_publish(self, session: MqttSession, topic: str, payload: bytes, qos: int,
+                               packet_id: int) -> bool:
         if self.gateway is None:
             find_or_create = self.factory.find_or_create_subdevice
             if find_or_create is None:
                 log.debug("mqtt: device {device_id} published to {topic}: gateways are not enabled",
                           device_id=session.device.id, topic=topic)
-                return
+                return False
             self.gateway = GatewayRouter(session, find_or_create, self.factory.attach)
-        self.gateway.on_publish(topic, payload)
+        done = self.window.hand_over(qos, packet_id, len(topic) + len(payload))  # type: ignore[union-attr]
+        self.gateway.on_publish(topic, payload, done)
+        return True
+
+    # --- the bounded inbound path ---------------------------------------------------------------------------------
+
+    def _acknowledge(self, qos: int, packet_id: int) -> None:
+        """The window's ``ack``: a handled message's PUBACK (QoS 1) or PUBREC (QoS 2), in receive order."""
+        if self.state == CLOSED:
+            return
+        if qos == 1:
+            self.transport.write(codec.encode_puback(packet_id, self.level))
+        else:
+            self.transport.write(codec.encode_pubrec(packet_id, self.level))
+
+    def _drained(self) -> None:
+        """The window's ``drained``: the actor caught up; read again if that was what stopped us."""
+        if self.stops & STOP_WINDOW:
+            self.stops &= ~STOP_WINDOW
+            self._run_held()
+
+    def _rate_allows(self) -> bool:
+        """One PUBLISH against the device's and its tenant's rates; False: throttled (reading stops until the
+        tokens are back) or closed, as --rate-limit-action says."""
+        session = self.session
+        if session is None:
+            return True
+        device = session.device
+        limits = self.factory.limits
+        wait = limits.take(device.id, device.tenant_id)
+        if not wait:
+            return True
+        if limits.rate_action == CLOSE:
+            self._violation(f"device {device.id} over its message rate limit", codec.REASON_MESSAGE_RATE_TOO_HIGH)
+            return False
+        log.debug("mqtt: device {device_id} throttled for {wait:.3f} s", device_id=device.id, wait=wait)
+        self.stops |= STOP_THROTTLE
+        self.throttle_call = self.factory.clock.callLater(wait, self._unthrottle)
+        return False
+
+    def _unthrottle(self) -> None:
+        self.throttle_call = None
+        if self.stops & STOP_THROTTLE:
+            self.stops &= ~STOP_THROTTLE
+            self._run_held()
+
+    def _congestion_timed_out(self) -> None:
+        self.congestion_call = None
+        if self.state != CLOSED and self.stops & STOP_CONGESTED:
+            log.info("mqtt: closing {peer}: it read nothing we wrote for {seconds} s", peer=self._peer(),
+                     seconds=self.factory.limits.write_timeout)
+            self._close()
+
+    def _end_flow(self) -> None:
+        """The connection ends: no timers, nothing held, late ``done`` calls change nothing."""
+        self.held = []
+        for name in ("throttle_call", "congestion_call"):
+            call = getattr(self, name)
+            if call is not None and call.active():
+                call.cancel()
+            setattr(self, name, None)
+        if self.window is not None:
+            self.window.close()
 
     def _on_puback(self, packet: codec.PubAck) -> None:
         session = self.session
@@ -319,10 +489,25 @@ class MqttDeviceProtocol(Protocol):
     def pauseProducing(self) -> None:
         if self.session is not None:
             self.session.congested = True
+        if self.state != CONNECTED or self.stops & STOP_CONGESTED:
+            return
+        # Whatever we read now would only add PUBACKs to a buffer the device does not empty: stop reading too.
+        self.stops |= STOP_CONGESTED
+        self._update_reading()
+        timeout = self.factory.limits.write_timeout
+        if timeout and self.congestion_call is None:
+            self.congestion_call = self.factory.clock.callLater(timeout, self._congestion_timed_out)
 
     def resumeProducing(self) -> None:
         if self.session is not None:
             self.session.congested = False
+        if self.congestion_call is not None:
+            if self.congestion_call.active():
+                self.congestion_call.cancel()
+            self.congestion_call = None
+        if self.stops & STOP_CONGESTED:
+            self.stops &= ~STOP_CONGESTED
+            self._run_held()
 
     def stopProducing(self) -> None:
         if self.session is not None:
@@ -346,6 +531,20 @@ class MqttDeviceProtocol(Protocol):
         self.timer = None
         if self.state != CONNECTED:
             return
+        if self.reading_paused:
+            # We are not reading the device (throttled, or its window is full): it may well be talking to us. But
+            # a window that stayed full through a whole keep-alive period means its actor lost our reports (it
+            # failed): a new connection gets a fresh window.
+            window = self.window
+            if self.stops & STOP_WINDOW and window is not None and window.handled == self.handled_at_check:
+                log.warn("mqtt: closing {peer}: none of its messages was handled for {seconds:.0f} s",
+                         peer=self._peer(), seconds=self.keep_alive * 1.5)
+                self._close()
+                return
+            self.handled_at_check = window.handled if window is not None else -1
+            self.last_activity = self.factory.clock.seconds()
+        else:
+            self.handled_at_check = -1
         deadline = self.last_activity + self.keep_alive * 1.5
         remaining = deadline - self.factory.clock.seconds()
         if remaining > 0:
@@ -386,6 +585,7 @@ class MqttDeviceProtocol(Protocol):
             return
         self.state = CLOSED
         self._cancel_timer()
+        self._end_flow()
         if self.gateway is not None:
             self.gateway.close()  # its sub-devices are offline now, not once the socket is finally gone
         self.transport.loseConnection()
@@ -423,6 +623,7 @@ class MqttFactory(Factory):
         connect_timeout: float = 10.0,
         receive_maximum: int = 100,
         find_or_create_subdevice: FindOrCreate | None = None,
+        limits: MqttLimits | None = None,
     ) -> None:
         self.authenticate = authenticate
         #: (device, session, exclusive) -> the session's link: device sessions attach exclusively.
@@ -434,6 +635,8 @@ class MqttFactory(Factory):
         #: (gateway device, name, type) -> Deferred[Device]: finds or creates a gateway's sub-device. None: devices
         #: cannot act as gateways, and ``v1/gateway/*`` publishes are acknowledged and ignored.
         self.find_or_create_subdevice = find_or_create_subdevice
+        #: Inbound window, rate and connection limits (defaults: a window of 100 messages / 1 MiB, no rates).
+        self.limits = limits if limits is not None else MqttLimits(clock=clock.seconds)
         #: session id -> protocol of every authenticated connection.
         self.connected: dict[int, MqttDeviceProtocol] = {}
 

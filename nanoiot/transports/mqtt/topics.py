@@ -6,7 +6,37 @@ would send commands on, so these run per SUBSCRIBE, not per message.
 
 from __future__ import annotations
 
-__all__ = ["topic_matches", "valid_topic_filter", "valid_topic_name"]
+__all__ = ["DEVICE_FILTERS", "GATEWAY_FILTERS", "allowed_filter", "topic_matches", "valid_topic_filter",
+           "valid_topic_name"]
+
+#: The filters a device may subscribe with: its own topics, as ThingsBoard's MqttTransportHandler lists them (v1,
+#: the v2 short forms with their JSON and protobuf variants, firmware and software updates, provisioning). Anything
+#: else — '#', '+/...', another device's topics, ``$SYS`` — is refused (SUBACK 0x80, MQTT 5 0x87 Not authorized).
+DEVICE_FILTERS = frozenset({
+    "v1/devices/me/attributes",
+    "v1/devices/me/attributes/response/+",
+    "v1/devices/me/rpc/request/+",
+    "v1/devices/me/rpc/response/+",
+    "v2/a", "v2/a/j", "v2/a/p",
+    "v2/a/res/+", "v2/a/res/j/+", "v2/a/res/p/+",
+    "v2/r/req/+", "v2/r/req/j/+", "v2/r/req/p/+",
+    "v2/r/res/+", "v2/r/res/j/+", "v2/r/res/p/+",
+    "v2/fw/response/+", "v2/fw/response/+/chunk/+", "v2/fw/error",
+    "v2/sw/response/+", "v2/sw/response/+/chunk/+", "v2/sw/error",
+    "/provision/response",
+})
+
+#: A gateway's own topics, allowed when devices may act as gateways.
+GATEWAY_FILTERS = frozenset({
+    "v1/gateway/attributes",
+    "v1/gateway/attributes/response",
+    "v1/gateway/rpc",
+})
+
+
+def allowed_filter(topic_filter: str, gateways: bool = True) -> bool:
+    """Whether a device may subscribe with ``topic_filter``: exactly one of its own topics (a set look-up)."""
+    return topic_filter in DEVICE_FILTERS or (gateways and topic_filter in GATEWAY_FILTERS)
 
 _MAX_LENGTH = 0xFFFF
 
