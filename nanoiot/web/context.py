@@ -31,6 +31,9 @@ class WebContext:
     bulk: Any = None
     #: Rule chains (``/api/ruleChain...``): a :class:`nanoiot.rules.server.RuleService`; None with --rules-bypass.
     rules: Any = None
+    #: Which devices have a session on this node (``active`` in device infos): a
+    #: :class:`nanoiot.commands.presence.PresenceBook`; None where it is not wired (then never active).
+    presence: Any = None
 
     def now(self) -> int:
         return int(self.clock.seconds() * 1000)
