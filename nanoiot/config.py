@@ -111,6 +111,30 @@ def _rule_chain_file(value: str) -> str:
     return path
 
 
+def _login_rates(value: str) -> str:
+    from nanoiot.limits import parse_rates
+
+    try:
+        parse_rates(value)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (expected capacity:seconds[,capacity:seconds...], e.g. 5:60)") from None
+    return value.strip()
+
+
+def _seconds_or_zero(value: str | float) -> float:
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError("must be 0 or a positive number of seconds")
+    return number
+
+
+def _mqtt_rate_action(value: str) -> str:
+    action = value.strip().lower()
+    if action not in ("throttle", "close"):
+        raise ValueError("expected throttle or close")
+    return action
+
+
 def _problem_line(problem: Any) -> str:
     index, name = getattr(problem, "index", None), getattr(problem, "name", None)
     where = " ".join(part for part in (f"node {index}" if index is not None else "", repr(name) if name else "")
@@ -149,6 +173,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("mqtt-port", 1883, _port, "MQTT port"),
     Option("coap-port", 5683, _port, "CoAP (UDP) port"),
     Option("database", "sqlite:///nanoiot.db", _database, "SQLAlchemy URL (sqlite:///file.db or postgresql://...)"),
+    Option("db-retry-after", 5.0, _seconds,
+           "seconds clients are told to wait (Retry-After of the 503) while the database is unreachable"),
+    Option("db-probe-interval", 1.0, _seconds, "seconds between checks of an unreachable database"),
     Option("demo", False, _bool, "create demo accounts and devices on an empty database", flag=True),
     Option("cluster", False, _bool, "run as one node of a cluster sharing --database (PostgreSQL only)", flag=True),
     Option("node-id", "", _node_id, "this node's name in the cluster; default host name:HTTP port"),
@@ -157,12 +184,19 @@ OPTIONS: tuple[Option, ...] = (
            "seconds without a heartbeat before a node is taken for dead (more than twice --heartbeat-interval)"),
     Option("route-timeout", 10000, _positive,
            "ms a routed call that is not a command (delete, inspect, release) waits for the other node"),
+    Option("cluster-link-host", "127.0.0.1", str,
+           "interface of this node's direct links to the other nodes (they dial it after its announcement on the "
+           "database's NOTIFY bus); empty: every message between nodes goes through PostgreSQL NOTIFY"),
     Option("reuse-port", False, _bool,
            "share the MQTT, HTTP and CoAP ports with other processes (SO_REUSEPORT)", flag=True),
     Option("jwt-key", "", str, "JWT signing key; generated and stored in --jwt-key-file when empty"),
     Option("jwt-key-file", "nanoiot.key", str, "where a generated JWT signing key is kept"),
     Option("jwt-expiration", 9000, _positive, "access token lifetime, seconds"),
     Option("jwt-refresh-expiration", 604800, _positive, "refresh token lifetime, seconds"),
+    Option("login-rate-limit-per-account", "5:60", _login_rates,
+           "login attempts per account, capacity:seconds[,...] (a success resets it; empty: no limit)"),
+    Option("login-rate-limit-per-address", "30:60", _login_rates,
+           "login attempts per source address, capacity:seconds[,...] (empty: no limit)"),
     Option("rpc-strategy", SubmitStrategy.BURST, _strategy, "submit strategy for device commands"),
     Option("rpc-max-retries", 5, _non_negative, "resends of an unacknowledged command, at most"),
     Option("rpc-ack-timeout", 10000, _positive, "ms to wait for a device's acknowledgement"),
@@ -187,12 +221,68 @@ OPTIONS: tuple[Option, ...] = (
     Option("max-payload-size", 16 * 1024 * 1024, _positive, "REST request body limit, bytes"),
     Option("http-poll-timeout", 60000, _positive, "ms an HTTP device's long poll waits when it gives no timeout"),
     Option("http-max-poll-timeout", 300000, _positive, "ms an HTTP device's long poll waits at most"),
+    Option("tenant-rest-rate-limit", "", _login_rates,
+           "REST requests per tenant (not SYS_ADMIN), capacity:seconds[,...] like ThingsBoard's "
+           "tenantServerRestLimitsConfiguration, e.g. 100:1,3000:60 (empty: no limit); over it 429"),
+    Option("customer-rest-rate-limit", "", _login_rates,
+           "REST requests per customer (its users), like customerServerRestLimitsConfiguration (empty: no limit)"),
+    Option("device-rpc-rate-limit", "", _login_rates,
+           "REST and WebSocket commands per target device, capacity:seconds[,...] (empty: no limit); over it 429"),
+    Option("http-device-rate-limit", "", _login_rates,
+           "requests per device on the HTTP device API, capacity:seconds[,...] (empty: no limit); over it 429"),
+    Option("http-max-payload-size", 65536, _positive, "HTTP device API (/api/v1/...) request body limit, bytes"),
+    Option("http-header-timeout", 10.0, _seconds,
+           "seconds a client has to send a request's line and headers (from its first byte or the connection)"),
+    Option("http-body-timeout", 30.0, _seconds,
+           "seconds a client has to send a request's body, plus one per --http-body-min-rate bytes received"),
+    Option("http-body-min-rate", 500, _non_negative,
+           "bytes of body that earn a client one more second of --http-body-timeout (0: a fixed deadline)"),
+    Option("http-idle-timeout", 60.0, _seconds, "seconds a kept-alive HTTP connection may wait for its next request"),
+    Option("http-max-connections-per-address", 30000, _non_negative,
+           "open HTTP connections per client address, at most (0: no limit); more are closed at once"),
+    Option("http-max-requests-per-device", 16, _positive,
+           "long polls and calls an HTTP device may have open at once (then 429)"),
     Option("mqtt-max-packet-size", 256 * 1024, _positive, "largest MQTT packet accepted, bytes"),
     Option("mqtt-connect-timeout", 10, _positive, "seconds a new MQTT connection has to send CONNECT"),
+    Option("mqtt-max-inflight-in", 100, _positive,
+           "device messages per MQTT connection handed to its actor and not yet handled (unacknowledged QoS 1 "
+           "publishes); past it the socket is not read until the actor catches up"),
+    Option("mqtt-max-queued-bytes", 1024 * 1024, _positive,
+           "bytes of device messages per MQTT connection handed to its actor and not yet handled, at most"),
+    Option("mqtt-device-rate-limit", "", _login_rates,
+           "MQTT messages per device, capacity:seconds[,...] like ThingsBoard's transport device limits "
+           "(empty: no limit)"),
+    Option("mqtt-tenant-rate-limit", "", _login_rates,
+           "MQTT messages per tenant, all its devices together, capacity:seconds[,...] (empty: no limit)"),
+    Option("mqtt-rate-limit-action", "throttle", _mqtt_rate_action,
+           "what a device over an MQTT rate limit gets: throttle (its socket is not read until it may send "
+           "again) or close"),
+    Option("mqtt-max-connections-per-address", 30000, _non_negative,
+           "open MQTT connections per source address, at most (0: no limit); more are closed at once"),
+    Option("mqtt-max-sessions-per-device", 10, _non_negative,
+           "open MQTT connections per device, at most (0: no limit; a reconnect briefly overlaps the old one)"),
+    Option("mqtt-write-timeout", 120.0, _seconds_or_zero,
+           "seconds an MQTT device may leave what we write unread (a full write buffer; reading it stops "
+           "meanwhile) before it is closed (0: never)"),
+    Option("coap-device-rate-limit", "", _login_rates,
+           "CoAP requests per device, capacity:seconds[,...] (empty: no limit); over it 4.29 with Max-Age"),
     Option("device-idle-timeout", 60, _positive, "seconds before an idle device actor is passivated"),
     Option("gc-freeze", True, _bool, "move long-lived objects out of Python's full GC as the fleet grows"),
     Option("log-level", "info", _log_level, "debug, info, warn, error"),
+    Option("metrics", True, _bool, "serve Prometheus metrics at /metrics on the HTTP port: on or off"),
+    Option("metrics-token", "", str, "bearer token GET /metrics requires (empty: none, as Kubernetes scrapes)"),
     Option("log-format", "text", _log_format, "text or json"),
+    Option("log-rotate-length", 1_000_000, _non_negative,
+           "bytes after which --logfile is rotated (0: only on SIGUSR1), as twistd's own log"),
+    Option("log-max-rotated", 10, _non_negative, "rotated log files kept (0: all)"),
+    Option("shutdown-grace", 5.0, _seconds,
+           "seconds a stopping server lets waiting REST callers finish before answering them 503"),
+    Option("shutdown-timeout", 15.0, _seconds, "seconds a stopping server takes at most before it exits anyway"),
+    Option("https-port", 0, _port, "HTTPS port (REST, device API, WebSocket over TLS; 0: off); needs --tls-cert"),
+    Option("mqtts-port", 0, _port, "MQTT over TLS port, usually 8883 (0: off); needs --tls-cert"),
+    Option("tls-cert", "", str, "PEM file with the server certificate (and its chain) for --https-port/--mqtts-port"),
+    Option("tls-key", "", str, "PEM file with the certificate's private key (default: --tls-cert)"),
+    Option("tls-chain", "", str, "PEM file with the intermediate certificates sent after --tls-cert (optional)"),
     Option("ws-max-buffer", 1024 * 1024, _positive,
            "bytes a WebSocket client may leave unread before it is closed as too slow (4008)"),
     Option("ws-max-subscriptions", 1000, _positive, "device subscriptions per WebSocket, at most"),
@@ -217,6 +307,26 @@ def _cluster_problems(values: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def _tls_problems(values: Mapping[str, Any]) -> list[str]:
+    """A TLS port needs a readable certificate and key, checked at start rather than at the first handshake."""
+    if not (values.get("https_port") or values.get("mqtts_port")):
+        return []
+    cert, key = values.get("tls_cert") or "", values.get("tls_key") or values.get("tls_cert") or ""
+    if not cert:
+        return ["--https-port/--mqtts-port need --tls-cert (a PEM certificate file)"]
+    problems = []
+    chain = values.get("tls_chain") or ""
+    for option, path in (("--tls-cert", cert), ("--tls-key", key), ("--tls-chain", chain)):
+        if not path:
+            continue
+        try:
+            with open(path, "rb") as handle:
+                handle.read(1)
+        except OSError as exc:
+            problems.append(f"{option}={path!r}: cannot read it: {exc.strerror or exc}")
+    return problems
+
+
 @dataclass(frozen=True)
 class Config:
     host: str = "0.0.0.0"
@@ -224,17 +334,22 @@ class Config:
     mqtt_port: int = 1883
     coap_port: int = 5683
     database: str = "sqlite:///nanoiot.db"
+    db_retry_after: float = 5.0
+    db_probe_interval: float = 1.0
     demo: bool = False
     cluster: bool = False
     node_id: str = ""
     heartbeat_interval: float = 2.0
     dead_after: float = 10.0
     route_timeout: int = 10000
+    cluster_link_host: str = "127.0.0.1"
     reuse_port: bool = False
     jwt_key: str = ""
     jwt_key_file: str = "nanoiot.key"
     jwt_expiration: int = 9000
     jwt_refresh_expiration: int = 604800
+    login_rate_limit_per_account: str = "5:60"
+    login_rate_limit_per_address: str = "30:60"
     rpc_strategy: SubmitStrategy = SubmitStrategy.BURST
     rpc_max_retries: int = 5
     rpc_ack_timeout: int = 10000
@@ -256,12 +371,43 @@ class Config:
     max_payload_size: int = 16 * 1024 * 1024
     http_poll_timeout: int = 60000
     http_max_poll_timeout: int = 300000
+    tenant_rest_rate_limit: str = ""
+    customer_rest_rate_limit: str = ""
+    device_rpc_rate_limit: str = ""
+    http_device_rate_limit: str = ""
+    http_max_payload_size: int = 65536
+    http_header_timeout: float = 10.0
+    http_body_timeout: float = 30.0
+    http_body_min_rate: int = 500
+    http_idle_timeout: float = 60.0
+    http_max_connections_per_address: int = 30000
+    http_max_requests_per_device: int = 16
     mqtt_max_packet_size: int = 256 * 1024
     mqtt_connect_timeout: int = 10
+    mqtt_max_inflight_in: int = 100
+    mqtt_max_queued_bytes: int = 1024 * 1024
+    mqtt_device_rate_limit: str = ""
+    mqtt_tenant_rate_limit: str = ""
+    mqtt_rate_limit_action: str = "throttle"
+    mqtt_max_connections_per_address: int = 30000
+    mqtt_max_sessions_per_device: int = 10
+    mqtt_write_timeout: float = 120.0
+    coap_device_rate_limit: str = ""
     device_idle_timeout: int = 60
     gc_freeze: bool = True
     log_level: str = "info"
+    metrics: bool = True
+    metrics_token: str = ""
     log_format: str = "text"
+    log_rotate_length: int = 1_000_000
+    log_max_rotated: int = 10
+    shutdown_grace: float = 5.0
+    shutdown_timeout: float = 15.0
+    https_port: int = 0
+    mqtts_port: int = 0
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_chain: str = ""
     ws_max_buffer: int = 1024 * 1024
     ws_max_subscriptions: int = 1000
     ws_max_inflight: int = 1000
@@ -290,6 +436,7 @@ class Config:
         if values.get("rpc_qos") not in (0, 1):
             problems.append(f"--rpc-qos={values.get('rpc_qos')!r}: must be 0 or 1")
         problems.extend(_cluster_problems(values))
+        problems.extend(_tls_problems(values))
         if problems:
             raise ConfigError("; ".join(problems))
         return cls(**values)

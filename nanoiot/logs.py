@@ -6,6 +6,7 @@ In a cluster several nodes often write to one terminal or one collector, so each
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from typing import IO, Any
@@ -15,6 +16,7 @@ from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
     LogLevel,
+    LegacyLogObserverWrapper,
     LogLevelFilterPredicate,
     eventAsJSON,
     formatEventAsClassicLogText,
@@ -65,22 +67,49 @@ class LogTarget:
     logfile: str | None = None
     syslog: bool = False
     daemon: bool = False
+    #: twistd's ``--prefix``: the syslog identity.
+    prefix: str = "nanoiot"
+    #: Bytes after which the file rotates (twistd's own default: 1,000,000; 0: only when asked, by SIGUSR1).
+    rotate_length: int = 1_000_000
+    #: Rotated files kept (0: all), as twistd's LogFile counts them.
+    max_rotated: int = 0
 
     def open(self) -> IO[str] | None:
-        """The stream to write to (None: standard output); a file rotates as twistd's own log does."""
+        """The stream to write to (None: standard output); a file rotates as twistd's own log does: by size, and
+        on SIGUSR1 (see :func:`rotate_on_signal`)."""
         name = self.logfile or ("twistd.log" if self.daemon else None)
         if not name or name == "-":
             return None
-        return LogFile.fromFullPath(os.path.abspath(name))  # type: ignore[return-value]
+        return LogFile.fromFullPath(os.path.abspath(name), rotateLength=self.rotate_length or None,  # type: ignore
+                                    maxRotatedFiles=self.max_rotated or None)
+
+    def syslog_observer(self) -> ILogObserver:
+        """twistd's ``--syslog`` destination (the system's syslog under ``--prefix``), as a new-style observer so
+        that our level filter sits in front of it."""
+        from twisted.python.syslog import SyslogObserver
+
+        legacy = LegacyLogObserverWrapper(SyslogObserver(self.prefix).emit)
+
+        def observe(event: Any) -> None:
+            # The legacy line shows "[system]": make that the namespace, as our text lines show it.
+            legacy({**event, "log_system": event.get("log_system") or event.get("log_namespace", "-")})
+
+        return observe
+
+
+def rotate_on_signal(logfile: Any, reactor: Any, signum: int = signal.SIGUSR1) -> None:
+    """``kill -USR1`` rotates the log file, as it does for twistd's own log (for logrotate's ``postrotate``)."""
+    signal.signal(signum, lambda *_: reactor.callFromThread(logfile.rotate))
 
 
 def make_observer(level: str = "info", fmt: str = "text", stream: IO[str] | None = None,
-                  node: str = "") -> ILogObserver:
-    """The process's log observer; ``node`` (the cluster node name, empty outside a cluster) goes on every line."""
+                  node: str = "", base: ILogObserver | None = None) -> ILogObserver:
+    """The process's log observer; ``node`` (the cluster node name, empty outside a cluster) goes on every line.
+    ``base``: where filtered events go instead of a stream (syslog)."""
     stream = stream or sys.stdout
-    if node:
+    if base is None and node:
         base = _json_with_node(stream, node) if fmt == "json" else _text_with_node(stream, node)
-    else:
+    elif base is None:
         base = jsonFileLogObserver(stream) if fmt == "json" else textFileLogObserver(stream)
     predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])
     if level != "debug":

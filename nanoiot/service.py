@@ -5,8 +5,9 @@ from __future__ import annotations
 import gc
 import resource
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
+from prometheus_client import CollectorRegistry
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
@@ -24,12 +25,16 @@ from nanoiot.actors.runtime import reactor_dispatcher
 from nanoiot.collector import CollectorPolicy
 from nanoiot.commands.bulk import BulkRpc
 from nanoiot.commands.events import EventStream
+from nanoiot.commands.presence import PresenceBook
 from nanoiot.commands.server_methods import ServerMethods, load_configured_methods, load_entry_point_methods
 from nanoiot.commands.service import CommandService, Initiator
 from nanoiot.config import Config
 from nanoiot.demo import DemoData, banner, seed_demo
-from nanoiot.errors import BadRequest
-from nanoiot.logs import LogTarget, make_observer
+from nanoiot.errors import BadRequest, ServiceUnavailable
+from nanoiot.ids import uuid4  # no getrandom call per command a server method sends
+from nanoiot.limits import KeyedLimiter, parse_rates
+from nanoiot.logs import LogTarget, make_observer, rotate_on_signal
+from nanoiot.metrics import ServerMetrics, pending_commands
 from nanoiot.persistence.batch_store import BatchStore
 from nanoiot.persistence.catalog import DeviceCatalog
 from nanoiot.persistence.journal import RpcJournal
@@ -41,11 +46,16 @@ from nanoiot.rpc.model import RpcResult, record_command
 from nanoiot.rpc.queue import QueueSettings
 from nanoiot.rules.server import RuleService
 from nanoiot.transports.coap.server import CoapServer
+from nanoiot.transports.mqtt.limits import MqttLimits
 from nanoiot.transports.mqtt.protocol import MqttFactory
 from nanoiot.transports.tcp import TurnFlusher, listen_tcp
+from nanoiot.transports.tls import listen_tls
 from nanoiot.transports.udp import listen_udp
+from nanoiot.web.active_users import NOTICE as USER_NOTICE
+from nanoiot.web.active_users import ActiveUsers
 from nanoiot.web.context import WebContext
 from nanoiot.web.event_hub import EventHub
+from nanoiot.web.metrics import metrics_resource
 from nanoiot.web.site import build_site
 from nanoiot.web.tokens import TokenIssuer, load_signing_key
 
@@ -74,9 +84,26 @@ def session_limits(config: Config) -> dict[str, Any]:
     """ThingsBoard's ``getSessionLimits`` reply, from our own settings."""
     return {
         "maxPayloadSize": config.mqtt_max_packet_size,
-        "maxInflightMessages": 100,
-        "rateLimits": {"messages": None, "telemetryMessages": None, "telemetryDataPoints": None},
+        # The MQTT inbound window: publishes past it are not read until the actor handled the earlier ones.
+        "maxInflightMessages": config.mqtt_max_inflight_in,
+        "rateLimits": {"messages": config.mqtt_device_rate_limit or None, "telemetryMessages": None,
+                       "telemetryDataPoints": None},
     }
+
+
+def mqtt_limits(config: Config, clock: Any) -> MqttLimits:
+    """The MQTT listener's inbound window, rate and connection limits (nanoiot/transports/mqtt/limits.py)."""
+    return MqttLimits(
+        max_inflight_in=config.mqtt_max_inflight_in,
+        max_queued_bytes=config.mqtt_max_queued_bytes,
+        device_rates=parse_rates(config.mqtt_device_rate_limit),
+        tenant_rates=parse_rates(config.mqtt_tenant_rate_limit),
+        rate_action=config.mqtt_rate_limit_action,
+        max_connections_per_address=config.mqtt_max_connections_per_address,
+        max_sessions_per_device=config.mqtt_max_sessions_per_device,
+        write_timeout=config.mqtt_write_timeout,
+        clock=clock.seconds,
+    )
 
 
 class NanoService(MultiService):
@@ -88,9 +115,15 @@ class NanoService(MultiService):
             reactor = default_reactor
         self.config = config
         self.reactor = reactor
-        self.repository = Repository(config.database, reactor)
+        self.repository = Repository(config.database, reactor, retry_after=config.db_retry_after,
+                                     probe_interval=config.db_probe_interval)
         self.catalog = DeviceCatalog(self.repository, clock=reactor)
-        self.journal = RpcJournal(self.repository, reactor)
+        #: Prometheus metrics (``/metrics``), in a registry of this server's own; None with --metrics off.
+        self.metrics = ServerMetrics(CollectorRegistry(), reactor, config.node_name if config.cluster else "") \
+            if config.metrics else None
+        # The journal's batch writes are timed by the repository it is given (no hook in the journal itself).
+        self.journal = RpcJournal(self.metrics.timed_repository(self.repository) if self.metrics else self.repository,
+                                  reactor)
         settings = ActorSettings(
             max_persistent_per_device=config.rpc_max_persistent_per_device,
             max_persistent_per_tenant=config.rpc_max_persistent_per_tenant,
@@ -106,6 +139,9 @@ class NanoService(MultiService):
             session_limits=session_limits(config),
         )
         self.events = EventStream()
+        #: Which devices have a session here: device infos' ``active``, the connected-devices gauge.
+        self.presence = PresenceBook(reactor, config.node_name if config.cluster else "")
+        self.presence.start(self.events)
         # Server methods: built-ins and those given in code, then installed entry points, then --rpc-methods.
         self.server_methods = server_methods if server_methods is not None else ServerMethods()
         self.server_methods.update(load_entry_point_methods())
@@ -119,7 +155,9 @@ class NanoService(MultiService):
         # In a cluster the signing key is shared through the database unless --jwt-key gives it (see join()).
         signing_key = config.jwt_key.encode() if config.cluster and config.jwt_key else (
             b"" if config.cluster else load_signing_key(config.jwt_key, config.jwt_key_file))
-        self.tokens = TokenIssuer(signing_key, config.jwt_expiration, config.jwt_refresh_expiration, reactor)
+        # A deleted or disabled user's tokens stop working at once (web/active_users.py).
+        self.tokens = TokenIssuer(signing_key, config.jwt_expiration, config.jwt_refresh_expiration, reactor,
+                                  users=ActiveUsers(self.repository.get_user))
         #: The device port: this node's directory, or in a cluster the router in front of it.
         self.port: Any = self.directory
         self.cluster: Any = None
@@ -130,6 +168,9 @@ class NanoService(MultiService):
                                        self.events, self.tokens)
             self.port = self.cluster.port
             self.cluster.setServiceParent(self)
+            # A user deleted or disabled on one node: every node forgets it (its tokens stop there too).
+            self.cluster.notices[USER_NOTICE] = self.tokens.users.remote_change
+            self.tokens.users.broadcast = self.cluster.tell_others
         self.commands = CommandService(self.port, self.replies, self.catalog, self.repository, self.events, reactor)
         #: Rule chains (nanoiot/rules/server.py): the root chain of each tenant sees its commands, calls and events.
         self.rules: RuleService | None = None
@@ -146,11 +187,12 @@ class NanoService(MultiService):
         self.web_context = WebContext(config, reactor, self.repository, self.catalog, self.port, self.tokens,
                                       self.commands, self.cluster, bulk=self.bulk)
         self.web_context.rules = self.rules
+        self.web_context.presence = self.presence
         #: Which WebSocket client wants which event (``/api/ws/rpc``); in a cluster it also drives the relay.
         self.hub = EventHub(self.events, self.catalog)
         if self.cluster is not None:
             self.cluster.events_relay.attach(self.hub)
-        self.site = build_site(self.web_context, self.hub)
+        self.site = build_site(self.web_context, self.hub, metrics=self._metrics_resource())
         self.mqtt_factory = MqttFactory(
             authenticate=self.catalog.device_for_token,
             attach=self.port.attach,
@@ -158,18 +200,23 @@ class NanoService(MultiService):
             max_packet_size=config.mqtt_max_packet_size,
             connect_timeout=config.mqtt_connect_timeout,
             find_or_create_subdevice=self._find_or_create_subdevice,
+            limits=mqtt_limits(config, reactor),
         )
         self.mqtt_factory.noisy = False
         self.coap_server = CoapServer(
             authenticate=self.catalog.device_for_token,
             attach=self.port.attach,
             clock=reactor,
+            rate_limiter=KeyedLimiter(parse_rates(config.coap_device_rate_limit), reactor.seconds)
+            if config.coap_device_rate_limit else None,
         )
         #: One pass per reactor turn sends what every HTTP and MQTT connection wrote.
         self.flusher = TurnFlusher(reactor)
         self.http_port: IListeningPort | None = None
         self.mqtt_port: IListeningPort | None = None
         self.coap_port: IListeningPort | None = None
+        self.https_port: IListeningPort | None = None
+        self.mqtts_port: IListeningPort | None = None
         self.collector: CollectorPolicy | None = None
         self.demo: DemoData | None = None
         self.failed = False
@@ -188,10 +235,28 @@ class NanoService(MultiService):
         if isinstance(parent, Componentized) and parent.getComponent(ILogObserver, None) is None:
             target = self.log_target
             if target is not None and target.syslog:
+                parent.setComponent(ILogObserver, make_observer(self.config.log_level, node=self.node,
+                                                                base=target.syslog_observer()))
                 return
             stream = target.open() if target is not None else None
+            if stream is not None:
+                rotate_on_signal(stream, self.reactor)
             parent.setComponent(ILogObserver, make_observer(self.config.log_level, self.config.log_format,
                                                             stream=stream, node=self.node))
+
+    def _metrics_resource(self) -> Any:
+        """``/metrics``, with the gauges read at each scrape; None with --metrics off."""
+        metrics = self.metrics
+        if metrics is None:
+            return None
+        metrics.gauge("nanoiot_rpc_pending", "Commands waiting in device actors' queues (not yet ended)",
+                      lambda: pending_commands(self.directory._actors.values()))
+        metrics.gauge("nanoiot_device_actors", "Device actors in memory on this node", lambda: len(self.directory))
+        metrics.gauge("nanoiot_journal_pending", "Persistent-command changes recorded, not yet written",
+                      lambda: self.journal.pending)
+        metrics.gauge("nanoiot_database_up", "1 while the database answers, 0 during an outage",
+                      lambda: 1 if getattr(self.repository, "healthy", True) else 0)
+        return metrics_resource(metrics.registry, self.config.metrics_token)
 
     def _find_or_create_subdevice(self, gateway: Device, name: str, device_type: str) -> Deferred:
         """A gateway's sub-device by name in the gateway's tenant, created on first sight (as ThingsBoard does:
@@ -234,6 +299,8 @@ class NanoService(MultiService):
     async def _start(self) -> NanoService:
         raise_open_file_limit()
         await self.repository.start()
+        if self.metrics is not None:
+            self.metrics.start(self.events, self.presence)
         if self.rules is not None:
             await self.rules.load()
         if self.cluster is None:
@@ -250,6 +317,7 @@ class NanoService(MultiService):
         self.mqtt_port = self._listen(self.config.mqtt_port, self.mqtt_factory)
         self.coap_port = listen_udp(self.reactor, self.config.coap_port, self.coap_server, self.config.host,
                                     self.config.reuse_port)
+        await self._listen_tls()
         if self.config.gc_freeze:
             self.collector = CollectorPolicy(self.reactor, lambda: len(self.directory))
             self.collector.start()
@@ -258,6 +326,18 @@ class NanoService(MultiService):
             self.coap_port.getHost().port,
             self.config.database, self.demo, __version__))
         return self
+
+    async def _listen_tls(self) -> None:
+        """--https-port and --mqtts-port: the same site and MQTT factory behind Twisted's ``ssl:`` endpoints."""
+        config = self.config
+        if config.https_port:
+            self.https_port = await listen_tls(self.reactor, config.https_port, self.site, config.host,
+                                               config.tls_cert, config.tls_key, config.tls_chain, LISTEN_BACKLOG)
+            log.info("HTTPS on port {port}", port=self.https_port.getHost().port)
+        if config.mqtts_port:
+            self.mqtts_port = await listen_tls(self.reactor, config.mqtts_port, self.mqtt_factory, config.host,
+                                               config.tls_cert, config.tls_key, config.tls_chain, LISTEN_BACKLOG)
+            log.info("MQTT over TLS on port {port}", port=self.mqtts_port.getHost().port)
 
     async def _resume_persistent_rpcs(self) -> None:
         """Every persistent command that had not ended goes back to its device actor, in its original order,
@@ -295,13 +375,59 @@ class NanoService(MultiService):
             self.reactor.stop()
 
     def stopService(self) -> Deferred:
+        """Stop accepting, let waiting REST callers finish for --shutdown-grace and answer the rest 503, close
+        WebSockets and device sessions, flush the journal; exit within --shutdown-timeout whatever happens."""
         if self.collector is not None:
             self.collector.stop()
             self.collector = None
-        ports = [p for p in (self.http_port, self.mqtt_port, self.coap_port) if p is not None]
-        self.http_port = self.mqtt_port = self.coap_port = None
-        d = DeferredList([maybeDeferred(p.stopListening) for p in ports])
-        d.addCallback(lambda _: MultiService.stopService(self))
-        d.addCallback(lambda _: self.journal.flushed())
-        d.addBoth(lambda _: self.repository.stop())
-        return d
+        if self.metrics is not None:
+            self.metrics.stop()
+        finished = ensureDeferred(self._stop())
+        done: Deferred = Deferred()
+
+        def first(result: Any) -> Any:
+            if not done.called:
+                done.callback(None)
+            return result
+
+        finished.addErrback(lambda f: log.failure("stopping NanoIoT failed", f)).addBoth(first)
+        late = self.reactor.callLater(self.config.shutdown_timeout, self._stop_timed_out, done)
+        done.addBoth(lambda result: late.cancel() if late.active() else None)
+        return done
+
+    def _stop_timed_out(self, done: Deferred) -> None:
+        log.warn("NanoIoT did not stop within {seconds} s (--shutdown-timeout): exiting anyway",
+                 seconds=self.config.shutdown_timeout)
+        if not done.called:
+            done.callback(None)
+
+    async def _stop(self) -> None:
+        ports = [p for p in (self.http_port, self.mqtt_port, self.coap_port, self.https_port, self.mqtts_port)
+                 if p is not None]
+        self.http_port = self.mqtt_port = self.coap_port = self.https_port = self.mqtts_port = None
+        api = getattr(self.site, "json_api", None)
+        if api is not None:
+            api.draining = ServiceUnavailable("NanoIoT is shutting down", retry_after=self.config.shutdown_grace)
+        await DeferredList([maybeDeferred(p.stopListening) for p in ports])
+        if api is not None and api.waiting:
+            await self._wait_for(lambda: not api.waiting, self.config.shutdown_grace)
+            refused = api.refuse_waiting(ServiceUnavailable(
+                "NanoIoT stopped before the command finished; a persistent command is kept and resumes at restart",
+                retry_after=self.config.shutdown_grace))
+            if refused:
+                log.info("answered {count} waiting REST calls 503 at shutdown", count=refused)
+        websockets = getattr(self.site, "websockets", None)
+        if websockets is not None:
+            websockets.close_all()
+        await maybeDeferred(MultiService.stopService, self)
+        try:
+            await self.journal.flushed()
+        finally:
+            await self.repository.stop()
+        log.info("NanoIoT stopped")
+
+    async def _wait_for(self, check: Any, seconds: float) -> None:
+        """Until ``check()`` or ``seconds`` passed, looking every 50 ms on the reactor clock."""
+        deadline = self.reactor.seconds() + seconds
+        while not check() and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, 0.05, lambda: None)

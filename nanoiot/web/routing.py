@@ -18,7 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from nanoiot.errors import (AuthenticationFailed, BadRequest, MethodNotAllowed, NanoError, NotFound, PayloadTooLarge,
-                            unexpected)
+                            ServiceUnavailable, unexpected)
 from nanoiot.web.tokens import Principal, TokenIssuer
 
 log = Logger(namespace="nanoiot.web")
@@ -94,16 +94,37 @@ class Route:
 @dataclass
 class Router:
     routes: list[Route] = field(default_factory=list)
+    #: Routes by their path's second segment ("rpc" of /api/rpc/...), in order; a route with a parameter there is in
+    #: every list and under None. Built on the first match after an add: a match scans a handful, not every route.
+    _by_head: dict[str | None, list[Route]] | None = field(default=None, repr=False, compare=False)
 
     def add(self, method: str, template: str, handler: Handler, authenticated: bool = True) -> None:
         """``template`` like ``/api/device/{deviceId}``; a parameter matches one path segment."""
         regex = "^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template) + "$"
         prefix = template.split("{", 1)[0]
         self.routes.append(Route(method.encode(), re.compile(regex), handler, authenticated, prefix))
+        self._by_head = None
+
+    def _index(self) -> dict[str | None, list[Route]]:
+        index: dict[str | None, list[Route]] = {head: [] for head in map(_route_head, (r.prefix for r in self.routes))}
+        index[None] = []
+        for route in self.routes:
+            head = _route_head(route.prefix)
+            for key, routes in index.items():
+                if head is None or key == head:
+                    routes.append(route)
+        self._by_head = index
+        return index
 
     def match(self, method: bytes, path: str) -> tuple[Route, dict[str, str]]:
+        index = self._by_head
+        if index is None:
+            index = self._index()
+        candidates = index.get(_head(path))
+        if candidates is None:
+            candidates = index[None]
         allowed = False
-        for route in self.routes:
+        for route in candidates:
             if not path.startswith(route.prefix):
                 continue
             found = route.pattern.match(path)
@@ -118,10 +139,24 @@ class Router:
         raise NotFound(f"No handler for {method.decode()} {path}")
 
 
+def _head(path: str) -> str:
+    """The second segment of a path: ``rpc`` of ``/api/rpc/twoway/x`` ("" when there is none)."""
+    parts = path.split("/", 3)
+    return parts[2] if len(parts) > 2 else ""
+
+
+def _route_head(prefix: str) -> str | None:
+    """A route's second segment when its template fixes it (the prefix runs past it), else None (any)."""
+    parts = prefix.split("/", 3)
+    return parts[2] if len(parts) > 3 else None
+
+
 class JsonApi(Resource):
     """A leaf resource that routes every request below it."""
 
     isLeaf = True
+    #: Per tenant, customer and device REST rate limits (``web/rate_limits.py``); None: none configured.
+    rate_limits: Any = None
 
     def __init__(self, router: Router, tokens: TokenIssuer, clock: IReactorTime, max_payload_size: int) -> None:
         super().__init__()
@@ -129,14 +164,23 @@ class JsonApi(Resource):
         self.tokens = tokens
         self.clock = clock
         self.max_payload_size = max_payload_size
+        #: Requests whose handler has not answered yet (each with its "gone" flag): answered 503 at shutdown.
+        self.waiting: dict[Request, list[bool]] = {}
+        #: Set when the server is stopping: requests on connections still open are refused with 503.
+        self.draining: ServiceUnavailable | None = None
 
     def render(self, request: Request) -> Any:
         path = request.path.decode("utf-8", "replace")
         try:
+            if self.draining is not None:
+                request.setHeader(b"connection", b"close")
+                raise self.draining
             route, params = self.router.match(request.method, path)
             if _body_size(request) > self.max_payload_size:
                 raise PayloadTooLarge(f"Payload size exceeds the limit of {self.max_payload_size} bytes")
             principal = self._authenticate(request) if route.authenticated else None
+            if self.rate_limits is not None and principal is not None:
+                self.rate_limits.check(principal, request.method, params)  # 429 (web/rate_limits.py)
         except NanoError as error:
             self._write_error(request, error)
             return NOT_DONE_YET
@@ -155,17 +199,36 @@ class JsonApi(Resource):
         else:
             self._write(request, result, [])
             return NOT_DONE_YET
-        finished = request.notifyFinish()
         gone: list[bool] = []
-
-        def client_gone(_: Any) -> None:
-            gone.append(True)
-            d.cancel()
-
-        finished.addErrback(client_gone)
-        d.addCallbacks(lambda value: self._write(request, value, gone),
-                       lambda failure: self._fail(request, failure, gone))
+        request.notifyFinish().addErrback(_client_gone, gone, d)
+        self.waiting[request] = gone
+        # One callback pair, bound methods and arguments: no closures per request.
+        d.addCallbacks(self._answered, self._failed, callbackArgs=(request, gone), errbackArgs=(request, gone))
         return NOT_DONE_YET
+
+    def _answered(self, value: Any, request: Request, gone: list[bool]) -> None:
+        self.waiting.pop(request, None)
+        self._write(request, value, gone)
+
+    def _failed(self, failure: Failure, request: Request, gone: list[bool]) -> None:
+        self.waiting.pop(request, None)
+        self._fail(request, failure, gone)
+
+    def refuse_waiting(self, error: NanoError) -> int:
+        """Answer every request still waiting for its handler with ``error`` (at shutdown: a clear 503 rather
+        than a dropped connection); their handlers' later results are discarded. Returns how many."""
+        waiting = list(self.waiting.items())
+        self.waiting.clear()
+        for request, gone in waiting:
+            if gone:
+                continue
+            gone.append(True)
+            request.setHeader(b"connection", b"close")
+            try:
+                self._write_error(request, error)
+            except Exception:  # the connection went away meanwhile: nothing to say
+                pass
+        return len(waiting)
 
     def _authenticate(self, request: Request) -> Principal:
         header = request.getHeader(b"x-authorization") or request.getHeader(b"authorization")
@@ -209,6 +272,12 @@ class JsonApi(Resource):
         request.setHeader(b"content-length", b"%d" % len(data))
         request.write(data)
         request.finish()
+
+
+def _client_gone(_: Any, gone: list[bool], d: Deferred) -> None:
+    """The caller went away before its answer: its handler's Deferred is cancelled (the answer is dropped)."""
+    gone.append(True)
+    d.cancel()
 
 
 def _body_size(request: Request) -> int:

@@ -14,8 +14,9 @@ Server to client::
     {"id": <correlation>, "status": 200, "body": <answer, {"rpcId": ...}, null, or a subscription's ack>}
     {"id": <correlation or null>, "status": 4xx | 5xx, "error": <the REST error body>}
 
-The same rules as REST: a token checked at the upgrade (401 JSON otherwise), then the socket closes with 4001 "token
-expired" when the token does; commands go through :meth:`CommandService.submit` with the REST user's initiator; a
+The same rules as REST: a token checked at the upgrade (401 JSON otherwise, also for a deleted or disabled user),
+then the socket closes with 4001 "token expired" when the token does, and with 4003 when its user is deleted or
+disabled; commands go through :meth:`CommandService.submit` with the REST user's initiator; a
 customer user subscribes to and commands its customer's devices only. Per socket: at most ``--ws-max-subscriptions``
 subscriptions and ``--ws-max-inflight`` commands in flight (429), and a client that leaves more than
 ``--ws-max-buffer`` bytes unread is closed with 4008 "too slow".
@@ -40,16 +41,17 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from nanoiot import __version__
 from nanoiot.commands.outcomes import NO_ANSWER, answer_of, failure_error
 from nanoiot.commands.service import CommandService, Initiator
-from nanoiot.errors import AuthenticationFailed, BadRequest, NanoError, TooManyRequests
+from nanoiot.errors import AuthenticationFailed, BadRequest, NanoError, TooManyRequests, unexpected
 from nanoiot.errors import NotFound as NotFoundError
 from nanoiot.rpc.body import parse_rpc_body
 from nanoiot.rpc.model import RpcResult
-from nanoiot.web.access import parse_uuid
+from nanoiot.validation import uuid_param
+from nanoiot.web.active_users import check_now
 from nanoiot.web.event_hub import ALL, EventHub, customer_key, device_key, tenant_key
 from nanoiot.web.rpc import initiator_of
 from nanoiot.web.tokens import Principal, TokenIssuer
@@ -58,6 +60,8 @@ log = Logger(namespace="nanoiot.ws")
 
 CLOSE_TOKEN_EXPIRED = 4001
 CLOSE_TOO_SLOW = 4008
+#: The socket's user was deleted or disabled (or its tokens were revoked).
+CLOSE_USER_REVOKED = 4003
 #: Seconds a slow consumer gets to read up to the close frame before its connection is aborted.
 SLOW_CLOSE_GRACE = 10.0
 #: Seconds after the buffer was seen over the limit that it is looked at again (after the transport's flush).
@@ -90,6 +94,9 @@ class WsSession:
     given before a command is in place before that command's first event (a subscription may wait for its device's
     lookup; later frames wait behind it, but a command's answer is never waited for)."""
 
+    #: The REST rate limits (``web/rate_limits.py``), shared by every socket; None: none configured.
+    rate_limits: Any = None
+
     def __init__(self, principal: Principal, expires_at: float | None, link: Link, hub: EventHub,
                  commands: CommandService, devices: Any, config: Any, clock: Any) -> None:
         self.principal = principal
@@ -108,8 +115,10 @@ class WsSession:
         self.inflight: set[Deferred] = set()
         self.closed = False
         self.close_code: int | None = None
-        self._ops: deque[Callable[[], Any]] = deque()
+        #: Frames waiting behind a subscription's device lookup, as (payload, binary).
+        self._ops: deque[tuple[bytes | str, bool]] = deque()
         self._busy = False
+        self._initiator: Initiator | None = None
         self._expiry = None
         self._slow_check: Any = None
         if expires_at is not None:
@@ -181,10 +190,13 @@ class WsSession:
         """One frame from the client."""
         if self.closed:
             return
+        if not self._busy and not self._ops:  # the common case: nothing waits, handled at once
+            self._run(payload, binary)
+            return
         if len(self._ops) >= self.max_inflight:  # frames piling up behind a subscription's device lookup
             self._refuse(payload, binary)
             return
-        self._ops.append(lambda: self._handle_frame(payload, binary))
+        self._ops.append((payload, binary))
         self._drain()
 
     def _refuse(self, payload: bytes | str, binary: bool) -> None:
@@ -198,22 +210,29 @@ class WsSession:
 
     def _drain(self) -> None:
         while self._ops and not self._busy and not self.closed:
-            op = self._ops.popleft()
-            self._busy = True
-            try:
-                result = op()
-            except Exception:
-                log.failure("ws: handling a frame failed")
-                result = None
-            if isinstance(result, Deferred):
-                # ``marks`` tells the two cases apart: fired already (the callback ran inside addBoth, marking
-                # it) or later (marked here first: then the callback resumes the queue).
-                marks: list[bool] = []
-                result.addBoth(self._op_done, marks)
-                if not marks:
-                    marks.append(True)
-                    return  # the next frames wait behind this one
-            self._busy = False
+            payload, binary = self._ops.popleft()
+            if not self._run(payload, binary):
+                return  # the next frames wait behind this one
+
+    def _run(self, payload: bytes | str, binary: bool) -> bool:
+        """Handle one frame; False while it still waits (a subscription's device lookup): then it resumes the
+        queue when done."""
+        self._busy = True
+        try:
+            result = self._handle_frame(payload, binary)
+        except Exception:
+            log.failure("ws: handling a frame failed")
+            result = None
+        if result is not None:
+            # ``marks`` tells the two cases apart: fired already (the callback ran inside addBoth, marking
+            # it) or later (marked here first: then the callback resumes the queue).
+            marks: list[bool] = []
+            result.addBoth(self._op_done, marks)
+            if not marks:
+                marks.append(True)
+                return False
+        self._busy = False
+        return True
 
     def _op_done(self, result: Any, marks: list[bool]) -> None:
         if isinstance(result, Failure):
@@ -259,7 +278,7 @@ class WsSession:
             return ALL
         if not isinstance(raw, str):
             raise BadRequest(f"Invalid frame: 'deviceId' must be a device id or \"{ALL}\"")
-        return parse_uuid(raw)
+        return uuid_param("deviceId", raw)
 
     def _all_key(self, initiator: Initiator) -> Hashable:
         if initiator.customer_id is not None:
@@ -312,31 +331,31 @@ class WsSession:
     # --- commands -------------------------------------------------------------------------------------------------
 
     def _rpc(self, correlation: Any, frame: dict[str, Any]) -> None:
-        initiator = initiator_of(self.principal)
-        device_id = parse_uuid(frame.get("deviceId"))  # type: ignore[arg-type]
+        initiator = self._initiator
+        if initiator is None:
+            initiator = self._initiator = initiator_of(self.principal)  # a system administrator: 403, every time
+        device_id = uuid_param("deviceId", frame.get("deviceId"))
         oneway = frame.get("oneway", False)
         if not isinstance(oneway, bool):
             raise BadRequest("Invalid frame: 'oneway' must be true or false")
         if len(self.inflight) >= self.max_inflight:
             raise TooManyRequests(f"Too many commands in flight on this socket (limit {self.max_inflight})",
                                   limit=self.max_inflight)
+        if self.rate_limits is not None:  # the REST limits: tenant, customer, commands per device
+            self.rate_limits.check_command(self.principal, device_id)
         body = parse_rpc_body(frame, self.now(), self.default_timeout, self.min_timeout)
         idempotent = isinstance(frame.get("requestUUID"), str)
         d = self.commands.submit(initiator, device_id, body, oneway, idempotent)
-        if d.called:  # refused at once (or answered at once): no need to track it
-            d.addCallbacks(self._answered, self._failed, callbackArgs=(correlation, body, oneway),
-                           errbackArgs=(correlation,))
-            return
-        self.inflight.add(d)
-        d.addBoth(self._settled, d)
-        d.addCallbacks(self._answered, self._failed, callbackArgs=(correlation, body, oneway),
-                       errbackArgs=(correlation,))
+        if not d.called:  # refused or answered at once: no need to track it
+            self.inflight.add(d)
+        d.addCallbacks(self._answered, self._failed, callbackArgs=(correlation, body, oneway, d),
+                       errbackArgs=(correlation, d))
 
-    def _settled(self, result: Any, d: Deferred) -> Any:
+    def _answered(self, result: RpcResult, correlation: Any, body: Any, oneway: bool, d: Deferred) -> None:
         self.inflight.discard(d)
-        return result
-
-    def _answered(self, result: RpcResult, correlation: Any, body: Any, oneway: bool) -> None:
+        if oneway and result.ok and not body.persistent and type(correlation) is int:
+            self._send(b'{"id":%d,"status":200,"body":null}' % correlation)  # the common one-way answer, as _reply
+            return
         try:
             if not result.ok:
                 raise failure_error(result, body.request_uuid)
@@ -350,7 +369,8 @@ class WsSession:
             return
         self._reply(correlation, answer)
 
-    def _failed(self, failure: Failure, correlation: Any) -> None:
+    def _failed(self, failure: Failure, correlation: Any, d: Deferred) -> None:
+        self.inflight.discard(d)
         if failure.check(CancelledError) or self.closed:
             return
         error = failure.value
@@ -404,8 +424,18 @@ class _SocketLink:
         self.protocol = protocol
 
     def send(self, data: bytes) -> None:
-        if self.protocol.state == WebSocketProtocol.STATE_OPEN:  # closing (either side): dropped
-            self.protocol.sendMessage(data, isBinary=False)
+        protocol = self.protocol
+        if protocol.state != WebSocketProtocol.STATE_OPEN:  # closing (either side): dropped
+            return
+        n = len(data)
+        if n < 65536 and not protocol.send_queue and protocol._perMessageCompress is None \
+                and not 0 < protocol.maxMessagePayloadSize < n:
+            # What sendMessage writes for an unfragmented, uncompressed, unmasked (server) text frame, without its
+            # per-call bookkeeping: one of these per command answered.
+            head = b"\x81" + (bytes((n,)) if n < 126 else b"\x7e" + n.to_bytes(2, "big"))
+            protocol.transport.write(head + data)
+            return
+        protocol.sendMessage(data, isBinary=False)
 
     def buffered(self) -> int:
         return buffered_bytes(self.protocol.transport)
@@ -421,6 +451,8 @@ class RpcWebSocketProtocol(WebSocketServerProtocol):
     session: WsSession | None = None
     principal: Principal | None = None
     expires_at: float | None = None
+    #: Called once when the connection is gone (set by the resource that took it over from the HTTP channel).
+    release: Callable[[], None] | None = None
 
     def onConnect(self, request: Any) -> None:
         token = _handshake_token(request.params, request.headers)
@@ -433,24 +465,41 @@ class RpcWebSocketProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         assert self.principal is not None
         self.session = self.factory.new_session(self.principal, self.expires_at, _SocketLink(self))
+        self.factory.open.add(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.session is not None:
             self.session.handle(payload, isBinary)
 
+    def onMessageEnd(self) -> None:
+        # Autobahn's own also fires its "message" observer event (a Deferred per frame) that nothing here listens
+        # to: one frame per command, so that was a good part of a command's cost.
+        if not self.failedByMe:
+            self.onMessage(b"".join(self.message_data), self.message_is_binary)
+        self.message_data = None
+
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.factory.open.discard(self)
         if self.session is not None:
             self.session.connection_lost()
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        release, self.release = self.release, None
+        if release is not None:
+            release()  # the HTTP channel's count of connections per address (web/http_limits.py)
 
 
 class RpcWebSocketFactory(WebSocketServerFactory):
     protocol = RpcWebSocketProtocol
+    rate_limits: Any = None
 
     def __init__(self, hub: EventHub, commands: CommandService, devices: Any, tokens: TokenIssuer, config: Any,
                  clock: Any) -> None:
         super().__init__(server=f"NanoIoT/{__version__}", reactor=clock)
+        # No UTF-8 validation of each frame here: the JSON decoder decodes it anyway (invalid UTF-8 is a 400).
         self.setProtocolOptions(maxMessagePayloadSize=config.max_payload_size, autoPingInterval=PING_INTERVAL,
-                                autoPingTimeout=PING_INTERVAL)
+                                autoPingTimeout=PING_INTERVAL, utf8validateIncoming=False)
         self.webStatus = False
         self.hub = hub
         self.commands = commands
@@ -459,10 +508,38 @@ class RpcWebSocketFactory(WebSocketServerFactory):
         self.config = config
         self.clock = clock
         self.sessions = 0
+        #: Open connections, closed with 1001 (going away) when the server stops.
+        self.open: set[RpcWebSocketProtocol] = set()
+        if getattr(tokens, "users", None) is not None:  # a deleted or disabled user's sockets close at once
+            tokens.users.listeners.append(self.user_changed)
+
+    def user_changed(self, user_id: UUID) -> None:
+        """A user was deleted, disabled or changed: its open sockets are checked again, closed (4003) if refused."""
+        for protocol in list(self.open):
+            principal = protocol.principal
+            if principal is not None and principal.user_id == user_id and protocol.session is not None:
+                check_now(self.tokens.users, principal).addErrback(self._user_refused, protocol.session)
+
+    @staticmethod
+    def _user_refused(failure: Failure, session: WsSession) -> None:
+        if failure.check(NanoError):
+            session._close(CLOSE_USER_REVOKED, "user deleted or disabled")
+        else:
+            log.failure("ws: checking a user failed", failure)
+
+    def close_all(self, reason: str = "NanoIoT is shutting down") -> int:
+        """Send every open WebSocket a close frame (1001 going away); returns how many."""
+        protocols = list(self.open)
+        for protocol in protocols:
+            protocol.sendClose(1001, reason)
+        return len(protocols)
 
     def new_session(self, principal: Principal, expires_at: float | None, link: Link) -> WsSession:
         self.sessions += 1
-        return WsSession(principal, expires_at, link, self.hub, self.commands, self.devices, self.config, self.clock)
+        session = WsSession(principal, expires_at, link, self.hub, self.commands, self.devices, self.config,
+                            self.clock)
+        session.rate_limits = self.rate_limits
+        return session
 
 
 class RpcWebSocketResource(Resource):
@@ -478,25 +555,54 @@ class RpcWebSocketResource(Resource):
 
     def render(self, request: Request) -> Any:
         try:
-            self.factory.tokens.verify_access(_request_token(request) or _missing_token())
+            principal = self.factory.tokens.verify_access(_request_token(request) or _missing_token())
             upgrade = (request.getHeader(b"upgrade") or b"").lower()
             if upgrade != b"websocket":
                 raise BadRequest("This is a WebSocket endpoint: connect with a WebSocket client")
+            users = self.factory.tokens.users
+            # A deleted or disabled user is refused; when its state is not cached yet, ask first, then render again.
+            waiting = users.admit(principal) if users is not None else None
+            if waiting is not None:
+                waiting.addCallbacks(lambda _: _finish(request, self.render(request)),
+                                     lambda failure: _finish(request, self._refusal(request, failure)))
+                return NOT_DONE_YET
         except NanoError as error:
-            data = _dumps(error.to_json(int(self.factory.clock.seconds() * 1000)))
-            request.setResponseCode(error.http_status)
-            request.setHeader(b"content-type", b"application/json")
-            request.setHeader(b"content-length", b"%d" % len(data))
-            return data
+            return self._refusal(request, error)
         # The HTTP channel's idle timeout would fire on a transport it no longer owns.
         channel = getattr(request, "channel", None)
         if channel is not None and hasattr(channel, "setTimeout"):
             channel.setTimeout(None)
-        return self.websocket.render(request)
+        transport = getattr(channel, "transport", None)
+        result = self.websocket.render(request)
+        # The channel hears nothing more of this connection: its WebSocket releases its count per address.
+        protocol = getattr(transport, "wrappedProtocol", None) or getattr(transport, "protocol", None)  # TLS or TCP
+        protocol = getattr(protocol, "wrappedProtocol", protocol)
+        if isinstance(protocol, RpcWebSocketProtocol) and hasattr(channel, "hand_over"):
+            protocol.release = channel.hand_over()
+        return result
+
+
+    def _refusal(self, request: Request, error: Any) -> bytes:
+        """The JSON error answer to an upgrade refused with ``error`` (a NanoError, or a Failure of anything else:
+        a 500 with an error id)."""
+        error = unexpected(error, log, "ws: checking a user failed")
+        data = _dumps(error.to_json(int(self.factory.clock.seconds() * 1000)))
+        request.setResponseCode(error.http_status)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"content-length", b"%d" % len(data))
+        return data
 
 
 def _missing_token() -> str:
     raise AuthenticationFailed("Authentication failed: give the JWT as ?token=")
+
+
+def _finish(request: Request, result: Any) -> None:
+    """Write what a later :meth:`RpcWebSocketResource.render` returned (unless it took the connection over)."""
+    if result is NOT_DONE_YET or request.finished or getattr(request, "_disconnected", False):
+        return
+    request.write(result)
+    request.finish()
 
 
 class _NotFound(Resource):
@@ -518,6 +624,9 @@ class _NotFound(Resource):
 class WebSocketRoot(Resource):
     """``/api/ws``: ``rpc`` below it; anything else is the API's JSON 404."""
 
+    #: The connections' factory (the server closes them at shutdown).
+    factory: RpcWebSocketFactory | None = None
+
     def __init__(self, rpc: RpcWebSocketResource, clock: Any) -> None:
         super().__init__()
         self.rpc = rpc
@@ -534,4 +643,6 @@ def websocket_resource(hub: EventHub, commands: CommandService, devices: Any, to
                        clock: Any) -> WebSocketRoot:
     """``/api/ws``, with ``rpc`` below it."""
     factory = RpcWebSocketFactory(hub, commands, devices, tokens, config, clock)
-    return WebSocketRoot(RpcWebSocketResource(factory), clock)
+    root = WebSocketRoot(RpcWebSocketResource(factory), clock)
+    root.factory = factory
+    return root

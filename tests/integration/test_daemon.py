@@ -1,5 +1,6 @@
 """twistd daemon mode: the server's own quiet observer writes where twistd was told (--logfile), not to the
-daemon's /dev/null standard output, and SIGTERM stops the daemon cleanly (its pid file goes)."""
+daemon's /dev/null standard output, SIGUSR1 rotates that file (as twistd's own log), and SIGTERM stops the daemon
+cleanly (its pid file goes)."""
 
 from __future__ import annotations
 
@@ -37,10 +38,14 @@ async def test_a_daemonized_server_writes_its_log_file_and_stops_on_sigterm(tmp_
     try:
         await until(lambda: log_file.exists() and "is ready" in log_file.read_text(), 30, "the ready line in the log")
         pid = int(pid_file.read_text().strip())
+        # logrotate's postrotate: SIGUSR1 moves the file aside and the daemon writes a new one.
+        os.kill(pid, signal.SIGUSR1)
+        rotated = tmp_path / "nanoiot.log.1"
+        await until(rotated.exists, 30, "the log file rotated on SIGUSR1")
         os.kill(pid, signal.SIGTERM)
         await until(lambda: not pid_file.exists(), 30, "the daemon to stop and remove its pid file")
     finally:
         if pid_file.exists():
             os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
-    text = log_file.read_text()
-    assert "[nanoiot#info] NanoIoT" in text and "Traceback" not in text
+    text = rotated.read_text() + log_file.read_text()
+    assert "[nanoiot#info] NanoIoT" in rotated.read_text() and "Traceback" not in text

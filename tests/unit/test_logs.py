@@ -70,3 +70,59 @@ def test_the_level_filter_still_applies_with_a_node():
     text = emit({"level": "warn", "node": "n1"}, event("chatty", LogLevel.info), event("careful", LogLevel.warn))
     assert "chatty" not in text
     assert "[n1] [nanoiot.test#warn] careful" in text
+
+
+def test_the_syslog_destination_gets_our_filtered_lines_under_the_prefix(monkeypatch) -> None:
+    from twisted.python import syslog as twisted_syslog
+
+    from nanoiot.logs import LogTarget
+
+    opened, sent = [], []
+    monkeypatch.setattr(twisted_syslog.SyslogObserver, "openlog", lambda self, *args: opened.append(args))
+    monkeypatch.setattr(twisted_syslog.SyslogObserver, "syslog", lambda self, *args: sent.append(args))
+    target = LogTarget(syslog=True, prefix="nanoiot-edge")
+    observer = make_observer("info", base=target.syslog_observer())
+    observer(event("device {name} connected", name="d1"))
+    observer(event("chatter", namespace="twisted.web", level=LogLevel.info))  # Twisted's noise: filtered out
+    observer(event("a debug line", level=LogLevel.debug))
+    assert opened and opened[0][0] == "nanoiot-edge"
+    assert [args[-1] for args in sent] == ["[nanoiot.test] device d1 connected"]
+
+
+def test_the_log_file_rotates_by_size_and_keeps_the_configured_number(tmp_path) -> None:
+    from nanoiot.logs import LogTarget
+
+    stream = LogTarget(logfile=str(tmp_path / "nanoiot.log"), rotate_length=200, max_rotated=2).open()
+    observer = make_observer(stream=stream)
+    for index in range(40):
+        observer(event("line {index} of the log, long enough to rotate soon", index=index))
+    stream.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["nanoiot.log", "nanoiot.log.1", "nanoiot.log.2"]
+    assert "line 39 of the log" in (tmp_path / "nanoiot.log").read_text()
+
+
+def test_sigusr1_rotates_the_log_file(tmp_path) -> None:
+    import os
+    import signal
+
+    from twisted.internet.task import Clock
+
+    from nanoiot.logs import LogTarget, rotate_on_signal
+
+    class CallingReactor(Clock):
+        def callFromThread(self, f, *args):  # noqa: N802 - Twisted's name
+            f(*args)
+
+    stream = LogTarget(logfile=str(tmp_path / "nanoiot.log"), rotate_length=0).open()
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        rotate_on_signal(stream, CallingReactor())
+        make_observer(stream=stream)(event("before the rotation"))
+        os.kill(os.getpid(), signal.SIGUSR1)
+        make_observer(stream=stream)(event("after the rotation"))
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        stream.close()
+    assert "before the rotation" in (tmp_path / "nanoiot.log.1").read_text()
+    assert "after the rotation" in (tmp_path / "nanoiot.log").read_text()

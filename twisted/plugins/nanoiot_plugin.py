@@ -63,14 +63,17 @@ class Options(usage.Options):
             _fail(str(exc), 2)
 
 
-def _log_target(twistd_options: Any) -> Any:
-    """What twistd's own options say about logging (--logfile, --syslog, -n), for the service's observer."""
+def _log_target(twistd_options: Any, config: Any) -> Any:
+    """What twistd's own options say about logging (--logfile, --syslog, --prefix, -n), for the service's
+    observer, with our rotation settings."""
     from nanoiot.logs import LogTarget
 
     if twistd_options is None:
         return None
+    prefix = twistd_options.get("prefix") or "nanoiot"
     return LogTarget(logfile=twistd_options.get("logfile"), syslog=bool(twistd_options.get("syslog")),
-                     daemon=not twistd_options.get("nodaemon"))
+                     daemon=not twistd_options.get("nodaemon"), prefix="nanoiot" if prefix == "twisted" else prefix,
+                     rotate_length=config.log_rotate_length, max_rotated=config.log_max_rotated)
 
 
 @implementer(IServiceMaker, IPlugin)
@@ -91,7 +94,7 @@ class NanoServiceMaker:
             check_database(config.database)
             service = NanoService(config, reactor)
             service.stop_reactor_on_failure = True
-            service.log_target = _log_target(getattr(options, "parent", None))
+            service.log_target = _log_target(getattr(options, "parent", None), config)
         except ConfigError as exc:
             _fail(str(exc), 1)
 
