@@ -23,21 +23,11 @@ from nanoiot.web.context import WebContext
 from nanoiot.web.dashboard import STATIC_DIR, content_security_policy
 from nanoiot.web.site import build_site
 from nanoiot.web.tokens import TokenIssuer
+from tests.fixtures.untouched import Untouched
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-class Untouched:
-    """Collaborators that serving static files must not call."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __getattr__(self, attribute: str) -> Any:
-        def called(*args: Any, **kwargs: Any) -> Any:
-            raise AssertionError(f"{self.name}.{attribute} was called")
-
-        return called
 
 
 @pytest.fixture

@@ -16,19 +16,9 @@ from nanoiot.web.context import WebContext
 from nanoiot.web.openapi import build_document, documented_routes
 from nanoiot.web.site import build_router, build_site
 from nanoiot.web.tokens import TokenIssuer
+from tests.fixtures.untouched import Untouched
 
 
-class Untouched:
-    """Collaborators the router's construction must not call."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __getattr__(self, attribute: str) -> Any:
-        def called(*args: Any, **kwargs: Any) -> Any:
-            raise AssertionError(f"{self.name}.{attribute} was called")
-
-        return called
 
 
 def context() -> WebContext:

@@ -25,6 +25,7 @@ from nanoiot.rpc.model import NonJsonResponse, RpcFailure, RpcResult, RpcStatus
 from nanoiot.web.context import WebContext
 from nanoiot.web.site import build_site
 from nanoiot.web.tokens import TokenIssuer
+from tests.fixtures.untouched import Untouched
 
 T0 = 1_700_000_000
 NOW_MS = T0 * 1000
@@ -78,18 +79,6 @@ class FakeCommands:
         return self._answer("list", initiator, device_id, link, status)
 
 
-class Untouched:
-    """The repository, the device catalog and the device port: the RPC routes must not reach them (only the
-    attributes the site wiring reads exist, and calling them fails the test)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __getattr__(self, attribute: str) -> Any:
-        def called(*args: Any, **kwargs: Any) -> Any:
-            raise AssertionError(f"{self.name}.{attribute} was called")
-
-        return called
 
 
 class Api:

@@ -27,6 +27,7 @@ from nanoiot.web.context import WebContext
 from nanoiot.web.rule_chains import ANOTHER_ROOT, default_root_id
 from nanoiot.web.site import build_site
 from nanoiot.web.tokens import TokenIssuer
+from tests.fixtures.untouched import Untouched
 
 T0 = 1_700_000_000
 KEY = b"unit-test-signing-key-" * 3
@@ -104,18 +105,6 @@ class FakeRules:
         self.changed.append(tenant_id)
 
 
-class Untouched:
-    """The device port and the command service: the rule chain and relation routes must not reach them (calling
-    anything on them fails the test)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __getattr__(self, attribute: str) -> Any:
-        def called(*args: Any, **kwargs: Any) -> Any:
-            raise AssertionError(f"{self.name}.{attribute} was called")
-
-        return called
 
 
 def user(authority: Authority, tenant: UUID = TENANT, customer: UUID = NULL_UUID) -> User:
