@@ -191,7 +191,7 @@ def _rest_query() -> tuple[Callable[[bytes], str], tuple[type, ...], list[bytes]
     from twisted.web.http import parse_qs
 
     from nanoiot.errors import NanoError
-    from nanoiot.web.access import parse_uuid
+    from nanoiot.validation import uuid_param
     from nanoiot.web.paging import page_link
     from nanoiot.web.routing import ApiRequest, Router
 
@@ -212,7 +212,7 @@ def _rest_query() -> tuple[Callable[[bytes], str], tuple[type, ...], list[bytes]
         try:
             _, params = router.match(method, path.decode("utf-8", "replace"))
             for value in params.values():
-                parse_uuid(value)
+                uuid_param("id", value)
             outcome.append("routed")
         except NanoError as error:
             outcome.append(type(error).__name__)

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from uuid import UUID
-
-from nanoiot.errors import BadRequest, NotFound, PermissionDenied
+from nanoiot.errors import NotFound, PermissionDenied
 from nanoiot.persistence.records import Authority, Device
 from nanoiot.web.tokens import Principal
 
 SYSADMIN_DENIED = "System administrator is not allowed to perform this operation!"
 DEVICE_NOT_FOUND = "Device with requested id wasn't found!"
-
-
-def parse_uuid(value: str) -> UUID:
-    try:
-        return UUID(value)
-    except (ValueError, AttributeError, TypeError):
-        raise BadRequest(f"Invalid UUID string: {value}") from None
 
 
 def require_authority(principal: Principal, *allowed: Authority) -> None:

@@ -13,7 +13,8 @@ from nanoiot.actors import messages as m
 from nanoiot.errors import BadRequest, NotFound, PermissionDenied
 from nanoiot.persistence.account_store import TENANT_SORTS, AccountStore
 from nanoiot.persistence.records import Authority, Tenant
-from nanoiot.web.access import parse_uuid, require_authority
+from nanoiot.validation import text, uuid_param
+from nanoiot.web.access import require_authority
 from nanoiot.web.context import WebContext
 from nanoiot.web.devices import _id_of
 from nanoiot.web.paging import page_link
@@ -22,16 +23,13 @@ from nanoiot.web.shapes import page_json, tenant_json
 
 TENANT_NOT_FOUND = "Tenant with requested id wasn't found!"
 #: The column's length, on SQLite as on PostgreSQL.
-MAX_TITLE = 255
 
 
 def tenant_title(body: Any) -> str:
     title = body.get("title") if isinstance(body, dict) else None
     if not isinstance(title, str) or not title.strip():
         raise BadRequest("Tenant title should be specified!")
-    if len(title) > MAX_TITLE:
-        raise BadRequest(f"Tenant title should be at most {MAX_TITLE} characters long")
-    return title
+    return text("title", title)  # type: ignore[return-value]
 
 
 class TenantApi:
@@ -46,7 +44,7 @@ class TenantApi:
         router.add("DELETE", "/api/tenant/{tenantId}", self.delete_tenant)
 
     async def _tenant(self, request: ApiRequest) -> Tenant:
-        tenant = await self.store.get_tenant(parse_uuid(request.params["tenantId"]))
+        tenant = await self.store.get_tenant(uuid_param("tenantId", request.params["tenantId"]))
         if tenant is None:
             raise NotFound(TENANT_NOT_FOUND)
         return tenant
@@ -57,7 +55,7 @@ class TenantApi:
         title = tenant_title(body)
         existing_id = _id_of(body.get("id"))
         if existing_id:
-            return tenant_json(await self.store.update_tenant(parse_uuid(existing_id), title))
+            return tenant_json(await self.store.update_tenant(uuid_param("id", existing_id), title))
         return tenant_json(await self.store.create_tenant(title))
 
     async def list_tenants(self, request: ApiRequest) -> dict[str, Any]:

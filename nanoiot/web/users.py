@@ -18,7 +18,7 @@ from nanoiot.errors import AuthenticationFailed, BadRequest, NotFound, Permissio
 from nanoiot.passwords import hash_password
 from nanoiot.persistence.account_store import AccountStore
 from nanoiot.persistence.records import NULL_UUID, Authority, User
-from nanoiot.web.access import parse_uuid
+from nanoiot.validation import text, uuid_param
 from nanoiot.web.context import WebContext
 from nanoiot.web.devices import CUSTOMER_NOT_FOUND, _id_of
 from nanoiot.web.routing import NO_BODY, ApiRequest, Response, Router
@@ -29,7 +29,6 @@ from nanoiot.web.tokens import Principal, password_fingerprint
 USER_NOT_FOUND = "User with requested id wasn't found!"
 #: Stored for a user who has not set a password yet: no bcrypt hash, so no password matches it.
 NO_PASSWORD = b""
-MAX_TEXT = 255
 MIN_PASSWORD = 6
 #: bcrypt reads at most 72 bytes of a password.
 MAX_PASSWORD_BYTES = 72
@@ -37,15 +36,9 @@ MAX_PASSWORD_BYTES = 72
 
 def _text(body: dict[str, Any], key: str, required: bool = False) -> str | None:
     value = body.get(key)
-    if value is None or (isinstance(value, str) and not value.strip() and required):
-        if required:
-            raise BadRequest(f"User {key} should be specified!")
-        return None
-    if not isinstance(value, str):
-        raise BadRequest(f"User {key} must be a string")
-    if len(value) > MAX_TEXT:
-        raise BadRequest(f"User {key} should be at most {MAX_TEXT} characters long")
-    return value
+    if required and (value is None or (isinstance(value, str) and not value.strip())):
+        raise BadRequest(f"User {key} should be specified!")
+    return text(key, value)
 
 
 def _email(body: dict[str, Any]) -> str:
@@ -97,7 +90,7 @@ class UserApi:
         router.add("POST", "/api/noauth/activate", self.activate, authenticated=False)
 
     async def _user(self, request: ApiRequest, write: bool) -> User:
-        user = await self.store.get_user(parse_uuid(request.params["userId"]))
+        user = await self.store.get_user(uuid_param("userId", request.params["userId"]))
         return check_user_access(request.user, user, write)
 
     def _changed(self, user_id: UUID, revoke: bool) -> None:
@@ -141,7 +134,7 @@ class UserApi:
         first_name, last_name = _text(body, "firstName"), _text(body, "lastName")
         existing_id = _id_of(body.get("id"))
         if existing_id:
-            user = check_user_access(principal, await self.store.get_user(parse_uuid(existing_id)), write=True)
+            user = check_user_access(principal, await self.store.get_user(uuid_param("id", existing_id)), write=True)
             if body.get("authority") not in (None, user.authority.value):
                 raise BadRequest("User authority can't be changed")
             updated = await self.store.update_user(user.id, email, first_name, last_name)
@@ -171,7 +164,7 @@ class UserApi:
             raw_tenant = _id_of(body.get("tenantId"))
             if not raw_tenant:
                 raise BadRequest("Tenant id should be specified!")
-            tenant = await self.context.repository.get_tenant(parse_uuid(raw_tenant))
+            tenant = await self.context.repository.get_tenant(uuid_param("tenantId", raw_tenant))
             if tenant is None:
                 raise NotFound(TENANT_NOT_FOUND)
             return tenant.id, NULL_UUID
@@ -180,9 +173,9 @@ class UserApi:
         if authority is Authority.TENANT_ADMIN:
             return principal.tenant_id, NULL_UUID
         raw_customer = _id_of(body.get("customerId"))
-        if not raw_customer or parse_uuid(raw_customer) == NULL_UUID:
+        if not raw_customer or uuid_param("customerId", raw_customer) == NULL_UUID:
             raise BadRequest("Customer id should be specified for a customer user!")
-        customer = await self.context.repository.get_customer(parse_uuid(raw_customer))
+        customer = await self.context.repository.get_customer(uuid_param("customerId", raw_customer))
         if customer is None or customer.tenant_id != principal.tenant_id:
             raise NotFound(CUSTOMER_NOT_FOUND)
         return principal.tenant_id, customer.id
