@@ -491,7 +491,7 @@ class DeviceActor(ReactorActor):
             self._apply(self.queue.acked(request_id, self.now()))
 
     def _finished(self, effect: Finished) -> None:
-        if effect.rpc_id in self._inserts_pending:
+        if self._inserts_pending and effect.rpc_id in self._inserts_pending:
             return  # a persistent caller is answered when its insert is durable, not when the command ends
         replies = self.ctx.replies
         for reply_to in self.waiters.pop(effect.rpc_id, ()):

@@ -27,6 +27,8 @@ from nanoiot.rpc.body import RpcBody
 from nanoiot.rpc.model import RpcCommand, RpcResult, RpcStatus
 
 DEVICE_NOT_FOUND = "Device with requested id wasn't found!"
+#: Origins remembered by ``CommandService._origin`` at most (then it starts again).
+MAX_ORIGINS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,9 @@ class CommandService:
         self.clock = clock
         #: Set by the rule service; None: no rule chains (``--rules-bypass``, or unit tests).
         self.interceptor: Interceptor | None = None
+        #: id(initiator) -> (initiator, its origin JSON): an edge that keeps one Initiator per caller (REST does)
+        #: builds the origin once, not per command. Read-only data, shared by that caller's commands.
+        self._origins: dict[int, tuple[Initiator, Any]] = {}
 
     def now(self) -> int:
         return int(self.clock.seconds() * 1000)
@@ -184,9 +189,19 @@ class CommandService:
             additional_info=body.additional_info,
             qos=body.qos,
             user_id=initiator.user_id,
-            initiator=initiator.to_json(),
+            initiator=self._origin(initiator),
             batch_id=initiator.batch_id,
         )
+
+    def _origin(self, initiator: Initiator) -> Any:
+        cached = self._origins.get(id(initiator))
+        if cached is not None and cached[0] is initiator:
+            return cached[1]
+        origin = initiator.to_json()
+        if len(self._origins) >= MAX_ORIGINS:
+            self._origins.clear()
+        self._origins[id(initiator)] = (initiator, origin)
+        return origin
 
     def submit_stored(self, initiator: Initiator, targets: Sequence[tuple[Device, RpcBody]],
                       oneway: bool) -> list[Deferred[RpcResult]]:

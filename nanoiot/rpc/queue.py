@@ -49,33 +49,33 @@ class PendingRpc:
 # --- effects -----------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Send:
     session_id: int
     pending: PendingRpc
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StatusChanged:
     pending: PendingRpc
     status: RpcStatus
     response: Any = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Finished:
     rpc_id: UUID
     result: RpcResult
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StartTimer:
     kind: Timer
     request_id: int
     at: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CancelTimer:
     kind: Timer
     request_id: int

@@ -23,6 +23,9 @@ from nanoiot.web.tokens import Principal, TokenIssuer
 
 log = Logger(namespace="nanoiot.web")
 
+#: ``json.dumps(value, separators=(",", ":"))`` without building an encoder per call (a third of its cost).
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+
 #: Marks a response with no body (ThingsBoard answers some calls with an empty 200).
 NO_BODY = object()
 
@@ -133,7 +136,10 @@ class Router:
             if route.method != method:
                 allowed = True
                 continue
-            return route, {k: unquote(v) for k, v in found.groupdict().items()}
+            params = found.groupdict()
+            if "%" in path:
+                params = {k: unquote(v) for k, v in params.items()}
+            return route, params
         if allowed:
             raise MethodNotAllowed(f"Request method '{method.decode()}' is not supported")
         raise NotFound(f"No handler for {method.decode()} {path}")
@@ -248,7 +254,7 @@ class JsonApi(Resource):
         if isinstance(response.body, bytes):
             data = response.body
         else:
-            data = json.dumps(response.body, separators=(",", ":")).encode()
+            data = _compact(response.body).encode()
         request.setHeader(b"content-type", response.content_type)
         # A length instead of chunked framing: one less write, and what HTTP/1.0 clients need anyway.
         request.setHeader(b"content-length", b"%d" % len(data))
@@ -265,7 +271,7 @@ class JsonApi(Resource):
     def _write_error(self, request: Request, error: NanoError) -> None:
         body = error.to_json(int(self.clock.seconds() * 1000))
         request.setResponseCode(error.http_status)
-        data = json.dumps(body, separators=(",", ":")).encode()
+        data = _compact(body).encode()
         for name, value in error.headers().items():
             request.setHeader(name, value)
         request.setHeader(b"content-type", b"application/json")

@@ -301,3 +301,48 @@ def test_a_restored_command_keeps_the_retries_it_had_spent_before_the_restart(cl
     # One retry left after one spent; none after two (not a fresh budget of two).
     assert (RpcStatus.TIMEOUT in changes, RpcStatus.FAILED in changes) == (retried, failed)
     assert journal.attempts == ([(stored.rpc_id, 2)] if retried else [])
+
+
+def _timer_calls(clock: task.Clock) -> list[Any]:
+    return [c for c in clock.getDelayedCalls() if isinstance(c.args[-1], m.TimersDue)]
+
+
+def test_a_commands_expiry_and_ack_timers_share_one_reactor_call_gone_once_it_is_answered(clock):
+    directory = directory_on(clock)
+    session = FakeSession(1)
+    directory.attach(DEVICE, session)
+    directory.tell(DEVICE, m.SubscribeCommands(1))
+    first, second = (Asked(directory, m.SubmitRpc, command(clock, name)) for name in ("a", "b"))
+    directory.tell(DEVICE, first.message)
+    directory.tell(DEVICE, second.message)
+    run(clock)
+    # Four timers (two expiries, two ack waits), one call: at the earliest of them, the first ack timeout.
+    [call] = _timer_calls(clock)
+    assert call.getTime() == pytest.approx(clock.seconds() + 1.0)
+    for request_id, _ in session.sent:
+        directory.tell(DEVICE, m.CommandAnswered(1, request_id, b"{}"))
+    run(clock)
+    assert first.reply.called and second.reply.called
+    assert _timer_calls(clock) == []
+
+
+def test_a_wake_up_left_early_by_a_cancelled_timer_fires_the_later_ones_at_their_time(clock):
+    directory = directory_on(clock, max_retries=0)
+    session = FakeSession(1)
+    directory.attach(DEVICE, session)
+    directory.tell(DEVICE, m.SubscribeCommands(1))
+    submit = Asked(directory, m.SubmitRpc, command(clock, ttl_ms=3000))
+    directory.tell(DEVICE, submit.message)
+    run(clock)
+    [(request_id, _)] = session.sent
+    directory.tell(DEVICE, m.CommandAcked(1, request_id))  # the ack wait (due at 1 s) is cancelled, expiry stays
+    run(clock)
+    clock.advance(1.0)  # the wake-up for the ack wait: nothing due, re-armed for the expiry
+    run(clock)
+    assert not submit.reply.called
+    [call] = _timer_calls(clock)
+    assert call.getTime() == pytest.approx(clock.seconds() + 2.0)
+    clock.advance(2.0)
+    run(clock)
+    assert submit.reply.called and submit.reply.result.failure is RpcFailure.NO_RESPONSE
+    assert _timer_calls(clock) == []

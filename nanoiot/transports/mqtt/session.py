@@ -19,6 +19,10 @@ REQUEST_PREFIX = {"v1": "v1/devices/me/rpc/request/", "v2": "v2/r/req/", "v2j": 
 RESPONSE_PREFIX = {"v1": "v1/devices/me/rpc/response/", "v2": "v2/r/res/", "v2j": "v2/r/res/j/"}
 
 
+#: ``json.dumps(value, separators=(",", ":"))`` without building an encoder per command (a third of its cost).
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+
+
 class MqttSession:
     __slots__ = (
         "session_id", "device", "link", "protocol_level", "rpc_family", "rpc_qos", "_write", "_close",
@@ -73,7 +77,7 @@ class MqttSession:
     # --- DeviceSession --------------------------------------------------------------------------------------------
 
     def send_command(self, request_id: int, method: str, params: Any, qos: int) -> Delivery:
-        payload = json.dumps({"method": method, "params": params}, separators=(",", ":")).encode()
+        payload = _compact({"method": method, "params": params}).encode()
         topic = REQUEST_PREFIX[self.rpc_family] + str(request_id)
         return self.publish_tracked(topic, payload, min(qos, self.rpc_qos), self.in_flight, request_id)
 

@@ -1,0 +1,334 @@
+"""REST RPC overhead: a two-way RPC's server CPU against a bare twisted.web JSON request, in the same run.
+
+    python bench/rest_overhead.py                  # 3 runs x 5 rounds of 5 s windows, C=64, 1,000 devices (~8 min)
+    python bench/rest_overhead.py --short          # regression: 1 run x 5 rounds of 4 s windows (~2 min)
+    python bench/rest_overhead.py --baseline /tmp/before   # A/B: also a NanoIoT from a copy of the tree before a change
+    python bench/rest_overhead.py --runs 1 --rounds 2 --profile   # py-spy NanoIoT during its last window
+    python bench/rest_overhead.py --runs 1 --baseline-args "--metrics off"   # this tree with other server options
+
+Every request is the same, made by wrk with bench/rpc.py's Lua script (``POST /api/rpc/twoway/<deviceId>``,
+``{"method":"echo","params":{"i":n}}``, an ``X-Authorization: Bearer`` header, device ids rotating), over C
+keep-alive connections from one wrk thread; each window is preceded by a 1 s wrk warmup. The targets:
+
+- **bare**: this file's ``--bare-server PORT``: a twisted.web ``Site`` (epoll reactor as under twistd,
+  ``parsePOSTFormSubmission=False``, no access log, as NanoIoT's site) whose one leaf resource parses the JSON POST
+  and answers it as JSON with a Content-Length. The floor of any REST request on this machine.
+- **nanoiot**: ``twistd -n nanoiot`` (SQLite, ``--demo``; bench.common.Server), K devices provisioned in bulk and
+  connected with ``nanoiot-sim --answer echo`` (bench.common.start_fleet; QoS 1 both ways): every request is a
+  two-way RPC through the JSON router, JWT, active-user check, command service, device actor, MQTT and the answer.
+- **baseline** (``--baseline TREE``): the same from the sources in TREE (PYTHONPATH), for an A/B in one run; with
+  ``--baseline-args``, started with those server options (from TREE, or from this tree when no TREE is given).
+
+The machine may be shared, and CPU per request moves with what else runs (caches, the sibling hyperthread, the
+kernel's loopback work done in ``send``): every target runs at once and the windows interleave, target after
+target, round after round (``--rounds``), so that a busy spell falls on all of them. Server CPU = utime + stime of
+the server process (/proc/PID/stat) over a window, divided by the requests wrk completed in it; the simulator's CPU
+is reported apart and not counted. Per run each target's median window is kept; the table shows the median of the
+runs (min–max), and the ratio nanoiot/bare is taken per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import RESULTS, ROOT, Server, cpu_seconds, free_port, machine, provision_devices  # noqa: E402
+from bench.common import start_fleet, write_result  # noqa: E402
+from bench.loadgen import wait_for_quiet  # noqa: E402
+from bench.rpc import PYSPY, WRK, WRK_SCRIPT, summarize_profile  # noqa: E402
+
+
+# --- the bare twisted.web server (run as a subprocess of this file) --------------------------------------------
+
+
+def bare_server(port: int) -> None:
+    from twisted.internet import epollreactor
+
+    epollreactor.install()
+    from twisted.internet import reactor
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    class Echo(Resource):
+        isLeaf = True
+
+        def render_POST(self, request: Any) -> bytes:
+            body = json.loads(request.content.read())
+            data = json.dumps({"method": body.get("method"), "params": body.get("params")},
+                              separators=(",", ":")).encode()
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"content-length", b"%d" % len(data))
+            return data
+
+    class QuietSite(Site):
+        noisy = False
+
+        def log(self, request: Any) -> None:
+            pass
+
+    reactor.listenTCP(port, QuietSite(Echo(), parsePOSTFormSubmission=False), interface="127.0.0.1")
+    reactor.run()
+
+
+class Bare:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen([sys.executable, __file__, "--bare-server", str(self.port)])
+        deadline = time.monotonic() + 20
+        import socket
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("the bare twisted.web server did not start")
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+# --- measuring -------------------------------------------------------------------------------------------------
+
+
+def run_wrk(url: str, level: int, seconds: float, env: dict[str, str], lua: Path) -> dict[str, Any]:
+    command = [WRK, "-t", "1", "-c", str(level), "-d", f"{max(1, round(seconds))}s", "--timeout", "30s",
+               "-s", str(lua), url + "/"]
+    out = subprocess.run(command, env=env, capture_output=True, text=True)
+    found = re.search(r"^WRKJSON (\{.*\})$", out.stdout, re.M)
+    if not found:
+        raise RuntimeError(f"wrk failed: {out.stdout[-1000:]} {out.stderr[-1000:]}")
+    return json.loads(found.group(1))
+
+
+def measure(what: str, url: str, pid: int, sim_pid: int | None, args: argparse.Namespace, env: dict[str, str],
+            lua: Path, profile: Path | None = None) -> dict[str, Any]:
+    run_wrk(url, args.connections, args.warmup, env, lua)
+    spy = None
+    if profile is not None:
+        # The folded samples (summarized here) and, from a second sampler, the flame graph.
+        spy = [subprocess.Popen([PYSPY, "record", *extra, "-p", str(pid), "-r", "250", "-d",
+                                 str(int(args.duration)), "-f", form, "-o", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+               for form, out, extra in (("raw", profile, []),
+                                        ("flamegraph", profile.with_suffix(".svg"), ["--nonblocking"]))]
+        time.sleep(1.0)  # py-spy attaching
+    cpu0 = cpu_seconds(pid)
+    sim0 = cpu_seconds(sim_pid) if sim_pid else 0.0
+    w = run_wrk(url, args.connections, args.duration, env, lua)
+    cpu = cpu_seconds(pid) - cpu0
+    sim = (cpu_seconds(sim_pid) - sim0) if sim_pid else None
+    for process in spy or ():
+        process.wait(60)
+    seconds = w["duration_us"] / 1e6
+    errors = (w["status_errors"] + w["connect_errors"] + w["read_errors"] + w["write_errors"] + w["timeouts"])
+    requests = max(w["requests"], 1)
+    return {"what": what, "requests": w["requests"], "errors": errors, "rps": round(w["requests"] / seconds, 1),
+            "p50_ms": round(w["p50_us"] / 1000, 2), "p99_ms": round(w["p99_us"] / 1000, 2),
+            "server_cpu_s": round(cpu, 3), "server_us_per_op": round(cpu / requests * 1e6, 1),
+            "server_core": round(cpu / seconds, 3),
+            "sim_us_per_op": round(sim / requests * 1e6, 1) if sim is not None else None,
+            "loadavg": float(open("/proc/loadavg").read().split()[0])}
+
+
+def start_nanoiot(work: Path, args: argparse.Namespace, tree: Path | None,
+                  extra: list[str] | None = None) -> tuple[Server, Any, dict[str, str]]:
+    """A server (from ``tree``'s sources when given: the baseline of an A/B run; with ``extra`` server options) with
+    K devices connected."""
+    server = Server(workdir=Path(tempfile.mkdtemp(prefix="server-", dir=work)), extra=list(extra or []))
+    saved = os.environ.get("PYTHONPATH")
+    if tree is not None:
+        os.environ["PYTHONPATH"] = str(tree)  # twistd imports nanoiot from there (it comes before the venv's)
+    try:
+        server.start()
+    finally:
+        if tree is not None:
+            if saved is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = saved
+    devices = provision_devices(server.database, args.devices)
+    (work / "tokens.txt").write_text("\n".join(token for _, token in devices) + "\n")
+    (work / "ids.txt").write_text("\n".join(device_id for device_id, _ in devices) + "\n")
+    env = dict(os.environ, RPC_JWT=server.login(), RPC_IDS=str(work / "ids.txt"), RPC_KIND="twoway")
+    sim, _ = start_fleet(server.mqtt_port, work / "tokens.txt", work / f"sim-{time.monotonic_ns()}.jsonl", "echo")
+    return server, sim, env
+
+
+def one_run(index: int, args: argparse.Namespace, work: Path, lua: Path) -> list[dict[str, Any]]:
+    """Every target up at once; ``--rounds`` rounds of one window each, in rotating order, so that the load the
+    shared machine carries meanwhile falls on every target alike. One row per target: its median window."""
+    targets = ["bare", "nanoiot"] + (["baseline"] if args.baseline or args.baseline_args else [])
+    started: dict[str, tuple[str, int, int | None, dict[str, str]]] = {}
+    stops: list[Any] = []
+    windows: dict[str, list[dict[str, Any]]] = {what: [] for what in targets}
+    try:
+        for what in targets:
+            tree = None
+            if what == "bare":
+                bare = Bare()
+                stops.append(bare.stop)
+                (work / "bare-ids.txt").write_text("\n".join(str(uuid.uuid4()) for _ in range(args.devices)) + "\n")
+                env = dict(os.environ, RPC_JWT="x" * 200, RPC_IDS=str(work / "bare-ids.txt"), RPC_KIND="twoway")
+                started[what] = (bare.url, bare.pid, None, env)
+                continue
+            if what == "baseline" and args.baseline:
+                tree = Path(args.baseline)
+            sub = work / what
+            sub.mkdir(exist_ok=True)
+            extra = args.baseline_args.split() if what == "baseline" and args.baseline_args else None
+            server, sim, env = start_nanoiot(sub, args, tree, extra)
+            stops.append(server.cleanup)
+            stops.append(lambda sim=sim: (sim.terminate(), sim.wait(30)))
+            started[what] = (server.url, server.pid, sim.pid, env)
+        for round_ in range(args.rounds):
+            shift = (index + round_) % len(targets)
+            for what in targets[shift:] + targets[:shift]:
+                wait_for_quiet(args.max_load, args.load_wait, print)
+                url, pid, sim_pid, env = started[what]
+                profile = None
+                if args.profile and what == "nanoiot" and round_ == args.rounds - 1:
+                    RESULTS.mkdir(parents=True, exist_ok=True)
+                    profile = RESULTS / f"{args.output}-nanoiot.pyspy.txt"
+                row = measure(what, url, pid, sim_pid, args, env, lua, profile)
+                if profile is not None:
+                    row["profile"] = summarize_profile(profile)
+                    svg = profile.with_suffix(".svg")
+                    row["profile"]["path"] = str(profile.relative_to(ROOT))
+                    row["profile"]["svg"] = str(svg.relative_to(ROOT)) if svg.exists() else None
+                    continue  # a profiled window's CPU includes the sampler's pauses: not counted
+                windows[what].append(row)
+    finally:
+        for stop in reversed(stops):
+            try:
+                stop()
+            except Exception as error:  # noqa: BLE001 - tear down the rest anyway
+                print(f"stopping: {error!r}")
+    rows = []
+    for what in targets:
+        got = sorted(windows[what], key=lambda r: r["server_us_per_op"])
+        row = dict(got[len(got) // 2])
+        row["windows_us_per_op"] = [r["server_us_per_op"] for r in windows[what]]
+        row["run"] = index
+        rows.append(row)
+        print(f"run {index} {what:8}: {row['rps']:>8,.0f} req/s  p50 {row['p50_ms']} p99 {row['p99_ms']} ms  "
+              f"server {row['server_us_per_op']} µs/op ({row['server_core']:.0%} core; windows "
+              f"{', '.join(f'{v:.0f}' for v in row['windows_us_per_op'])})  errors {row['errors']}"
+              + (f"  sim {row['sim_us_per_op']} µs/op" if row["sim_us_per_op"] is not None else ""), flush=True)
+    return rows
+
+
+def med(values: list[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(values), 3), "min": min(values), "max": max(values)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--connections", "-c", type=int, default=64)
+    parser.add_argument("--duration", type=float, default=5.0, help="one measured window, s")
+    parser.add_argument("--warmup", type=float, default=1.0, help="wrk run before each window, s")
+    parser.add_argument("--runs", type=int, default=3, help="fresh servers per run; the tables show the median")
+    parser.add_argument("--rounds", type=int, default=5, help="windows per target and run (interleaved)")
+    parser.add_argument("--short", action="store_true", help="regression mode: 1 run of 5 rounds of 4 s windows")
+    parser.add_argument("--profile", action="store_true", help="py-spy NanoIoT during its window (last run's kept)")
+    parser.add_argument("--max-load", type=float, default=1.5)
+    parser.add_argument("--load-wait", type=float, default=30.0)
+    parser.add_argument("--baseline", metavar="TREE",
+                        help="also measure a NanoIoT started from the sources in TREE (a copy of the tree before a "
+                             "change): an A/B comparison in the same run")
+    parser.add_argument("--baseline-args", metavar="OPTIONS", default="",
+                        help="server options for the baseline (e.g. '--metrics off'); alone: this tree with them")
+    parser.add_argument("--output", default="rest_overhead", help="bench/results/<output>.json")
+    args = parser.parse_args()
+    if args.bare_server:
+        bare_server(args.bare_server)
+        return
+    if not WRK:
+        parser.error("wrk is not installed (apt-get install -y wrk)")
+    if args.short:
+        args.runs, args.duration, args.warmup = 1, 4.0, 1.0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    work = Path(tempfile.mkdtemp(prefix="bench-rest-overhead-"))
+    lua = work / "rpc.lua"
+    lua.write_text(WRK_SCRIPT)
+    rows: list[dict[str, Any]] = []
+    try:
+        for index in range(1, args.runs + 1):
+            rows.extend(one_run(index, args, work, lua))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    by_run: dict[int, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        by_run.setdefault(row["run"], {})[row["what"]] = row
+    targets = ["bare", "nanoiot"] + (["baseline"] if args.baseline or args.baseline_args else [])
+    summary: dict[str, Any] = {what: {key: med([r[key] for r in rows if r["what"] == what])
+                                      for key in ("server_us_per_op", "rps", "p50_ms", "p99_ms", "server_core")}
+                               for what in targets}
+    for what in targets[1:]:
+        summary[what]["sim_us_per_op"] = med([r["sim_us_per_op"] for r in rows if r["what"] == what])
+        summary[what]["ratio"] = med([r[what]["server_us_per_op"] / r["bare"]["server_us_per_op"]
+                                      for r in by_run.values()])
+    summary["ratio"] = summary["nanoiot"]["ratio"]
+    # Window by window (the targets' windows of one round are neighbours in time): the steadiest comparison.
+    windows = {what: [w for r in rows if r["what"] == what for w in r["windows_us_per_op"]] for what in targets}
+    summary["paired"] = {f"{a}/{b}": med([x / y for x, y in zip(windows[a], windows[b])])
+                         for a, b in (("nanoiot", "bare"), ("baseline", "bare"), ("nanoiot", "baseline"))
+                         if a in windows and b in windows}
+    print(f"\nmedian of {args.runs} run(s), C={args.connections}, {args.devices} devices, {args.duration:g} s windows")
+    print(f"{'':10}{'server µs/op':>22}{'req/s':>22}{'p50 ms':>20}{'p99 ms':>20}")
+    for what in targets:
+        s = summary[what]
+        print(f"{what:10}" + "".join(f"{s[k]['median']:>10,.1f} ({s[k]['min']:,.0f}–{s[k]['max']:,.0f})".rjust(22)
+                                     for k in ("server_us_per_op", "rps")) +
+              "".join(f"{s[k]['median']:>8.2f} ({s[k]['min']:.1f}–{s[k]['max']:.1f})".rjust(20)
+                      for k in ("p50_ms", "p99_ms")))
+    r = summary["ratio"]
+    print(f"ratio nanoiot/bare server CPU per op: {r['median']:.2f} ({r['min']:.2f}–{r['max']:.2f})  "
+          f"target <= 1.5: {'met' if r['median'] <= 1.5 else 'MISSED'}")
+    if "baseline" in targets:
+        b = summary["baseline"]["ratio"]
+        print(f"ratio baseline/bare: {b['median']:.2f} ({b['min']:.2f}–{b['max']:.2f})")
+    for pair, value in summary["paired"].items():
+        print(f"paired windows {pair}: median {value['median']:.3f} ({value['min']:.2f}–{value['max']:.2f})")
+    for row in rows:
+        if "profile" in row:
+            print(f"profile: {row['profile']['path']} svg {row['profile']['svg']}")
+            for category, share in row["profile"]["categories"]:
+                print(f"   {share:5.1f} %  {category}")
+            for frame, share in row["profile"]["self"][:15]:
+                print(f"   self {share:5.1f} %  {frame}")
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    path = write_result(args.output, {"machine": machine(), "command": " ".join([Path(sys.executable).name,
+                                                                                 *sys.argv]),
+                                      "commit": git.stdout.strip(), "settings": vars(args), "summary": summary,
+                                      "runs": rows})
+    print(f"results written to {path}")
+
+
+if __name__ == "__main__":
+    main()
