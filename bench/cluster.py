@@ -22,6 +22,8 @@ the node logs name what went wrong; nothing is logged per call at that level). P
    ``--reuse-port`` (``dual``: what ``nanoiot run --processes 2`` starts): the devices connect through the shared
    MQTT port, so the kernel spreads them over both nodes, and the HTTP connections through the shared HTTP port, so
    about half the calls are for a device held by the other node and are routed.
+   With ``--dual-bus`` a third setup, ``dual-bus``, runs the same two processes with ``--cluster-link-host ''``:
+   every routed call over PostgreSQL NOTIFY instead of the nodes' direct links (links against NOTIFY, same run).
 
 Each point: 1 s warmup (``--warmup``), then a ``--duration`` window (8 s): RPC/s, latency p50/p95/p99 of every
 call (wrk's), errors (status other than 2xx/3xx with the status codes counted, socket errors, timeouts), and CPU
@@ -324,12 +326,14 @@ class Setup:
         self.lua = self.work / "rpc.lua"
         self.lua.write_text(WRK_SCRIPT)
 
-    def start_nodes(self, names: list[str], shared: bool) -> None:
+    def start_nodes(self, names: list[str], shared: bool, bus_only: bool = False) -> None:
         self.code = code_fingerprint(self.code_dir or ROOT)
         ports = (free_port(), free_port(), free_udp_port())
         for name in names:
             http, mqtt, coap = ports if shared else (free_port(), free_port(), free_udp_port())
             node = Node.make(name, self.database, self.work / name, http, mqtt, coap, self.args, reuse_port=shared)
+            if bus_only:
+                node.cluster_options += ["--cluster-link-host", ""]
             node.env = self.env
             self.nodes.append(node)
             node.start()  # one at a time: the first creates the schema and seeds the demo tenant
@@ -595,7 +599,7 @@ class Runner:
         if "routed" in self.args.phases:
             n += 2 * len(self.args.levels)
         if "scale" in self.args.phases:
-            n += 2 * len(self.args.levels)
+            n += (3 if self.args.dual_bus else 2) * len(self.args.levels)
         return n
 
     def say(self, text: str) -> None:
@@ -665,11 +669,14 @@ class Runner:
             self._finish(setup, info)
 
     def scale(self, run: int) -> None:
-        for name, nodes in (("single", ["solo"]), ("dual", ["P1", "P2"])):
+        configs = [("single", ["solo"]), ("dual", ["P1", "P2"])]
+        if self.args.dual_bus:  # the same two processes with every message through NOTIFY (no direct links)
+            configs.append(("dual-bus", ["P1", "P2"]))
+        for name, nodes in configs:
             setup = self._configure(name, run)
             info: dict[str, Any] = {"config": name, "run": run}
             try:
-                setup.start_nodes(nodes, shared=name == "dual")
+                setup.start_nodes(nodes, shared=name != "single", bus_only=name == "dual-bus")
                 info["connect_s"] = round(setup.start_sim(setup.nodes[0].mqtt_port), 2)
                 info["devices_per_node_before"] = setup.devices_per_node()
                 target = Target(name, setup.nodes[0].http_port, list(setup.nodes))
@@ -726,7 +733,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             statuses.update(r.get("statuses") or {})
         entry["statuses"] = dict(statuses)
         out.append(entry)
-    order = {"local": 0, "routed": 1, "single": 2, "dual": 3}
+    order = {"local": 0, "routed": 1, "single": 2, "dual": 3, "dual-bus": 4}
     return sorted(out, key=lambda p: (order.get(p["mode"], 9), p["level"]))
 
 
@@ -779,6 +786,16 @@ def targets(rows: list[dict[str, Any]], levels: list[int]) -> list[dict[str, Any
             if ratio["median"] is not None:
                 out.append({"target": f"(info) 2 processes / 1, RPC/s at C={level}", "value": ratio, "unit": "x",
                             "met": None})
+    if {"dual", "dual-bus"} <= modes:
+        for level in levels:
+            ratio = summarize(paired(rows, "dual-bus", "dual", level, lambda b, d: d["rps"] / b["rps"]))
+            cpu = summarize(paired(rows, "dual-bus", "dual", level,
+                                   lambda b, d: d["server_pg_cpu_us_per_rpc"] / b["server_pg_cpu_us_per_rpc"]))
+            if ratio["median"] is not None:
+                out.append({"target": f"(info) direct links / NOTIFY only, RPC/s at C={level}", "value": ratio,
+                            "unit": "x", "met": None})
+                out.append({"target": f"(info) direct links / NOTIFY only, CPU incl. PostgreSQL per RPC at "
+                            f"C={level}", "value": cpu, "unit": "x", "met": None})
     return out
 
 
@@ -865,6 +882,8 @@ def main() -> None:
     parser.add_argument("--max-others-during", type=float, default=0.3,
                         help="a point during which other processes used more cores than this is measured again")
     parser.add_argument("--retries", type=int, default=2, help="... at most this many times (the last one is kept)")
+    parser.add_argument("--dual-bus", action="store_true",
+                        help="scale: also two processes with --cluster-link-host '' (every message over NOTIFY)")
     parser.add_argument("--keep-work", action="store_true", help="keep node logs, sim output, py-spy stacks")
     parser.add_argument("--code", choices=("head", "tree", "live"), default="head",
                         help="what the nodes run: head = a copy of the committed nanoiot/ (git archive HEAD), tree "

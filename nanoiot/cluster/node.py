@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from nanoiot.actors import messages as m
 from nanoiot.actors.device import RequestIds
+from nanoiot.cluster.direct import DirectRouter, machine_id
 from nanoiot.cluster.events import EventRelay
 from nanoiot.cluster.notify import NotifyBus
 from nanoiot.cluster.port import ClusterPort
@@ -85,7 +86,10 @@ class ClusterNode(Service):
         self.dead_after_ms = int(config.dead_after * 1000)
         self.store = ClusterStore(repository)
         self.bus = NotifyBus(config.database, reactor)
-        self.router = NotifyRouter(self.bus, self.node)
+        self.router: Any = NotifyRouter(self.bus, self.node)
+        link_host = getattr(config, "cluster_link_host", "")
+        if link_host:
+            self.router = DirectRouter(self.router, reactor, link_host, machine_id())
         self.port = ClusterPort(self.node, directory, self.store, self.router, catalog, repository, journal, reactor,
                                 self.dead_after_ms, config.route_timeout)
         self._beats = 0
@@ -178,6 +182,12 @@ class ClusterNode(Service):
         """A device, its credentials or its customer changed here: every other node drops its cached copies."""
         if self._joined:
             self.router.broadcast({"t": "invalidate", "d": [str(device_id)], "deleted": deleted})
+
+    def tell_others(self, envelope: dict[str, Any]) -> None:
+        """Broadcast another service's notice (kind ``t``, handled by :attr:`notices` on the other nodes): the user
+        API's "user-changed", so that a deleted or disabled user's tokens stop on every node."""
+        if self._joined:
+            self.router.broadcast(envelope)
 
     def _receive(self, envelope: dict[str, Any]) -> None:
         notice = self.notices.get(envelope.get("t"))  # type: ignore[arg-type]

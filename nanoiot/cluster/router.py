@@ -53,6 +53,7 @@ class NotifyRouter:
         self._receive: Receiver | None = None
         self.received = 0
         self.sent = 0
+        self.broadcasts = 0
 
     def start(self, receive: Receiver) -> Deferred[None]:
         self._receive = receive
@@ -82,6 +83,7 @@ class NotifyRouter:
     def broadcast(self, envelope: dict[str, Any]) -> bool:
         envelope["from"] = self.node
         envelope["b"] = 1
+        self.broadcasts += 1
         return self.bus.notify(BROADCAST_CHANNEL, codec.dumps(envelope))
 
     def stop(self) -> Deferred[None]:
