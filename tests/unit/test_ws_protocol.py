@@ -13,6 +13,7 @@ import pytest
 from treq.testing import StubTreq
 from twisted.internet import task
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.testing import StringTransport
 
 from nanoiot.actors import messages as m
 from nanoiot.actors.replies import Replies
@@ -28,7 +29,8 @@ from nanoiot.web.shapes import rpc_json
 from nanoiot.web.site import build_site
 from nanoiot.web.tokens import TokenIssuer
 from nanoiot.web.ws import (
-    CLOSE_TOKEN_EXPIRED, CLOSE_TOO_SLOW, SLOW_CHECK_DELAY, SLOW_CLOSE_GRACE, WsSession, buffered_bytes,
+    CLOSE_TOKEN_EXPIRED, CLOSE_TOO_SLOW, SLOW_CHECK_DELAY, SLOW_CLOSE_GRACE, RpcWebSocketFactory, WsSession,
+    _SocketLink, buffered_bytes,
 )
 
 T0 = 1_700_000_000
@@ -386,6 +388,7 @@ def test_commands_in_flight_are_bounded_per_socket():
     (b'{"id": "o", "cmd": "rpc", "deviceId": "%s", "method": "m", "oneway": "yes"}', "o"),
     (b'{"id": "p", "cmd": "rpc", "deviceId": "%s", "params": {}}', "p"),
     (b'{"id": "t", "cmd": "rpc", "deviceId": "%s", "method": "m", "timeout": -1}', "t"),
+    (b'{"id": 7, "cmd": "\xff\xfe"}', None),  # not UTF-8 (Autobahn does not validate it: the JSON decoder does)
 ])
 def test_a_bad_frame_is_answered_400_and_the_socket_goes_on(raw, cid):
     edge = Edge()
@@ -505,6 +508,23 @@ def test_buffered_bytes_reads_a_twisted_transports_write_buffer():
 
     assert buffered_bytes(Transport()) == 82
     assert buffered_bytes(object()) == 0
+
+
+@pytest.mark.parametrize("size", [0, 5, 125, 126, 300, 65535, 65536, 70000])
+def test_a_frame_the_link_writes_is_byte_for_byte_what_autobahn_writes(size):
+    edge = Edge(max_payload_size=1 << 20)
+    factory = RpcWebSocketFactory(edge.hub, edge.commands, edge.devices, edge.tokens, edge.config, edge.clock)
+    written = []
+    for send in (lambda protocol, data: protocol.sendMessage(data, isBinary=False),
+                 lambda protocol, data: _SocketLink(protocol).send(data)):
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.state = protocol.STATE_OPEN  # as after the opening handshake
+        transport.clear()
+        send(protocol, b"x" * size)
+        written.append(transport.value())
+    assert written[1] == written[0] and len(written[0]) > size
 
 
 # --- the upgrade ------------------------------------------------------------------------------------------------
