@@ -112,8 +112,7 @@ class ServerMetrics:
     def on_event(self, event: Any) -> None:
         """Runs for every status change of every command: labelled children are looked up once, then cached."""
         if type(event) is RpcStatusChanged:
-            record = event.record
-            key = (record.status, event.persistent)
+            key = (event.status, event.persistent)
             counters = self._status_counters.get(key)
             if counters is None:
                 counters = self._status_counters[key] = self._counters_for(*key)
@@ -121,7 +120,7 @@ class ServerMetrics:
             if counters[1] is not None:
                 counters[1].inc()
             if counters[2] is not None:
-                counters[2].observe(max(0.0, self.clock.seconds() - record.created_time / 1000))
+                counters[2].observe(max(0.0, self.clock.seconds() - event.created_time / 1000))
 
     def _counters_for(self, status: RpcStatus, persistent: bool) -> tuple[Any, Any, Any]:
         """(status change counter, outcome counter or None, latency histogram or None) of one status."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable
 from uuid import UUID
 
@@ -504,8 +505,9 @@ class DeviceActor(ReactorActor):
             self._journal(pending, status, effect.response)
         events = self.ctx.events
         if events is not None and events.wants(RpcStatusChanged):
-            record = _record(command, pending.request_id, status, effect.response)
-            events.publish(RpcStatusChanged(record, command.persistent))
+            events.publish(RpcStatusChanged.lazily(
+                status, command.created_time, command.persistent,
+                partial(_record, command, pending.request_id, status, effect.response)))
 
     def _journal(self, pending: PendingRpc, status: RpcStatus, response: Any) -> None:
         command = pending.command

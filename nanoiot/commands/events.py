@@ -19,20 +19,52 @@ from nanoiot.rpc.model import RpcStatus
 log = Logger(namespace="nanoiot.events")
 
 
-@dataclass(frozen=True, slots=True)
 class RpcStatusChanged:
-    """``RPC_<STATUS>``: one status change of one command; ``record`` is the command as it stands now."""
+    """``RPC_<STATUS>``: one status change of one command; ``record`` is the command as it stands now.
 
-    record: RpcRecord
-    persistent: bool
+    A device actor publishes four of these per command, and most listeners (metrics) read only ``status``,
+    ``persistent`` and ``created_time``: :meth:`lazily` builds the record only when a listener reads it."""
+
+    __slots__ = ("_record", "_build", "persistent", "status", "created_time")
+
+    def __init__(self, record: RpcRecord, persistent: bool) -> None:
+        self._record: RpcRecord | None = record
+        self._build: Callable[[], RpcRecord] | None = None
+        self.persistent = persistent
+        self.status: RpcStatus = record.status
+        self.created_time: int = record.created_time
+
+    @classmethod
+    def lazily(cls, status: RpcStatus, created_time: int, persistent: bool,
+               build: Callable[[], RpcRecord]) -> RpcStatusChanged:
+        """``build`` must give the same record whenever it is called (it reads nothing that changes later)."""
+        event = cls.__new__(cls)
+        event._record, event._build = None, build
+        event.persistent, event.status, event.created_time = persistent, status, created_time
+        return event
+
+    @property
+    def record(self) -> RpcRecord:
+        record = self._record
+        if record is None:
+            assert self._build is not None
+            record = self._record = self._build()
+            self._build = None
+        return record
 
     @property
     def type(self) -> str:
-        return f"RPC_{self.record.status.value}"
+        return f"RPC_{self.status.value}"
 
-    @property
-    def status(self) -> RpcStatus:
-        return self.record.status
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not RpcStatusChanged:
+            return NotImplemented
+        return self.persistent == other.persistent and self.record == other.record
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"RpcStatusChanged(record={self.record!r}, persistent={self.persistent!r})"
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,3 +33,25 @@ def test_a_listener_of_every_kind_wants_everything():
     called = DeviceCalled(DEVICE, TENANT, CUSTOMER, "coap", None)
     events.publish(called)
     assert seen == [called]
+
+
+def test_a_lazy_status_event_builds_its_record_once_and_only_when_read() -> None:
+    from uuid import uuid4
+
+    from nanoiot.commands.events import RpcStatusChanged
+    from nanoiot.persistence.records import RpcRecord
+    from nanoiot.rpc.model import RpcStatus
+
+    record = RpcRecord(id=uuid4(), created_time=5, tenant_id=uuid4(), device_id=uuid4(), expiration_time=9,
+                       oneway=True, method="m", params=None, status=RpcStatus.SENT)
+    built: list[int] = []
+
+    def build() -> RpcRecord:
+        built.append(1)
+        return record
+
+    event = RpcStatusChanged.lazily(RpcStatus.SENT, 5, False, build)
+    assert (event.type, event.status, event.created_time, event.persistent) == ("RPC_SENT", RpcStatus.SENT, 5, False)
+    assert built == []
+    assert event.record is record and event.record is record and built == [1]
+    assert event == RpcStatusChanged(record, False) and event != RpcStatusChanged(record, True)
