@@ -41,14 +41,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, ROOT, Server, cpu_seconds, machine, provision_devices, write_result  # noqa: E402
+from bench.common import RESULTS, ROOT, Server, cpu_seconds, machine, provision_devices, rest, write_result  # noqa: E402
 from bench.persistent_rpc import Postgres, inclusive_summary, pg_cpu, profile_summary  # noqa: E402
 
 RPC_TIMEOUT_MS = 6 * 3600 * 1000  # nothing expires during the benchmark
@@ -58,17 +57,6 @@ PROFILE_FRAMES = ["BulkRpc._queue (", "CommandService.submit (", "Actor.start ("
                   "Repository.write_rpc_batch.<locals>.thd (", "DefaultDialect.do_executemany (",
                   "DefaultDialect.do_commit (", "BatchStore.devices_of_type.<locals>.thd (",
                   "CollectorPolicy.freeze (", "EPollReactor.doPoll ("]
-
-
-def rest(server: Server, jwt: str, method: str, path: str, body: Any = None, timeout: float = 120) -> tuple[int, Any]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"{server.url}{path}", data, method=method, headers={
-        "Content-Type": "application/json", "X-Authorization": f"Bearer {jwt}"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"null")
 
 
 class BatchCounter:
@@ -187,7 +175,7 @@ def one_batch(server: Server, jwt: str, counter: BatchCounter, devices: int, pol
     for pinger in pingers.values():
         pinger.start()
     started = time.perf_counter()
-    status, body = rest(server, jwt, "POST", "/api/rpc/bulk", {
+    status, body = rest(server.url, jwt, "POST", "/api/rpc/bulk", {
         "deviceType": "bench", "method": "setState", "params": {"batch": index, "on": True},
         "timeout": RPC_TIMEOUT_MS})
     answered = time.perf_counter()
@@ -219,7 +207,7 @@ def one_batch(server: Server, jwt: str, counter: BatchCounter, devices: int, pol
             profiler.kill()
     seconds = done - started
     get_started = time.perf_counter()
-    status, view = rest(server, jwt, "GET", f"/api/rpc/bulk/{batch_id}")
+    status, view = rest(server.url, jwt, "GET", f"/api/rpc/bulk/{batch_id}")
     get_seconds = time.perf_counter() - get_started
     assert status == 200, (status, view)
     assert view["statusCounts"]["QUEUED"] == devices and view["total"] == devices, view["statusCounts"]

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
@@ -207,3 +208,15 @@ def start_fleet(mqtt_port: int, tokens_file: Path, out: Path, answer: str = "ech
         time.sleep(0.2)
     sim.kill()
     raise RuntimeError("the simulated devices did not connect in 120 s")
+
+
+def rest(url: str, jwt: str, method: str, path: str, body: Any = None, timeout: float = 120) -> tuple[int, Any]:
+    """One blocking REST call with a JWT: (status, parsed JSON body) — for the benchmarks' control calls."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{url}{path}", data, method=method, headers={
+        "Content-Type": "application/json", "X-Authorization": f"Bearer {jwt}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")

@@ -47,14 +47,12 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, ROOT, Server, cpu_seconds, machine, provision_devices, write_result  # noqa: E402
+from bench.common import RESULTS, ROOT, Server, cpu_seconds, machine, provision_devices, rest, write_result  # noqa: E402
 
 PYSPY = str(Path(sys.executable).with_name("py-spy"))
 TIMEOUT_MS = 6 * 3600 * 1000  # nothing expires during the benchmark
@@ -247,17 +245,6 @@ async def ws_load(port: int, jwt: str, device_ids: list[str], connections: int, 
 
 # --- the bulk load ------------------------------------------------------------------------------------------------
 
-def rest(url: str, jwt: str, method: str, path: str, body: Any = None, timeout: float = 60) -> tuple[int, Any]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"{url}{path}", data, method=method, headers={
-        "Content-Type": "application/json", "X-Authorization": f"Bearer {jwt}"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"null")
-
-
 def bulk_load(url: str, jwt: str, devices: int, backlog: int, count: FleetCount, base: int, stop_at: threading.Event,
               stats: dict[str, int]) -> None:
     body = {"deviceType": "bench", "oneway": True, "method": "setLed", "params": {"on": True}, "timeout": TIMEOUT_MS}
@@ -266,7 +253,7 @@ def bulk_load(url: str, jwt: str, devices: int, backlog: int, count: FleetCount,
         if stats["sent"] - (received - base) >= backlog:
             time.sleep(0.01)
             continue
-        status, answer = rest(url, jwt, "POST", "/api/rpc/bulk", body)
+        status, answer = rest(url, jwt, "POST", "/api/rpc/bulk", body, timeout=60)
         if status != 200:
             stats["errors"] += devices
             print("bulk POST refused:", status, answer)
@@ -537,7 +524,7 @@ def main() -> None:
     path = write_result(args.output, {"machine": machine(), "started": began, "git": git_state(),
                                       "args": {k: v for k, v in vars(args).items()}, "summary": summary,
                                       "rows": rows})
-    print(f"-> {path.relative_to(ROOT)}")
+    print(f"-> {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
 
 
 if __name__ == "__main__":
