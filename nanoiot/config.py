@@ -72,18 +72,20 @@ def _strategy(value: str) -> SubmitStrategy:
         raise ValueError(f"must be one of {names}") from None
 
 
-def _log_level(value: str) -> str:
-    lowered = value.strip().lower()
-    if lowered not in ("debug", "info", "warn", "error", "critical"):
-        raise ValueError("must be one of debug, info, warn, error, critical")
-    return lowered
+def _one_of(*choices: str) -> Callable[[str], str]:
+    """A parser of a word from ``choices`` (any case, spaces around ignored)."""
+
+    def parse(value: str) -> str:
+        lowered = value.strip().lower()
+        if lowered not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return lowered
+
+    return parse
 
 
-def _log_format(value: str) -> str:
-    lowered = value.strip().lower()
-    if lowered not in ("text", "json"):
-        raise ValueError("must be text or json")
-    return lowered
+_log_level = _one_of("debug", "info", "warn", "error", "critical")
+_log_format = _one_of("text", "json")
 
 
 def _rpc_methods(value: str) -> str:
@@ -126,13 +128,6 @@ def _seconds_or_zero(value: str | float) -> float:
     if not math.isfinite(number) or number < 0:
         raise ValueError("must be 0 or a positive number of seconds")
     return number
-
-
-def _mqtt_rate_action(value: str) -> str:
-    action = value.strip().lower()
-    if action not in ("throttle", "close"):
-        raise ValueError("expected throttle or close")
-    return action
 
 
 def _problem_line(problem: Any) -> str:
@@ -254,7 +249,7 @@ OPTIONS: tuple[Option, ...] = (
            "(empty: no limit)"),
     Option("mqtt-tenant-rate-limit", "", _login_rates,
            "MQTT messages per tenant, all its devices together, capacity:seconds[,...] (empty: no limit)"),
-    Option("mqtt-rate-limit-action", "throttle", _mqtt_rate_action,
+    Option("mqtt-rate-limit-action", "throttle", _one_of("throttle", "close"),
            "what a device over an MQTT rate limit gets: throttle (its socket is not read until it may send "
            "again) or close"),
     Option("mqtt-max-connections-per-address", 30000, _non_negative,

@@ -30,19 +30,12 @@ from tests.unit.test_device_actor import DEVICE, Asked, FakeSession, command, di
 from tests.unit.test_mqtt_protocol import Harness as MqttHarness
 
 
-class Table:
-    """The rpc table behind the journal, with the repository's health contract: while ``down`` every write fails
-    with DatabaseUnavailable; ``come_back()`` fires what waits on ``when_healthy``, as the repository's probe does."""
+class Health:
+    """The repository's health contract: ``when_healthy`` waits while ``down``; ``come_back()`` fires it, as the
+    repository's probe does."""
 
-    def __init__(self) -> None:
-        self.rows: dict[Any, RpcStatus] = {}
-        self.down = False
-        self.attempts = 0
-        self._waiting: list[Deferred] = []
-
-    @property
-    def healthy(self) -> bool:
-        return not self.down
+    down: bool
+    _waiting: list[Deferred]
 
     def when_healthy(self) -> Deferred:
         if not self.down:
@@ -56,6 +49,22 @@ class Table:
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(None)
+
+
+class Table(Health):
+    """The rpc table behind the journal, with the repository's health contract: while ``down`` every write fails
+    with DatabaseUnavailable; ``come_back()`` fires what waits on ``when_healthy``, as the repository's probe does."""
+
+    def __init__(self) -> None:
+        self.rows: dict[Any, RpcStatus] = {}
+        self.down = False
+        self.attempts = 0
+        self._waiting: list[Deferred] = []
+
+    @property
+    def healthy(self) -> bool:
+        return not self.down
+
 
     def write_rpc_batch(self, inserts: list, changes: list, deletes: list) -> Deferred:
         self.attempts += 1
@@ -295,7 +304,7 @@ def test_a_coap_request_whose_token_cannot_be_checked_gets_5_03_with_max_age():
 
 # --- a cluster node taking a device over during the outage ------------------------------------------------------------
 
-class Outage:
+class Outage(Health):
     """One node's view of a database that is down: claims and loads fail as the repository reports it, and
     ``when_healthy`` fires when it comes back."""
 
@@ -311,18 +320,6 @@ class Outage:
     def load_device_active_rpcs(self, device_id: Any) -> Deferred:
         return fail(DatabaseUnavailable()) if self.down else self.repository.load_device_active_rpcs(device_id)
 
-    def when_healthy(self) -> Deferred:
-        if not self.down:
-            return succeed(None)
-        d: Deferred = Deferred()
-        self._waiting.append(d)
-        return d
-
-    def come_back(self) -> None:
-        self.down = False
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(None)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.store, name)
