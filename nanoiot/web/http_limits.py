@@ -13,7 +13,6 @@ Once a request is complete (a long poll waiting, a WebSocket taken over) no dead
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -25,6 +24,7 @@ from twisted.web.server import Request
 
 from nanoiot.errors import NanoError, PayloadTooLarge
 from nanoiot.limits import Counter
+from nanoiot.jsontext import compact
 
 log = Logger(namespace="nanoiot.http")
 
@@ -72,7 +72,7 @@ class HttpLimits:
 
 def raw_error_response(error: NanoError, now_ms: int) -> bytes:
     """A whole HTTP response carrying ``error`` as ThingsBoard's JSON error body, for a request no resource saw."""
-    body = json.dumps(error.to_json(now_ms), separators=(",", ":")).encode()
+    body = compact(error.to_json(now_ms))
     reason = RESPONSES.get(error.http_status, b"Error")
     head = [b"HTTP/1.1 %d %s" % (error.http_status, reason), b"Content-Type: application/json",
             b"Content-Length: %d" % len(body), b"Connection: close"]

@@ -20,11 +20,9 @@ from twisted.web.server import NOT_DONE_YET, Request
 from nanoiot.errors import (AuthenticationFailed, BadRequest, MethodNotAllowed, NanoError, NotFound, PayloadTooLarge,
                             ServiceUnavailable, unexpected)
 from nanoiot.web.tokens import Principal, TokenIssuer
+from nanoiot.jsontext import compact
 
 log = Logger(namespace="nanoiot.web")
-
-#: ``json.dumps(value, separators=(",", ":"))`` without building an encoder per call (a third of its cost).
-_compact = json.JSONEncoder(separators=(",", ":")).encode
 
 #: Marks a response with no body (ThingsBoard answers some calls with an empty 200).
 NO_BODY = object()
@@ -254,7 +252,7 @@ class JsonApi(Resource):
         if isinstance(response.body, bytes):
             data = response.body
         else:
-            data = _compact(response.body).encode()
+            data = compact(response.body)
         request.setHeader(b"content-type", response.content_type)
         # A length instead of chunked framing: one less write, and what HTTP/1.0 clients need anyway.
         request.setHeader(b"content-length", b"%d" % len(data))
@@ -271,7 +269,7 @@ class JsonApi(Resource):
     def _write_error(self, request: Request, error: NanoError) -> None:
         body = error.to_json(int(self.clock.seconds() * 1000))
         request.setResponseCode(error.http_status)
-        data = _compact(body).encode()
+        data = compact(body)
         for name, value in error.headers().items():
             request.setHeader(name, value)
         request.setHeader(b"content-type", b"application/json")

@@ -55,6 +55,7 @@ from nanoiot.web.active_users import check_now
 from nanoiot.web.event_hub import ALL, EventHub, customer_key, device_key, tenant_key
 from nanoiot.web.rpc import initiator_of
 from nanoiot.web.tokens import Principal, TokenIssuer
+from nanoiot.jsontext import compact
 
 log = Logger(namespace="nanoiot.ws")
 
@@ -86,7 +87,7 @@ class Link(Protocol):
 
 def _dumps(value: Any) -> bytes:
     # ASCII escapes: a lone surrogate a client sent (and an error echoes) still encodes.
-    return json.dumps(value, separators=(",", ":")).encode()
+    return compact(value)
 
 
 class WsSession:

@@ -60,6 +60,7 @@ from nanoiot.transports.coap.blockwise import (
 )
 from nanoiot.transports.coap.messages import Address, Exchange, MessageLayer, Sweeper
 from nanoiot.transports.coap.observe import MAX_QUEUED, Observer, ObserveRegistry
+from nanoiot.jsontext import compact
 
 log = Logger(namespace="nanoiot.coap")
 
@@ -138,7 +139,7 @@ class CoapSession:
         observer = self.observer
         if self.closed or observer is None:
             return Delivery.NOT_SENT
-        payload = json.dumps({"id": request_id, "method": method, "params": params}, separators=(",", ":")).encode()
+        payload = compact({"id": request_id, "method": method, "params": params})
         return self.server._notify(observer, request_id, payload)
 
     def send_reply(self, request_id: int, body: bytes) -> None:

@@ -56,6 +56,7 @@ from nanoiot.errors import (
 from nanoiot.limits import Counter, KeyedLimiter, parse_rates
 from nanoiot.port.link import NO_LINK, Attach, DeviceLink
 from nanoiot.port.session import Delivery, next_session_id
+from nanoiot.jsontext import compact
 
 log = Logger(namespace="nanoiot.http")
 
@@ -127,7 +128,7 @@ class HttpPollSession(_Session):
     def send_command(self, request_id: int, method: str, params: Any, qos: int) -> Delivery:
         if self.state != OPEN:
             return Delivery.NOT_SENT  # timed out or the client left: the detach that follows re-queues it
-        body = json.dumps({"id": request_id, "method": method, "params": params}, separators=(",", ":")).encode()
+        body = compact({"id": request_id, "method": method, "params": params})
         self.state = ANSWERED
         self.sent_request_id = request_id
         self._cancel_timer()
@@ -397,7 +398,7 @@ class DeviceApiResource(Resource):
         for name, value in error.headers().items():
             request.setHeader(name, value)
         request.setHeader(b"content-type", b"application/json")
-        request.write(json.dumps(body, separators=(",", ":")).encode())
+        request.write(compact(body))
         request.finish()
 
 

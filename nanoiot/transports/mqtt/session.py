@@ -4,12 +4,12 @@ commands), with no socket of its own — it writes through the callable it is gi
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any, Callable
 
 from nanoiot.port.link import NO_LINK, DeviceLink
 from nanoiot.port.session import Delivery, next_session_id
 from nanoiot.transports.mqtt import codec
+from nanoiot.jsontext import compact
 
 if TYPE_CHECKING:
     from nanoiot.transports.mqtt.gateway import GatewaySubSession
@@ -17,10 +17,6 @@ if TYPE_CHECKING:
 #: Server-to-device request topic prefix, device answer prefix, by the family a device subscribed with.
 REQUEST_PREFIX = {"v1": "v1/devices/me/rpc/request/", "v2": "v2/r/req/", "v2j": "v2/r/req/j/"}
 RESPONSE_PREFIX = {"v1": "v1/devices/me/rpc/response/", "v2": "v2/r/res/", "v2j": "v2/r/res/j/"}
-
-
-#: ``json.dumps(value, separators=(",", ":"))`` without building an encoder per command (a third of its cost).
-_compact = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class MqttSession:
@@ -77,7 +73,7 @@ class MqttSession:
     # --- DeviceSession --------------------------------------------------------------------------------------------
 
     def send_command(self, request_id: int, method: str, params: Any, qos: int) -> Delivery:
-        payload = _compact({"method": method, "params": params}).encode()
+        payload = compact({"method": method, "params": params})
         topic = REQUEST_PREFIX[self.rpc_family] + str(request_id)
         return self.publish_tracked(topic, payload, min(qos, self.rpc_qos), self.in_flight, request_id)
 
