@@ -154,6 +154,11 @@ def measure(what: str, url: str, pid: int, sim_pid: int | None, args: argparse.N
             "loadavg": float(open("/proc/loadavg").read().split()[0])}
 
 
+def _shown(path: Path) -> str:
+    """A result path as the JSON names it: relative to the repository, or absolute outside it (--output /tmp/x)."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def start_nanoiot(work: Path, args: argparse.Namespace, tree: Path | None,
                   extra: list[str] | None = None) -> tuple[Server, Any, dict[str, str]]:
     """A server (from ``tree``'s sources when given: the baseline of an A/B run; with ``extra`` server options) with
@@ -217,8 +222,8 @@ def one_run(index: int, args: argparse.Namespace, work: Path, lua: Path) -> list
                 if profile is not None:
                     row["profile"] = summarize_profile(profile)
                     svg = profile.with_suffix(".svg")
-                    row["profile"]["path"] = str(profile.relative_to(ROOT))
-                    row["profile"]["svg"] = str(svg.relative_to(ROOT)) if svg.exists() else None
+                    row["profile"]["path"] = _shown(profile)
+                    row["profile"]["svg"] = _shown(svg) if svg.exists() else None
                     continue  # a profiled window's CPU includes the sampler's pauses: not counted
                 windows[what].append(row)
     finally:

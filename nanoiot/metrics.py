@@ -1,8 +1,9 @@
 """Prometheus metrics of one server: what operators ask first — how many devices are connected and over what, how
 commands end and how long they take, how much work waits, how long journal writes and full GC passes take.
 
-Nothing here adds work per message: counters move in one listener of the command event stream (which the actors
-already feed), gauges are read by callbacks when Prometheus scrapes, the journal's batch writes are timed by
+Nothing here adds work per message: the commands' counters and latency histogram are plain ints moved by one tally
+of the command event stream (which the actors already feed; no event object is made for it) and turned into
+Prometheus families only when scraped (``_RpcCounts``), gauges are read by callbacks when Prometheus scrapes, the journal's batch writes are timed by
 wrapping the repository the journal is given, and full collections by one ``gc.callbacks`` hook. Each server has its
 own :class:`CollectorRegistry` (passed in), so several servers in one process — the tests — never collide.
 """
@@ -10,16 +11,20 @@ own :class:`CollectorRegistry` (passed in), so several servers in one process �
 from __future__ import annotations
 
 import gc
+import math
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 from twisted.internet.interfaces import IReactorTime
 
 from nanoiot.commands.events import EventStream, RpcStatusChanged
@@ -49,16 +54,9 @@ class ServerMetrics:
         self.registry = registry
         self.clock = clock
         self.node = node
-        self.rpc_status = Counter(
-            "nanoiot_rpc_status_changes", "Status changes of device commands, by the status reached "
-            "(QUEUED, SENT, DELIVERED, SUCCESSFUL, TIMEOUT, EXPIRED, FAILED, DELETED)",
-            ["status", "persistent"], registry=registry)
-        self.rpc_finished = Counter(
-            "nanoiot_rpcs", "Device commands that ended, by outcome (SUCCESSFUL, EXPIRED, FAILED, DELETED)",
-            ["outcome", "persistent"], registry=registry)
-        self.rpc_latency = Histogram(
-            "nanoiot_rpc_latency_seconds", "Seconds from a command's submission to its final outcome",
-            ["outcome"], buckets=RPC_LATENCY_BUCKETS, registry=registry)
+        #: Status changes, outcomes and latency of commands: plain ints, exported at scrape time.
+        self.rpc = _RpcCounts(clock)
+        registry.register(self.rpc)
         self.journal_write = Histogram(
             "nanoiot_journal_write_seconds", "Seconds one journal batch (one transaction) took to write",
             buckets=JOURNAL_BUCKETS, registry=registry)
@@ -68,7 +66,6 @@ class ServerMetrics:
             "nanoiot_gc_full_pause_seconds", "Seconds each full (generation 2) garbage collection stopped the server",
             buckets=GC_BUCKETS, registry=registry)
         self._gauges: dict[str, tuple[str, Gauge]] = {}
-        self._status_counters: dict[tuple[RpcStatus, bool], tuple[Any, Any, Any]] = {}
         #: Which devices have a session here (set by :meth:`start`).
         self.presence: PresenceBook | None = None
         self._gc_started = 0.0
@@ -84,7 +81,7 @@ class ServerMetrics:
     def start(self, events: EventStream, presence: PresenceBook) -> None:
         """Listen to the command events and time full collections (until :meth:`stop`)."""
         self.presence = presence
-        self._unsubscribe = events.subscribe(self.on_event, (RpcStatusChanged,))
+        self._unsubscribe = events.tally(self.rpc.count)
         if self._gc_timing not in gc.callbacks:
             gc.callbacks.append(self._gc_timing)
 
@@ -107,29 +104,12 @@ class ServerMetrics:
             counts.update(self.presence.by_transport())
         return counts
 
-    # --- the event listener -----------------------------------------------------------------------------------------
+    # --- the command events -----------------------------------------------------------------------------------------
 
     def on_event(self, event: Any) -> None:
-        """Runs for every status change of every command: labelled children are looked up once, then cached."""
+        """One event counted as the tally counts it (what :meth:`start` subscribes is the tally itself)."""
         if type(event) is RpcStatusChanged:
-            key = (event.status, event.persistent)
-            counters = self._status_counters.get(key)
-            if counters is None:
-                counters = self._status_counters[key] = self._counters_for(*key)
-            counters[0].inc()
-            if counters[1] is not None:
-                counters[1].inc()
-            if counters[2] is not None:
-                counters[2].observe(max(0.0, self.clock.seconds() - event.created_time / 1000))
-
-    def _counters_for(self, status: RpcStatus, persistent: bool) -> tuple[Any, Any, Any]:
-        """(status change counter, outcome counter or None, latency histogram or None) of one status."""
-        flag = "true" if persistent else "false"
-        changes = self.rpc_status.labels(status.value, flag)
-        if not status.is_terminal:
-            return changes, None, None
-        latency = self.rpc_latency.labels(status.value) if status is not RpcStatus.DELETED else None
-        return changes, self.rpc_finished.labels(status.value, flag), latency
+            self.rpc.count(event.status, event.persistent, event.created_time)
 
     # --- journal writes and collections ---------------------------------------------------------------------------
 
@@ -145,6 +125,81 @@ class ServerMetrics:
         elif self._gc_started:
             self.gc_pause.observe(time.perf_counter() - self._gc_started)
             self._gc_started = 0.0
+
+
+#: The outcomes whose latency is observed (a deletion is the caller's doing, not the command's latency).
+_LATENCY_OUTCOMES = (RpcStatus.SUCCESSFUL, RpcStatus.EXPIRED, RpcStatus.FAILED)
+_LATENCY_BOUNDS = (*RPC_LATENCY_BUCKETS, math.inf)
+
+
+class _RpcCounts(Collector):
+    """``nanoiot_rpc_status_changes_total``, ``nanoiot_rpcs_total`` and ``nanoiot_rpc_latency_seconds``, exported
+    exactly as prometheus_client's Counter and Histogram would (``_created`` samples included), but counted in
+    plain ints: :meth:`count` runs four times per command on the reactor thread, and a labelled prometheus_client
+    child takes a lock per ``inc`` and per ``observe``. A series appears with its first count, as a child does."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        #: persistent -> status -> changes (every key present: a scrape from another thread sees no resize).
+        self.changes: dict[bool, dict[RpcStatus, int]] = {False: dict.fromkeys(RpcStatus, 0),
+                                                           True: dict.fromkeys(RpcStatus, 0)}
+        #: (status, persistent, when its series began: wall clock, as prometheus_client's ``_created``), in the
+        #: order the series began (the order a scrape lists them in, as for labelled children).
+        self.series: list[tuple[RpcStatus, bool, float]] = []
+        #: outcome -> observations per bucket (not cumulative; the last is +Inf), their sum, when it began.
+        self.buckets: dict[RpcStatus, list[int]] = {s: [0] * len(_LATENCY_BOUNDS) for s in _LATENCY_OUTCOMES}
+        self.sums: dict[RpcStatus, float] = dict.fromkeys(_LATENCY_OUTCOMES, 0.0)
+        self.latency_created: dict[RpcStatus, float | None] = dict.fromkeys(_LATENCY_OUTCOMES, None)
+        self.latency_series: list[RpcStatus] = []
+
+    def count(self, status: RpcStatus, persistent: bool, created_time: int) -> None:
+        """One status change (the event stream's tally)."""
+        changes = self.changes[persistent]
+        n = changes[status]
+        if not n:
+            self.series.append((status, persistent, time.time()))
+        changes[status] = n + 1
+        buckets = self.buckets.get(status)
+        if buckets is not None:
+            seconds = self.clock.seconds() - created_time / 1000
+            if seconds < 0.0:
+                seconds = 0.0
+            if self.latency_created[status] is None:
+                self.latency_created[status] = time.time()
+                self.latency_series.append(status)
+            buckets[bisect_left(_LATENCY_BOUNDS, seconds)] += 1
+            self.sums[status] += seconds
+
+    def describe(self) -> Iterable[Any]:
+        return []  # families of their own names, read at every scrape
+
+    def collect(self) -> Iterator[Metric]:
+        changes = CounterMetricFamily(
+            "nanoiot_rpc_status_changes", "Status changes of device commands, by the status reached "
+            "(QUEUED, SENT, DELIVERED, SUCCESSFUL, TIMEOUT, EXPIRED, FAILED, DELETED)", labels=["status", "persistent"])
+        outcomes = CounterMetricFamily(
+            "nanoiot_rpcs", "Device commands that ended, by outcome (SUCCESSFUL, EXPIRED, FAILED, DELETED)",
+            labels=["outcome", "persistent"])
+        for status, persistent, created in list(self.series):
+            labels = [status.value, "true" if persistent else "false"]
+            value = float(self.changes[persistent][status])
+            changes.add_metric(labels, value, created=created)
+            if status.is_terminal:
+                outcomes.add_metric(labels, value, created=created)
+        yield changes
+        yield outcomes
+        latency = HistogramMetricFamily("nanoiot_rpc_latency_seconds",
+                                        "Seconds from a command's submission to its final outcome", labels=["outcome"])
+        for status in list(self.latency_series):
+            created = self.latency_created[status]
+            cumulative, running = [], 0
+            for bound, n in zip(_LATENCY_BOUNDS, list(self.buckets[status])):
+                running += n
+                cumulative.append((floatToGoString(bound), float(running)))
+            latency.add_metric([status.value], cumulative, self.sums[status])
+            # Where prometheus_client's Histogram keeps it: in the family (the text format lists it apart).
+            latency.samples.append(Sample("nanoiot_rpc_latency_seconds_created", {"outcome": status.value}, created))
+        yield latency
 
 
 class _TimedBatches:

@@ -85,6 +85,19 @@ def int_param(name: str, raw: Any, lo: int = MIN_BIGINT, hi: int = MAX_BIGINT) -
 
 def json_depth(field: str, value: Any, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """``value`` if its JSON nesting is at most ``max_depth`` levels (checked without recursion)."""
+    # Fast path for the common case (RPC params such as ``{"pin": 4}``): a scalar or a flat object/list.
+    if isinstance(value, dict):
+        flat: Any = value.values()
+    elif isinstance(value, list):
+        flat = value
+    else:
+        return value
+    if max_depth >= 1:
+        for child in flat:
+            if isinstance(child, (dict, list)):
+                break
+        else:
+            return value
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()

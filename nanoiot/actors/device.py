@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, fields
-from functools import partial
 from typing import TYPE_CHECKING, Any, Callable
 from uuid import UUID
 
@@ -505,9 +504,9 @@ class DeviceActor(ReactorActor):
             self._journal(pending, status, effect.response)
         events = self.ctx.events
         if events is not None and events.wants(RpcStatusChanged):
-            events.publish(RpcStatusChanged.lazily(
-                status, command.created_time, command.persistent,
-                partial(_record, command, pending.request_id, status, effect.response)))
+            # Counted by the metrics' tally as plain values; an event (and its record) only for a listener.
+            events.status_changed(status, command.created_time, command.persistent,
+                                  _record, command, pending.request_id, status, effect.response)
 
     def _journal(self, pending: PendingRpc, status: RpcStatus, response: Any) -> None:
         command = pending.command

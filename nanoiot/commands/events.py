@@ -8,6 +8,7 @@ tests subscribe here; in a cluster each node publishes the events of the devices
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, ClassVar, Union
 from uuid import UUID
 
@@ -108,44 +109,104 @@ class DeviceCalled:
 
 Event = Union[RpcStatusChanged, DeviceOnline, DeviceOffline, DeviceCalled]
 Listener = Callable[[Any], None]
+#: Counts a status change without an event object: (status, persistent, created_time epoch ms).
+Tally = Callable[[RpcStatus, bool, int], None]
 
 
 class EventStream:
     """Listeners say which kinds of event they want, so that an actor builds an event (a record per status change,
-    on the hot path) only when somebody wants that kind."""
+    on the hot path) only when somebody wants that kind.
+
+    A *tally* (the metrics) sees every RpcStatusChanged as three plain values through :meth:`status_changed`: no
+    event object is made for it (four status changes per command)."""
 
     def __init__(self) -> None:
         self._listeners: list[tuple[Listener, tuple[type, ...] | None]] = []
         self._wanted: dict[type, bool] = {}
+        self._tallies: list[Tally] = []
+        #: Event class -> the listeners that take it, in order (cached until the listeners change).
+        self._targets: dict[type, tuple[Listener, ...]] = {}
+        #: Whether a listener (not a tally) takes RpcStatusChanged; None: not known since the listeners changed.
+        self._status_listened: bool | None = None
+
+    def tally(self, count: Tally) -> Callable[[], None]:
+        """``count(status, persistent, created_time)`` for every status change of every command, published by
+        :meth:`status_changed` or :meth:`publish` alike. Returns the function that stops it."""
+        self._tallies.append(count)
+        self._changed()
+
+        def stop() -> None:
+            if count in self._tallies:
+                self._tallies.remove(count)
+                self._changed()
+
+        return stop
+
+    def _changed(self) -> None:
+        self._wanted.clear()
+        self._targets.clear()
+        self._status_listened = None
+
+    def status_changed(self, status: RpcStatus, created_time: int, persistent: bool,
+                       build: Callable[..., RpcRecord], *args: Any) -> None:
+        """A device actor's status change: counted by the tallies, and published as a lazy
+        :class:`RpcStatusChanged` (``build(*args)`` makes its record) only when a listener takes it."""
+        for count in self._tallies:
+            try:
+                count(status, persistent, created_time)
+            except Exception:
+                log.failure("status tally failed on {status}", status=status)
+        listened = self._status_listened
+        if listened is None:
+            listened = self._status_listened = any(
+                kinds is None or issubclass(RpcStatusChanged, kinds) for _, kinds in self._listeners)
+        if listened:
+            self._notify(RpcStatusChanged.lazily(status, created_time, persistent, partial(build, *args)))
 
     def subscribe(self, listener: Listener, kinds: tuple[type, ...] | None = None) -> Callable[[], None]:
         """``kinds``: the event classes wanted (None: every event). Returns the function that unsubscribes."""
         entry = (listener, kinds)
         self._listeners.append(entry)
-        self._wanted.clear()
+        self._changed()
 
         def unsubscribe() -> None:
             if entry in self._listeners:
                 self._listeners.remove(entry)
-                self._wanted.clear()
+                self._changed()
 
         return unsubscribe
 
     @property
     def has_listeners(self) -> bool:
-        return bool(self._listeners)
+        return bool(self._listeners) or bool(self._tallies)
 
     def wants(self, kind: type) -> bool:
-        """Whether some listener takes events of ``kind`` (cached until the listeners change)."""
+        """Whether some listener (or, for status changes, a tally) takes events of ``kind`` (cached until the
+        listeners change)."""
         wanted = self._wanted.get(kind)
         if wanted is None:
-            wanted = self._wanted[kind] = any(kinds is None or issubclass(kind, kinds) for _, kinds in self._listeners)
+            wanted = any(kinds is None or issubclass(kind, kinds) for _, kinds in self._listeners)
+            if not wanted and self._tallies and issubclass(kind, RpcStatusChanged):
+                wanted = True
+            self._wanted[kind] = wanted
         return wanted
 
     def publish(self, event: Event) -> None:
-        for listener, kinds in tuple(self._listeners):
-            if kinds is not None and not isinstance(event, kinds):
-                continue
+        if self._tallies and type(event) is RpcStatusChanged:
+            for count in self._tallies:
+                try:
+                    count(event.status, event.persistent, event.created_time)
+                except Exception:
+                    log.failure("status tally failed on {event}", event=event)
+        self._notify(event)
+
+    def _notify(self, event: Event) -> None:
+        kind = type(event)
+        targets = self._targets.get(kind)
+        if targets is None:
+            targets = self._targets[kind] = tuple(
+                listener for listener, kinds in self._listeners if kinds is None or issubclass(kind, kinds))
+        for listener in targets:
             try:
                 listener(event)
             except Exception:

@@ -356,16 +356,16 @@ class DeviceRpcQueue:
         """The commands the strategy lets go now, in order."""
         strategy = self.settings.strategy
         if strategy is SubmitStrategy.BURST:
-            in_flight = sum(1 for p in self.pending.values() if p.in_flight_on is not None)
-            room = self.settings.max_in_flight - in_flight
+            # One pass (after every event of every command): the waiting ones in order, cut to the room left.
+            in_flight = 0
             ready: list[PendingRpc] = []
             for p in self.pending.values():
-                if room <= 0:
-                    break
-                if p.in_flight_on is None and not p.delivered:
+                if p.in_flight_on is not None:
+                    in_flight += 1
+                elif not p.delivered:
                     ready.append(p)
-                    room -= 1
-            return ready
+            room = self.settings.max_in_flight - in_flight
+            return ready[:room] if room > 0 else []
         if strategy is SubmitStrategy.SEQUENTIAL_ON_ACK_FROM_DEVICE:
             for p in self.pending.values():
                 if p.delivered:

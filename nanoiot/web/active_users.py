@@ -61,10 +61,14 @@ class ActiveUsers:
         """None if the user may act (known already); raises :class:`AuthenticationFailed` if it may not; a Deferred
         (firing None or failing the same way) when the database must be asked first."""
         user_id = principal.user_id
-        if user_id in self._known:
-            self._known.move_to_end(user_id)
-            _verdict(self._known[user_id])
-            self._check_issued(principal)
+        known = self._known
+        state = known.get(user_id, _UNKNOWN)
+        if state is not _UNKNOWN:  # on every REST request: one lookup of the (pure Python) UUID hash, not three
+            known.move_to_end(user_id)
+            if state is not True:
+                _verdict(state)
+            if self._outdated_before:
+                self._check_issued(principal)
             return None
         waiter: Deferred = Deferred()
         waiters = self._pending.get(user_id)
@@ -128,6 +132,10 @@ class ActiveUsers:
                 listener(user_id)
             except Exception:
                 log.failure("a user-changed listener failed")
+
+
+#: Not in ``ActiveUsers._known`` (None there means a deleted user).
+_UNKNOWN = object()
 
 
 def _verdict(state: bool | None) -> None:

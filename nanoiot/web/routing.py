@@ -244,16 +244,20 @@ class JsonApi(Resource):
     def _write(self, request: Request, value: Any, gone: list[bool]) -> None:
         if gone:
             return
-        response = value if isinstance(value, Response) else Response(body=value)
-        request.setResponseCode(response.status)
-        if response.body is NO_BODY:
+        if isinstance(value, Response):
+            body, content_type = value.body, value.content_type
+            request.setResponseCode(value.status)
+        else:  # a plain value (the RPC answer): 200 with its JSON, and no Response object per request
+            body, content_type = value, b"application/json"
+            request.setResponseCode(200)
+        if body is NO_BODY:
             request.finish()
             return
-        if isinstance(response.body, bytes):
-            data = response.body
+        if isinstance(body, bytes):
+            data = body
         else:
-            data = compact(response.body)
-        request.setHeader(b"content-type", response.content_type)
+            data = compact(body)
+        request.setHeader(b"content-type", content_type)
         # A length instead of chunked framing: one less write, and what HTTP/1.0 clients need anyway.
         request.setHeader(b"content-length", b"%d" % len(data))
         request.write(data)

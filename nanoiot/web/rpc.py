@@ -8,6 +8,7 @@ since an empty 504 is the first thing its users complain about).
 from __future__ import annotations
 
 from typing import Any
+from uuid import UUID
 
 from twisted.internet.defer import Deferred
 
@@ -39,6 +40,8 @@ def initiator_of(principal: Principal) -> Initiator:
 
 #: Callers remembered by ``RpcApi._initiator`` at most (then it starts again).
 MAX_INITIATORS = 10_000
+#: Device ids (path text -> UUID) remembered by ``RpcApi._device_id`` at most (then it starts again).
+MAX_DEVICE_IDS = 10_000
 
 
 class RpcApi:
@@ -47,6 +50,17 @@ class RpcApi:
         #: id(principal) -> (principal, its Initiator): a verified token's Principal is one object (the token
         #: cache's), so the same caller's commands share one Initiator, and its origin JSON (CommandService).
         self._initiators: dict[int, tuple[Principal, Initiator]] = {}
+        #: The path's device id text -> its UUID: parsing one (``UUID(text)``) is pure Python, per RPC otherwise.
+        self._device_ids: dict[str, UUID] = {}
+
+    def _device_id(self, text: str) -> UUID:
+        device_id = self._device_ids.get(text)
+        if device_id is None:
+            device_id = uuid_param("deviceId", text)  # a 400 naming the field: never remembered
+            if len(self._device_ids) >= MAX_DEVICE_IDS:
+                self._device_ids.clear()
+            self._device_ids[text] = device_id
+        return device_id
 
     def _initiator(self, principal: Principal) -> Initiator:
         cached = self._initiators.get(id(principal))
@@ -104,7 +118,7 @@ class RpcApi:
         kind = request.params["kind"]
         if kind not in KINDS:
             raise NotFound(f"Unknown RPC type '{shown(kind)}': use oneway or twoway")
-        device_id = uuid_param("deviceId", request.params["deviceId"])
+        device_id = self._device_id(request.params["deviceId"])
         config = self.context.config
         raw = request.json_body()
         body = parse_rpc_body(raw, request.now(), config.rpc_default_timeout, config.rpc_min_timeout)
@@ -114,10 +128,12 @@ class RpcApi:
         return d.addCallback(_render, body.persistent, body.request_uuid, oneway, v1)
 
 
-def _render(result: RpcResult, persistent: bool, rpc_id: Any, oneway: bool, v1: bool) -> Response:
+def _render(result: RpcResult, persistent: bool, rpc_id: Any, oneway: bool, v1: bool) -> Any:
+    """The answer as the router writes a plain value: a 200 with its JSON (NO_BODY: an empty 200). An answer is
+    parsed JSON (or a NonJsonResponse string), never a Response: no Response object per RPC."""
     if not result.ok:
         raise failure_error(result, rpc_id, v1)
     if persistent:
-        return Response(body=result.response)
+        return result.response
     answer = answer_of(result, oneway)
-    return Response(body=NO_BODY if answer is NO_ANSWER else answer)
+    return NO_BODY if answer is NO_ANSWER else answer

@@ -55,3 +55,46 @@ def test_a_lazy_status_event_builds_its_record_once_and_only_when_read() -> None
     assert built == []
     assert event.record is record and event.record is record and built == [1]
     assert event == RpcStatusChanged(record, False) and event != RpcStatusChanged(record, True)
+
+
+def _record(status):
+    from nanoiot.persistence.records import RpcRecord
+
+    return RpcRecord(id=uuid4(), created_time=5, tenant_id=TENANT, device_id=DEVICE, expiration_time=9, oneway=False,
+                     method="m", params=None, status=status)
+
+
+def test_a_tally_counts_every_status_change_without_an_event_and_events_are_built_only_for_listeners():
+    from nanoiot.rpc.model import RpcStatus
+
+    events = EventStream()
+    counted: list[tuple] = []
+    built: list[RpcStatus] = []
+
+    def build(status):
+        built.append(status)
+        return _record(status)
+
+    stop = events.tally(lambda *values: counted.append(values))
+    assert events.wants(RpcStatusChanged) and not events.wants(DeviceOnline) and events.has_listeners
+    events.status_changed(RpcStatus.SENT, 5, False, build, RpcStatus.SENT)
+    events.publish(RpcStatusChanged(_record(RpcStatus.DELETED), True))  # what the command service publishes
+    assert counted == [(RpcStatus.SENT, False, 5), (RpcStatus.DELETED, True, 5)] and built == []
+    seen: list[RpcStatusChanged] = []
+    events.subscribe(seen.append, (RpcStatusChanged,))
+    events.status_changed(RpcStatus.SUCCESSFUL, 5, False, build, RpcStatus.SUCCESSFUL)
+    assert len(counted) == 3 and [e.record.status for e in seen] == [RpcStatus.SUCCESSFUL] == built
+    stop()
+    events.status_changed(RpcStatus.FAILED, 5, True, build, RpcStatus.FAILED)
+    assert len(counted) == 3 and len(seen) == 2
+
+
+def test_a_failing_tally_is_logged_and_the_listeners_still_get_the_event():
+    from nanoiot.rpc.model import RpcStatus
+
+    events = EventStream()
+    events.tally(lambda *values: 1 / 0)
+    seen: list[object] = []
+    events.subscribe(seen.append)
+    events.status_changed(RpcStatus.SENT, 5, False, _record, RpcStatus.SENT)
+    assert [e.status for e in seen] == [RpcStatus.SENT]

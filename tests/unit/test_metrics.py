@@ -235,3 +235,19 @@ def test_with_a_token_only_a_scrape_carrying_it_is_answered(harness, header, sta
         assert b"bearer token" in body and b"nanoiot_" not in body
     else:
         assert b"nanoiot_rpc_latency_seconds" in body
+
+
+def test_a_device_actors_status_changes_are_counted_as_published_ones_are(harness):
+    # The actor's path (EventStream.status_changed: no event object for the metrics) and the published one agree.
+    harness.rpc(RpcStatus.QUEUED, RpcStatus.SUCCESSFUL, after=0.2)
+    created = int(harness.clock.seconds() * 1000)
+    harness.clock.advance(0.2)
+    for status in (RpcStatus.QUEUED, RpcStatus.SUCCESSFUL):
+        harness.events.status_changed(status, created, False, lambda: None)
+    assert harness.value("nanoiot_rpc_status_changes_total", status="QUEUED", persistent="false") == 2
+    assert harness.value("nanoiot_rpcs_total", outcome="SUCCESSFUL", persistent="false") == 2
+    assert harness.value("nanoiot_rpc_latency_seconds_count", outcome="SUCCESSFUL") == 2
+    assert harness.value("nanoiot_rpc_latency_seconds_sum", outcome="SUCCESSFUL") == pytest.approx(0.4)
+    assert harness.value("nanoiot_rpc_latency_seconds_bucket", outcome="SUCCESSFUL", le="0.1") == 0
+    assert harness.value("nanoiot_rpc_latency_seconds_bucket", outcome="SUCCESSFUL", le="+Inf") == 2
+    assert harness.value("nanoiot_rpc_status_changes_created", status="QUEUED", persistent="false") > 0

@@ -470,3 +470,16 @@ def test_a_nano_error_body_is_json_with_the_error_code():
     api.commands.outcome = NanoError("boom")
     status, body = api.call("POST", rpc_path(), body={"method": "m"})
     assert status == 500 and body["message"] == "boom" and body["errorCode"] == 2
+
+
+def test_a_device_ids_text_is_parsed_once_and_a_malformed_one_is_a_400_that_is_not_remembered():
+    from nanoiot.errors import BadRequest
+    from nanoiot.web.rpc import RpcApi
+
+    api = RpcApi(Untouched("context"))
+    text = str(uuid4()).upper()
+    first = api._device_id(text)
+    assert first == UUID(text) and api._device_id(text) is first
+    with pytest.raises(BadRequest, match="deviceId"):
+        api._device_id("not-a-uuid")
+    assert list(api._device_ids) == [text]

@@ -238,3 +238,13 @@ def test_a_customer_with_a_nul_free_title_at_the_limit_is_stored():
     api = Api()
     customer = api.ok("POST", "/api/customer", {"title": "c" * 255})
     assert customer["title"] == "c" * 255 and customer["tenantId"]["id"] != str(NULL_UUID)
+
+
+def test_json_depth_flat_values_take_the_short_path_but_keep_the_limit():
+    assert v.json_depth("params", {"pin": 4, "on": True}) == {"pin": 4, "on": True}
+    assert v.json_depth("params", [1, "a", None]) == [1, "a", None]
+    assert v.json_depth("params", 7) == 7
+    with pytest.raises(BadRequest, match="nested deeper than 0 levels"):
+        v.json_depth("params", {"pin": 4}, max_depth=0)
+    with pytest.raises(BadRequest, match="nested deeper than 1 levels"):
+        v.json_depth("params", {"pin": {"n": 4}}, max_depth=1)
