@@ -317,7 +317,7 @@ class Run:
         extra += args.server_args.split()
         # The relay method's module and its device list (the file is written below, before any device calls).
         # ``--code``: the server loads that copy of nanoiot/ (an A/B against other code in the same half hour).
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (args.code, str(ROOT)) if p)
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (code_root(args.code), str(ROOT)) if p)
         os.environ["NANOIOT_BENCH_RELAY_IDS"] = str(self.work / "ids.txt")
         os.environ["NANOIOT_BENCH_RELAY_FANOUT"] = str(args.fanout)
         os.sched_setaffinity(0, {args.server_cpu})  # the server inherits it
@@ -433,11 +433,26 @@ class Run:
             process.terminate()
             process.wait()
         summary = summarize_profile(profile["path"], top=30)
-        profile["path"] = str(profile["path"].relative_to(ROOT))
+        path = profile["path"]
+        profile["path"] = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
         profile["self"] = summary["self"]
         profile["inclusive"] = summary["inclusive"]
         profile["samples"] = summary["samples"]
         profile["other_thread_samples"] = summary["other_thread_samples"]
+
+
+def code_root(code: str) -> str:
+    """The directory to put first on the server's path for ``--code``: the one holding ``nanoiot/``. Given the
+    package directory itself (``/tmp/copy/nanoiot``), its parent: on the path as given, ``import nanoiot`` would
+    quietly load this tree's copy instead."""
+    if not code:
+        return ""
+    path = Path(code).resolve()
+    if (path / "__init__.py").exists() and path.name == "nanoiot":
+        path = path.parent
+    if not (path / "nanoiot" / "__init__.py").exists():
+        raise SystemExit(f"--code {code}: no nanoiot/ package there")
+    return str(path)
 
 
 def one_run(args: argparse.Namespace, number: int) -> list[dict[str, Any]]:

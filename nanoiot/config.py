@@ -171,6 +171,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("db-retry-after", 5.0, _seconds,
            "seconds clients are told to wait (Retry-After of the 503) while the database is unreachable"),
     Option("db-probe-interval", 1.0, _seconds, "seconds between checks of an unreachable database"),
+    Option("sqlite-cache-mb", 64, _positive, "SQLite's page cache, MiB (memory used only as pages are read)"),
     Option("demo", False, _bool, "create demo accounts and devices on an empty database", flag=True),
     Option("cluster", False, _bool, "run as one node of a cluster sharing --database (PostgreSQL only)", flag=True),
     Option("node-id", "", _node_id, "this node's name in the cluster; default host name:HTTP port"),
@@ -331,6 +332,7 @@ class Config:
     database: str = "sqlite:///nanoiot.db"
     db_retry_after: float = 5.0
     db_probe_interval: float = 1.0
+    sqlite_cache_mb: int = 64
     demo: bool = False
     cluster: bool = False
     node_id: str = ""

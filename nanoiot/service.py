@@ -116,7 +116,8 @@ class NanoService(MultiService):
         self.config = config
         self.reactor = reactor
         self.repository = Repository(config.database, reactor, retry_after=config.db_retry_after,
-                                     probe_interval=config.db_probe_interval)
+                                     probe_interval=config.db_probe_interval,
+                                     sqlite_cache_mb=config.sqlite_cache_mb)
         self.catalog = DeviceCatalog(self.repository, clock=reactor)
         #: Prometheus metrics (``/metrics``), in a registry of this server's own; None with --metrics off.
         self.metrics = ServerMetrics(CollectorRegistry(), reactor, config.node_name if config.cluster else "") \

@@ -244,16 +244,35 @@ class DeviceActor(ReactorActor):
                 self._apply(self.queue.restore(command, status, now, request_id, attempts))
 
     def _send_now(self, msg: m.SendNow) -> None:
-        pending = self.queue.pending.get(msg.request_id)
-        if pending is None or pending.in_flight_on != msg.session_id or pending.delivered:
+        self._write_stored(msg.session_id, msg.request_id)
+
+    def _sent_stored(self, _: Any, session_id: int, request_id: int) -> None:
+        """The journal's callback once a persistent command's SENT is durable: the command is written here and now
+        (on the reactor thread, between two actor turns), not through a ``SendNow`` message, which cost as much
+        as handling the command's PUBACK."""
+        if self.passivated or self.actor_stopped.is_set():
+            return  # the device's next actor loads the command from the database
+        try:
+            self._write_stored(session_id, request_id)
+        except Exception:  # the journal's other callers must still be answered
+            log.failure("device {device_id}: writing stored command {request_id} failed", device_id=self.device.id,
+                        request_id=request_id)
+        self._schedule_idle_check()
+
+    def _sent_not_stored(self, failure: Any) -> None:
+        log.failure("device {device_id}: SENT not stored", failure, device_id=self.device.id)
+
+    def _write_stored(self, session_id: int, request_id: int) -> None:
+        pending = self.queue.pending.get(request_id)
+        if pending is None or pending.in_flight_on != session_id or pending.delivered:
             return  # acknowledged, answered, deleted or moved to another session meanwhile
         # The wait for an acknowledgement starts now that the command is written, not when it was scheduled: a
         # long journal backlog must not turn into ack timeouts and retries of commands never sent.
         now = self.now()
         ack_at = min(now + self.settings.queue.ack_timeout_ms, pending.command.expiration_time)
-        self._start_timer(StartTimer(Timer.ACK, msg.request_id, ack_at))
-        if self._send(Send(msg.session_id, pending)):
-            self._apply(self.queue.acked(msg.request_id, now))
+        self._start_timer(StartTimer(Timer.ACK, request_id, ack_at))
+        if self._send(Send(session_id, pending)):
+            self._apply(self.queue.acked(request_id, now))
 
     def _delete(self, msg: m.DeleteRpc) -> None:
         effects = self.queue.delete(msg.rpc_id, self.now())
@@ -469,10 +488,8 @@ class DeviceActor(ReactorActor):
                 if durable is not None:
                     # Write-ahead: the device gets a persistent command only once SENT is stored, so after a
                     # crash every command that may have reached a device is known to have been sent.
-                    durable.addCallback(lambda _, sid=effect.session_id, rid=effect.pending.request_id:
-                                        tell_quietly(self.actor_ref, m.SendNow(sid, rid)))
-                    durable.addErrback(lambda f: log.failure("device {device_id}: SENT not stored", f,
-                                                             device_id=self.device.id))
+                    durable.addCallbacks(self._sent_stored, self._sent_not_stored,
+                                         callbackArgs=(effect.session_id, effect.pending.request_id))
                 elif self._send(effect):
                     delivered_on_write.append(effect.pending.request_id)
             elif isinstance(effect, StartTimer):

@@ -34,6 +34,7 @@ from nanoiot.persistence.repository import UNCHANGED, Repository
 log = Logger(namespace="nanoiot.journal")
 
 
+#: Operation kinds; the first three also index the lists a batch is split into (``_write_next``).
 INSERT, CHANGE, DELETE, MARK = range(4)
 
 
@@ -125,16 +126,20 @@ class RpcJournal:
         none is left, the journal is free for the next batch."""
         while self._parts:
             part = self._without_refused(self._parts.popleft())
-            if not any(op.kind != MARK for op in part):
+            # In one transaction inserts go first, then changes, then deletes: within a part an RPC is always
+            # inserted before it changes and changes before it is deleted, so its own order is kept (parts are
+            # written one after another, in recorded order). One pass: this runs for every operation.
+            inserts: list[Any] = []
+            changes: list[Any] = []
+            deletes: list[Any] = []
+            by_kind = (inserts, changes, deletes)
+            for op in part:
+                if op.kind != MARK:
+                    by_kind[op.kind].append(op.payload)
+            if not (inserts or changes or deletes):
                 for op in part:  # barriers only: everything before them is settled
                     op.waiter.callback(None)
                 continue
-            # In one transaction inserts go first, then changes, then deletes: within a part an RPC is always
-            # inserted before it changes and changes before it is deleted, so its own order is kept (parts are
-            # written one after another, in recorded order).
-            inserts = [op.payload for op in part if op.kind == INSERT]
-            changes = [op.payload for op in part if op.kind == CHANGE]
-            deletes = [op.payload for op in part if op.kind == DELETE]
             d = self.repository.write_rpc_batch(inserts, changes, deletes)
             d.addCallbacks(self._written, self._failed, callbackArgs=(part,), errbackArgs=(part,))
             return
@@ -158,9 +163,11 @@ class RpcJournal:
 
     def _written(self, _: Any, part: list[_Op]) -> None:
         self.batches_written += 1
-        self.changes_written += sum(1 for op in part if op.kind != MARK)
+        written = 0
         for op in part:
+            written += op.kind != MARK
             op.waiter.callback(None)
+        self.changes_written += written
         self._write_next()
 
     def _failed(self, failure: Failure, part: list[_Op]) -> None:

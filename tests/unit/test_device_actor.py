@@ -205,6 +205,34 @@ def test_a_persistent_command_is_answered_after_its_insert_and_written_after_its
     assert [method for _, method in session.sent] == ["durable"]
 
 
+def test_a_stored_command_is_written_by_the_journals_callback_itself_not_a_message_later(clock):
+    journal = RecordingJournal()
+    directory = directory_on(clock, journal=journal)
+    session = FakeSession(1)
+    directory.attach(DEVICE, session)
+    directory.tell(DEVICE, m.SubscribeCommands(1))
+    directory.tell(DEVICE, m.SubmitRpc(command(clock, "at-once", persistent=True), None))
+    run(clock)
+    assert session.sent == []
+    journal.commit()  # no reactor turn: nothing goes through the actor's mailbox
+    assert [method for _, method in session.sent] == ["at-once"]
+
+
+def test_a_stored_command_whose_actor_stopped_meanwhile_is_not_written(clock):
+    journal = RecordingJournal()
+    directory = directory_on(clock, journal=journal)
+    session = FakeSession(1)
+    directory.attach(DEVICE, session)
+    directory.tell(DEVICE, m.SubscribeCommands(1))
+    directory.tell(DEVICE, m.SubmitRpc(command(clock, "orphan", persistent=True), None))
+    run(clock)
+    directory.ref_for(DEVICE).stop(block=False)
+    run(clock)
+    journal.commit()
+    run(clock)
+    assert session.sent == []
+
+
 def test_a_failed_insert_fails_the_caller_and_drops_the_command(clock):
     journal = RecordingJournal()
     directory = directory_on(clock, journal=journal)
