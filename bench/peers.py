@@ -3,6 +3,7 @@
     python bench/peers.py                                   # 3 rounds of both phases, all three servers
     python bench/peers.py --runs 1 --duration 5 --phases publish
     python bench/peers.py --runs 3 --phases connect --connect-count 10000 --output bench/results/peers-connect.json
+    python bench/peers.py --phases connect --servers nanoiot baseline mosquitto --baseline /tmp/before   # A/B
 
 Two phases, each measured by bench/loadgen.py on a server started afresh for it (on a free loopback port), which
 is then stopped by its PID (SIGTERM, SIGKILL after 30 s) before a few seconds' pause. Before each measurement the
@@ -25,6 +26,8 @@ NanoIoT/amqtt are of those medians (and, for throughput and conn/s, per round).
 - NanoIoT: ``twistd -n nanoiot`` (bench.common.Server, SQLite), with one provisioned device per connection: it
   authenticates the user name as an access token. A publish to ``.../rpc/response/1`` is an answer to a command it
   never sent: decoded, routed to the device's actor, dropped there; PUBACK is sent by the protocol at once.
+- baseline (``--baseline TREE``, with ``--servers ... baseline``): NanoIoT again, from the sources in TREE
+  (PYTHONPATH), e.g. a copy of the tree before a change: an A/B in the same run, interleaved round by round.
 - Mosquitto (Debian package, ``/usr/sbin/mosquitto``; installed with ``apt-get install -y mosquitto`` if missing):
   listener on 127.0.0.1, ``allow_anonymous true``, ``persistence false``, log to a directory owned by user
   ``mosquitto`` (it drops root and could not write a root-owned log file).
@@ -192,8 +195,21 @@ def anonymous_tokens(work: Path, count: int) -> Path:
 
 
 @contextmanager
-def nanoiot_server(work: Path, devices: int, stopped: dict[str, str]) -> Iterator[tuple[int, int, Path]]:
-    server = Server(workdir=Path(tempfile.mkdtemp(prefix="nanoiot-peers-", dir=work))).start()
+def nanoiot_server(work: Path, devices: int, stopped: dict[str, str],
+                   tree: Path | None = None) -> Iterator[tuple[int, int, Path]]:
+    """``twistd nanoiot`` from this tree, or from ``tree``'s sources (PYTHONPATH comes before the venv's)."""
+    server = Server(workdir=Path(tempfile.mkdtemp(prefix="nanoiot-peers-", dir=work)))
+    saved = os.environ.get("PYTHONPATH")
+    if tree is not None:
+        os.environ["PYTHONPATH"] = str(tree)
+    try:
+        server.start()
+    finally:
+        if tree is not None:
+            if saved is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = saved
     try:
         tokens = provision_devices(server.database, devices, prefix="peer")
         tokens_file = server.workdir / "tokens.txt"
@@ -241,7 +257,16 @@ def amqtt_server(work: Path, devices: int, stopped: dict[str, str]) -> Iterator[
         stopped["stopped_by"] = stop(process)
 
 
-SERVERS = {"nanoiot": nanoiot_server, "mosquitto": mosquitto_server, "amqtt": amqtt_server}
+#: The tree of the ``baseline`` server (``--baseline``), set in main().
+BASELINE_TREE: list[Path] = []
+
+
+def baseline_server(work: Path, devices: int, stopped: dict[str, str]) -> Any:
+    return nanoiot_server(work, devices, stopped, BASELINE_TREE[0])
+
+
+SERVERS = {"nanoiot": nanoiot_server, "baseline": baseline_server, "mosquitto": mosquitto_server,
+           "amqtt": amqtt_server}
 
 
 def connect_count(name: str, args: argparse.Namespace) -> int:
@@ -259,7 +284,7 @@ def measure(name: str, phase: str, args: argparse.Namespace, work: Path) -> dict
     return result
 
 
-LABELS = {"nanoiot": "NanoIoT", "mosquitto": "Mosquitto", "amqtt": "amqtt"}
+LABELS = {"nanoiot": "NanoIoT", "baseline": "NanoIoT (baseline)", "mosquitto": "Mosquitto", "amqtt": "amqtt"}
 
 
 def summarize(values: list[float | None]) -> dict[str, float | None]:
@@ -291,9 +316,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
-def _per_round(runs: list[dict[str, Any]], peer: str, key: str) -> list[float]:
+def _per_round(runs: list[dict[str, Any]], peer: str, key: str, ours: str = "nanoiot") -> list[float]:
     return [round(a[key] / b[key], 3) for a in runs for b in runs
-            if a["server"] == "nanoiot" and b["server"] == peer and a["run"] == b["run"] and a[key] is not None
+            if a["server"] == ours and b["server"] == peer and a["run"] == b["run"] and a[key] is not None
             and b[key]]
 
 
@@ -309,20 +334,24 @@ def _summarize_servers(runs: list[dict[str, Any]], servers: list[str], versions:
 
 
 def _against_peers(summary: dict[str, Any], peers: tuple[str, ...],
-                   ratios_of: Callable[[dict[str, Any], dict[str, Any], str], dict[str, Any]]) -> dict[str, Any]:
-    """``nanoiot_over_<peer>``: NanoIoT's summary against each peer that ran."""
-    if "nanoiot" not in summary:
-        return {}
-    return {f"nanoiot_over_{peer}": ratios_of(summary["nanoiot"], summary[peer], peer)
-            for peer in peers if peer in summary}
+                   ratios_of: Callable[[dict[str, Any], dict[str, Any], str, str], dict[str, Any]]) -> dict[str, Any]:
+    """``nanoiot_over_<peer>``: NanoIoT's summary against each peer that ran (and ``baseline_over_<peer>``, and
+    ``nanoiot_over_baseline``, in an A/B run)."""
+    out = {}
+    for ours in ("nanoiot", "baseline"):
+        if ours in summary:
+            out.update({f"{ours}_over_{peer}": ratios_of(summary[ours], summary[peer], peer, ours)
+                        for peer in (*peers, "baseline") if peer in summary and peer != ours
+                        and not (ours == "baseline" and peer == "nanoiot")})
+    return out
 
 
 def publish_summary(runs: list[dict[str, Any]], servers: list[str], versions: dict[str, str],
                     args: argparse.Namespace, console: Console) -> tuple[dict[str, Any], dict[str, Any]]:
     summary = _summarize_servers(runs, servers, versions, PUBLISH_KEYS)
-    ratios = _against_peers(summary, ("amqtt", "mosquitto"), lambda ours, theirs, peer: {
+    ratios = _against_peers(summary, ("amqtt", "mosquitto"), lambda ours, theirs, peer, who: {
         "throughput": _ratio(ours["puback_per_s"]["median"], theirs["puback_per_s"]["median"]),
-        "throughput_per_round": _per_round(runs, peer, "puback_per_s"),
+        "throughput_per_round": _per_round(runs, peer, "puback_per_s", who),
         "cpu_per_puback": _ratio(ours["server_cpu_us_per_puback"]["median"],
                                  theirs["server_cpu_us_per_puback"]["median"]),
     })
@@ -359,12 +388,12 @@ def connect_summary(runs: list[dict[str, Any]], servers: list[str], versions: di
     summary = _summarize_servers(runs, servers, versions, CONNECT_KEYS)
     for name in servers:
         summary[name]["count"] = connect_count(name, args)
-    ratios = _against_peers(summary, ("mosquitto", "amqtt"), lambda ours, theirs, peer: {
+    ratios = _against_peers(summary, ("mosquitto", "amqtt"), lambda ours, theirs, peer, who: {
         "conn_per_s": _ratio(ours["conn_per_s"]["median"], theirs["conn_per_s"]["median"]),
-        "conn_per_s_per_round": _per_round(runs, peer, "conn_per_s"),
+        "conn_per_s_per_round": _per_round(runs, peer, "conn_per_s", who),
         "server_cpu_per_conn": _ratio(ours["server_cpu_us_per_conn"]["median"],
                                       theirs["server_cpu_us_per_conn"]["median"]),
-        "server_cpu_per_conn_per_round": _per_round(runs, peer, "server_cpu_us_per_conn"),
+        "server_cpu_per_conn_per_round": _per_round(runs, peer, "server_cpu_us_per_conn", who),
         "kb_per_conn": _ratio(ours["kb_per_conn"]["median"], theirs["kb_per_conn"]["median"]),
         "nanoiot_count": ours["count"], "peer_count": theirs["count"],
         "same_count": ours["count"] == theirs["count"],
@@ -427,7 +456,15 @@ def main() -> None:
                         help="wait for the 1-minute load average to fall below this before each measurement")
     parser.add_argument("--load-wait", type=float, default=120.0, help="but wait at most this long (s)")
     parser.add_argument("--output", type=Path, default=RESULTS / "peers.json", help="where the JSON goes")
+    parser.add_argument("--baseline", type=Path, metavar="TREE",
+                        help="the sources of the 'baseline' server (e.g. a copy of the tree before a change)")
     args = parser.parse_args()
+    if ("baseline" in args.servers) != (args.baseline is not None):
+        parser.error("--baseline TREE and the server 'baseline' go together")
+    if args.baseline is not None:
+        if not (args.baseline / "nanoiot" / "__init__.py").exists():
+            parser.error(f"--baseline {args.baseline}: no nanoiot package there")
+        BASELINE_TREE.append(args.baseline.resolve())
     phases = list(dict.fromkeys(args.phases))
     if "connect" in phases:
         for option, value in (("--connect-count", args.connect_count),
@@ -437,7 +474,7 @@ def main() -> None:
                              f"RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)[1]:,}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop the servers
     console = Console(width=210)
-    versions = {"nanoiot": _nanoiot_version()}
+    versions = {"nanoiot": _nanoiot_version(), "baseline": _nanoiot_version()}
     if "mosquitto" in args.servers:
         versions["mosquitto"] = ensure_mosquitto(console.print)
     if "amqtt" in args.servers:

@@ -67,12 +67,7 @@ class CoalescingServer(tcp.Server):
     _host: Any = None
     _peer: Any = None
 
-    def __init__(self, sock: socket.socket, protocol: Any, client: Any, server: CoalescingPort, sessionno: int,
-                 reactor: Any) -> None:
-        # Writes are already coalesced per reactor turn: Nagle's algorithm would only hold a command back until
-        # the device's delayed ACK (~40 ms per command under sequential delivery).
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        super().__init__(sock, protocol, client, server, sessionno, reactor)
+    # TCP_NODELAY is set on the listening socket (CoalescingPort) and inherited by every accepted one.
 
     def startWriting(self) -> None:
         # Called by write(), writeSequence(), loseConnection() and loseWriteConnection(): there is something to do
@@ -139,6 +134,10 @@ class CoalescingPort(tcp.Port):
 
     def createInternetSocket(self) -> socket.socket:
         sock = super().createInternetSocket()
+        # Writes are already coalesced per reactor turn: Nagle's algorithm would only hold a command back until
+        # the device's delayed ACK (~40 ms per command under sequential delivery). Set here, on the listening
+        # socket, accepted connections inherit it (Linux, the BSDs): no setsockopt per connection.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.reuse_port:
             set_reuse_port(sock)
         return sock

@@ -373,3 +373,37 @@ def test_qos2_publishes_never_released_are_bounded_per_connection():
     stream = b"".join(codec.encode_publish("t/x", b"", 2, pid, 4) for pid in range(1, MAX_QOS2_PENDING + 2))
     h.feed(stream)
     assert h.closed
+
+
+def _command_sent(h: Harness, request_id: int) -> int:
+    h.sessions[0].send_command(request_id, "m", None, 1)
+    [publish] = h.written_packets()
+    return publish.packet_id
+
+
+def test_a_puback_read_with_the_answer_that_follows_it_reaches_the_actor_as_the_answer_alone():
+    h = Harness()
+    h.connect()
+    session = h.sessions[0]
+    packet_id = _command_sent(h, 41)
+    # One read: the PUBACK, then the answer (an answer implies delivery: one actor message instead of two).
+    h.feed(codec.encode_puback(packet_id, 4) + codec.encode_publish("v1/devices/me/rpc/response/41", b"{}", 1, 5, 4))
+    assert h.attach.calls(session) == [("answered", 41, b"{}")]
+    assert session.in_flight == {}
+    assert [type(p).__name__ for p in h.written_packets()] == ["PubAck"]
+
+
+@pytest.mark.parametrize("then, reports", [
+    (b"", [("acked", 41)]),  # alone in its read
+    (codec.encode_publish("v1/devices/me/rpc/response/42", b"{}", 1, 5, 4), [("acked", 41), ("answered", 42, b"{}")]),
+    (codec.encode_publish("v1/devices/me/rpc/request/7", b"{}", 0, None, 4), [("acked", 41), ("called", 7, b"{}")]),
+    (codec.encode_publish("v1/devices/me/rpc/response/41", b"{}", 2, 5, 4), [("acked", 41), ("answered", 41, b"{}")]),
+    (codec.encode_unsubscribe(2, ["v1/devices/me/rpc/request/+"], 4), [("acked", 41), ("unsubscribed",)]),
+])
+def test_a_puback_not_followed_by_its_answer_is_reported_before_whatever_comes_next(then, reports):
+    h = Harness()
+    h.connect()
+    session = h.sessions[0]
+    packet_id = _command_sent(h, 41)
+    h.feed(codec.encode_puback(packet_id, 4) + then)
+    assert h.attach.calls(session) == reports
