@@ -4,8 +4,10 @@ other process, so that an A/B of a change to it is not lost in a shared machine'
     python bench/command_path.py                          # this tree: 8 samples of 200 rounds of 64 commands
     python bench/command_path.py --baseline /tmp/before   # A/B: samples alternate between this tree and TREE
 
-What one command is: ``CommandService.submit`` (the REST handler's call) -> the device's actor (the dispatcher on a
-``task.Clock``) -> an MQTT session on a ``StringTransport`` writes the PUBLISH -> the device's PUBACK and its answer
+What one command is: ``CommandService.submit`` (the REST handler's call) -> the device's actor (the dispatcher's
+and the actors' timed calls on the real epoll reactor, its ``runUntilCurrent`` called by hand; ``--clock task``:
+on a ``task.Clock``, as at first, whose ``callLater`` sorts every pending call and so overstates timers) -> an
+MQTT session on a ``StringTransport`` writes the PUBLISH -> the device's PUBACK and its answer
 (QoS 1, as ``nanoiot-sim --answer echo`` sends them) are fed back in one read -> the answer's PUBACK is written and
 the caller's Deferred fires. 200 devices connected, 64 commands in flight per round, metrics on and one listener of
 status events (as the rule service is), as in ``twistd nanoiot``. Not included: twisted.web (the bare request's part,
@@ -46,8 +48,19 @@ from nanoiot.transports.mqtt import codec
 from nanoiot.transports.mqtt.protocol import MqttFactory
 
 DEVICES, IN_FLIGHT, ROUNDS = 200, 64, int(sys.argv[1])
-clock = task.Clock()
-clock.advance(1.7e9)
+if sys.argv[2] == "reactor":
+    from twisted.internet import reactor as clock  # the real reactor's timed calls (a heap), run by hand
+
+    def advance():
+        clock.runUntilCurrent()
+        while clock._newTimedCalls:  # calls made by the calls just run (a drain's next turn) run now too
+            clock.runUntilCurrent()
+else:
+    clock = task.Clock()  # its callLater sorts every pending call: timers cost far more than on a reactor
+    clock.advance(1.7e9)
+
+    def advance():
+        clock.advance(0)
 dispatcher = Dispatcher(clock)
 set_dispatcher(dispatcher)
 events = EventStream()
@@ -55,7 +68,10 @@ directory = DeviceDirectory(clock, ActorSettings(queue=QueueSettings()), events=
 book = PresenceBook(clock, "")
 book.start(events)
 ServerMetrics(CollectorRegistry(), clock, process=False).start(events, book)
-events.subscribe(lambda event: None, (RpcStatusChanged,))
+try:  # subscribed as the rule service subscribes (in trees that have it: persistent commands' changes only)
+    events.subscribe(lambda event: None, (RpcStatusChanged,), persistent_only=True)
+except TypeError:
+    events.subscribe(lambda event: None, (RpcStatusChanged,))
 tenant = uuid4()
 by_token = {f"T{i}": Device(uuid4(), 0, tenant, NULL_UUID, f"d{i}", "default", None, None) for i in range(DEVICES)}
 by_id = {device.id: device for device in by_token.values()}
@@ -68,8 +84,8 @@ for token, device in by_token.items():
     protocol.dataReceived(codec.encode_connect("", protocol_level=4, username=token, keep_alive=0)
                           + codec.encode_subscribe(1, [("v1/devices/me/rpc/request/+", 1)], 4))
     connections[device.id] = (protocol, transport)
-clock.advance(0)
-clock.advance(0)
+advance()
+advance()
 
 
 class Devices:
@@ -97,7 +113,7 @@ def one_round(r):
     for device_id in targets:
         body = parse_rpc_body({"method": "echo", "params": {"i": 1}}, now, 10000, 5000)
         service.submit(initiator, device_id, body, False).addCallback(fired)
-    clock.advance(0)
+    advance()
     for device_id in set(targets):
         protocol, transport = connections[device_id]
         data, device_side = transport.value(), b""
@@ -108,8 +124,8 @@ def one_round(r):
             device_side += codec.encode_puback(publish.packet_id, 4) + codec.encode_publish(
                 "v1/devices/me/rpc/response/" + request_id, publish.payload, 1, 7, 4)
         protocol.dataReceived(device_side)
-    clock.advance(0)
-    clock.advance(0)
+    advance()
+    advance()
 
 
 for r in range(50):
@@ -122,9 +138,9 @@ print(1e6 * (time.process_time() - started) / (answered[0] - before))
 '''
 
 
-def sample(tree: Path, rounds: int) -> float:
+def sample(tree: Path, rounds: int, clock: str) -> float:
     env = dict(os.environ, PYTHONPATH=str(tree))
-    out = subprocess.run([sys.executable, "-c", SAMPLE, str(rounds)], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", SAMPLE, str(rounds), clock], env=env, capture_output=True, text=True,
                          cwd="/", check=True)
     return float(out.stdout.strip())
 
@@ -134,12 +150,15 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="also a tree to compare with, samples alternating")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=200, help="rounds of 64 commands per sample")
+    parser.add_argument("--clock", choices=("reactor", "task"), default="reactor",
+                        help="timed calls on the real (epoll) reactor, run by hand (default), or on a task.Clock, "
+                             "whose callLater sorts all pending calls (as in this bench's first numbers)")
     args = parser.parse_args()
     trees = {"this tree": ROOT} | ({"baseline": args.baseline} if args.baseline else {})
     results: dict[str, list[float]] = {name: [] for name in trees}
     for _ in range(args.samples):
         for name, tree in trees.items():
-            results[name].append(sample(tree, args.rounds))
+            results[name].append(sample(tree, args.rounds, args.clock))
     for name, values in results.items():
         print(f"{name:10}: µs of CPU per command: min {min(values):.1f}, median {statistics.median(values):.1f}  "
               f"({', '.join(f'{v:.1f}' for v in values)})")

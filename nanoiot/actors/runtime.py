@@ -16,6 +16,9 @@ How it works:
   (directly on the reactor thread, through ``callFromThread`` from other threads) and it replaces Pykka's blocking
   ``_actor_loop`` with a per-message step that keeps ``Actor._actor_loop_running``'s semantics.
 * :class:`ReactorFuture` is completed on the reactor thread only and turns into a Deferred without blocking.
+* A ``tell`` on the reactor thread (the hot path: every device report and command) queues the bare message: no
+  ``Envelope`` (nothing is answered); the inbox hands Pykka an ``Envelope`` only when it asks for one (``get``, at
+  teardown and passivation). Asks and mail from other threads are queued as Envelopes, as in Pykka.
 
 Rules for code running on the reactor thread (they fail fast here instead of deadlocking):
 
@@ -55,6 +58,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
 import pykka
 from pykka import ActorDeadError, ActorRef, ActorRegistry, Timeout
+from pykka._envelope import Envelope
 from pykka._future import _Unset
 from pykka.messages import _ActorStop
 from twisted.internet.defer import Deferred, FirstError, fail, gatherResults, succeed
@@ -66,7 +70,6 @@ from twisted.python.failure import Failure
 from nanoiot.ids import uuid4
 
 if TYPE_CHECKING:
-    from pykka._envelope import Envelope
     from pykka._types import OptExcInfo
 
 __all__ = [
@@ -506,8 +509,14 @@ class _StoppedFlag:
         return event.wait(timeout)
 
 
-def _reject(envelope: Envelope[Any]) -> None:
-    """Answer mail that reached an actor after it stopped, like Pykka's teardown does."""
+_get_ident = threading.get_ident
+
+
+def _reject(envelope: Any) -> None:
+    """Answer mail (an Envelope, or a told message) that reached an actor after it stopped, like Pykka's teardown."""
+    if type(envelope) is not Envelope:
+        log.debug("dropped {kind} sent to a stopped actor", kind=type(envelope).__name__)
+        return
     reply_to = envelope.reply_to
     if reply_to is None:
         log.debug("dropped {kind} sent to a stopped actor", kind=type(envelope.message).__name__)
@@ -523,6 +532,8 @@ class _Mailbox:
     """The actor's inbox (Pykka's ``ActorInbox``: put/get/empty) and its scheduling state on the dispatcher.
 
     The message deque exists only while there is mail: an empty ``deque`` costs ~600 bytes, an idle actor nothing.
+    It holds Envelopes (asks, mail from other threads) and bare told messages (:meth:`tell` on the reactor thread);
+    :meth:`get` always gives an Envelope, as Pykka expects.
     """
 
     __slots__ = ("_mail", "_scheduled", "_state", "actor", "dispatcher")
@@ -530,7 +541,7 @@ class _Mailbox:
     def __init__(self, actor: ReactorActor, dispatcher: Dispatcher) -> None:
         self.actor: ReactorActor | None = actor  # dropped after teardown so stale refs do not keep the actor
         self.dispatcher = dispatcher
-        self._mail: deque[Envelope[Any]] | None = None
+        self._mail: deque[Any] | None = None  # Envelopes and bare told messages
         self._state = _NEW
         self._scheduled = False
 
@@ -550,7 +561,16 @@ class _Mailbox:
         mail = self._mail
         if not mail:
             raise RuntimeError("ReactorActor inbox is empty: get() would block the reactor")
-        return mail.popleft()
+        item = mail.popleft()
+        return item if type(item) is Envelope else Envelope(item)
+
+    def tell(self, message: Any, /) -> None:
+        """A message nobody answers: queued bare on the reactor thread (as an Envelope from other threads)."""
+        dispatcher = self.dispatcher
+        if _get_ident() == dispatcher._thread:
+            self._deliver(message)
+        else:
+            dispatcher.call_from_thread(self._deliver, Envelope(message))
 
     def empty(self) -> bool:
         return not self._mail
@@ -570,17 +590,19 @@ class _Mailbox:
             self._scheduled = True
             self.dispatcher._enqueue(self)
 
-    def _deliver(self, envelope: Envelope[Any]) -> None:
-        """Reactor thread only."""
-        if self._state == _DEAD:  # only mail that hopped from another thread can get here
+    def _deliver(self, envelope: Any) -> None:
+        """Reactor thread only; ``envelope``: an Envelope or a bare told message."""
+        state = self._state
+        if state == _DEAD:  # only mail that hopped from another thread can get here
             _reject(envelope)
             return
         mail = self._mail
         if mail is None:
             mail = self._mail = deque()
         mail.append(envelope)
-        if self._state != _NEW:  # mail sent before start() waits for on_start
-            self._schedule()
+        if state != _NEW and not self._scheduled:  # mail sent before start() waits for on_start
+            self._scheduled = True
+            self.dispatcher._enqueue(self)
 
     def _run(self, limit: int, timer: Callable[[], float], deadline: float) -> bool:
         """One scheduling slot: on_start if due, then up to ``limit`` messages. True: re-queue me."""
@@ -597,10 +619,14 @@ class _Mailbox:
                 self._stop_everything(actor, exc, None)
         mail = self._mail
         if mail:
-            handle = self._handle
+            handle, handle_tell = self._handle, self._handle_tell
             count = 0
-            while mail and not stopped.is_set():
-                handle(actor, mail.popleft())
+            while mail and not stopped._set:
+                item = mail.popleft()
+                if type(item) is Envelope:
+                    handle(actor, item)
+                else:
+                    handle_tell(actor, item)
                 count += 1
                 if count >= limit or timer() >= deadline:
                     break
@@ -645,6 +671,21 @@ class _Mailbox:
                     actor._handle_failure(*sys.exc_info())
         except BaseException as exc:  # noqa: BLE001
             self._stop_everything(actor, exc, reply_to)
+
+    def _handle_tell(self, actor: ReactorActor, message: Any) -> None:
+        """``_handle`` for a bare told message (no reply address)."""
+        try:
+            response = actor._handle_receive(message)
+            if isinstance(response, Deferred):
+                response.addErrback(self._tell_failed, actor)
+        except Exception:
+            actor._handle_failure(*sys.exc_info())
+            try:
+                actor.on_failure(*sys.exc_info())
+            except Exception:  # noqa: BLE001
+                actor._handle_failure(*sys.exc_info())
+        except BaseException as exc:  # noqa: BLE001
+            self._stop_everything(actor, exc, None)
 
     def _stop_everything(self, actor: ReactorActor, exc: BaseException, reply_to: pykka.Future[Any] | None) -> None:
         """Pykka's BaseException rule (stop this actor, then all actors) without its blocking ``stop_all()``."""
@@ -720,7 +761,7 @@ class ReactorActor(pykka.Actor):
         inbox = _Mailbox(self, dispatcher) if dispatcher is not None else self._create_actor_inbox()
         self.actor_inbox = inbox
         self.actor_stopped = _StoppedFlag(inbox.dispatcher)
-        self._actor_ref = ActorRef(self)
+        self._actor_ref = _ReactorRef(self)
 
     @classmethod
     def start(cls, *args: Any, **kwargs: Any) -> ActorRef[Any]:
@@ -744,6 +785,15 @@ class ReactorActor(pykka.Actor):
     def _start_actor_loop(self) -> None:
         """Schedule ``on_start`` (then the mail) on the dispatcher; never blocks, never runs anything inline."""
         cast(_Mailbox, self.actor_inbox).start()
+
+
+class _ReactorRef(ActorRef):  # type: ignore[type-arg]
+    """Pykka's ``ActorRef`` whose ``tell`` queues the bare message (no Envelope: nobody is answered)."""
+
+    def tell(self, message: Any) -> None:
+        if self.actor_stopped._set:  # type: ignore[attr-defined]  # our _StoppedFlag
+            raise ActorDeadError(f"{self} not found")
+        self.actor_inbox.tell(message)  # type: ignore[attr-defined]  # our _Mailbox
 
 
 #: Actor URNs: a random version-4 UUID per process whose last 48 bits count the actors started in it. Unique like

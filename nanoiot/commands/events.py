@@ -113,6 +113,12 @@ Listener = Callable[[Any], None]
 Tally = Callable[[RpcStatus, bool, int], None]
 
 
+#: ``EventStream._status_listened``: which status changes some listener takes (ordered: max() of the listeners').
+_NONE, _PERSISTENT, _EVERY = 0, 1, 2
+#: ``EventStream._targets``' key for the status changes of lightweight commands.
+_LIGHTWEIGHT = object()
+
+
 class EventStream:
     """Listeners say which kinds of event they want, so that an actor builds an event (a record per status change,
     on the hot path) only when somebody wants that kind.
@@ -121,13 +127,16 @@ class EventStream:
     event object is made for it (four status changes per command)."""
 
     def __init__(self) -> None:
-        self._listeners: list[tuple[Listener, tuple[type, ...] | None]] = []
+        #: (listener, kinds, persistent only).
+        self._listeners: list[tuple[Listener, tuple[type, ...] | None, bool]] = []
         self._wanted: dict[type, bool] = {}
         self._tallies: list[Tally] = []
-        #: Event class -> the listeners that take it, in order (cached until the listeners change).
-        self._targets: dict[type, tuple[Listener, ...]] = {}
-        #: Whether a listener (not a tally) takes RpcStatusChanged; None: not known since the listeners changed.
-        self._status_listened: bool | None = None
+        #: Event class (``_LIGHTWEIGHT``: a lightweight command's RpcStatusChanged) -> the listeners that take it, in
+        #: order (cached until the listeners change).
+        self._targets: dict[Any, tuple[Listener, ...]] = {}
+        #: Which status changes a listener (not a tally) takes: ``_EVERY``, ``_PERSISTENT`` or ``_NONE``; None: not
+        #: known since the listeners changed.
+        self._status_listened: int | None = None
 
     def tally(self, count: Tally) -> Callable[[], None]:
         """``count(status, persistent, created_time)`` for every status change of every command, published by
@@ -158,14 +167,18 @@ class EventStream:
                 log.failure("status tally failed on {status}", status=status)
         listened = self._status_listened
         if listened is None:
-            listened = self._status_listened = any(
-                kinds is None or issubclass(RpcStatusChanged, kinds) for _, kinds in self._listeners)
-        if listened:
+            listened = self._status_listened = max(
+                (_PERSISTENT if only_persistent else _EVERY for _, kinds, only_persistent in self._listeners
+                 if kinds is None or issubclass(RpcStatusChanged, kinds)), default=_NONE)
+        if listened == _EVERY or (persistent and listened == _PERSISTENT):
             self._notify(RpcStatusChanged.lazily(status, created_time, persistent, partial(build, *args)))
 
-    def subscribe(self, listener: Listener, kinds: tuple[type, ...] | None = None) -> Callable[[], None]:
-        """``kinds``: the event classes wanted (None: every event). Returns the function that unsubscribes."""
-        entry = (listener, kinds)
+    def subscribe(self, listener: Listener, kinds: tuple[type, ...] | None = None, *,
+                  persistent_only: bool = False) -> Callable[[], None]:
+        """``kinds``: the event classes wanted (None: every event). ``persistent_only``: of the status changes, only
+        persistent commands' ones (no event is built for a lightweight command's when no other listener takes
+        them). Returns the function that unsubscribes."""
+        entry = (listener, kinds, persistent_only)
         self._listeners.append(entry)
         self._changed()
 
@@ -185,7 +198,7 @@ class EventStream:
         listeners change)."""
         wanted = self._wanted.get(kind)
         if wanted is None:
-            wanted = any(kinds is None or issubclass(kind, kinds) for _, kinds in self._listeners)
+            wanted = any(kinds is None or issubclass(kind, kinds) for _, kinds, _ in self._listeners)
             if not wanted and self._tallies and issubclass(kind, RpcStatusChanged):
                 wanted = True
             self._wanted[kind] = wanted
@@ -202,10 +215,13 @@ class EventStream:
 
     def _notify(self, event: Event) -> None:
         kind = type(event)
-        targets = self._targets.get(kind)
+        lightweight = kind is RpcStatusChanged and not event.persistent  # type: ignore[union-attr]
+        key: Any = _LIGHTWEIGHT if lightweight else kind
+        targets = self._targets.get(key)
         if targets is None:
-            targets = self._targets[kind] = tuple(
-                listener for listener, kinds in self._listeners if kinds is None or issubclass(kind, kinds))
+            targets = self._targets[key] = tuple(
+                listener for listener, kinds, only_persistent in self._listeners
+                if (kinds is None or issubclass(kind, kinds)) and not (only_persistent and key is _LIGHTWEIGHT))
         for listener in targets:
             try:
                 listener(event)

@@ -390,7 +390,8 @@ class RuleService(MultiService):
     def _update_subscription(self) -> None:
         wanted = self.fallback_routes.wants_rpc_events or any(r.routes.wants_rpc_events for r in self.roots.values())
         if wanted and self._unsubscribe is None:
-            self._unsubscribe = self.events.subscribe(self._on_event, (RpcStatusChanged,))
+            # Persistent commands' status changes only: a lightweight one then costs no event (four per command).
+            self._unsubscribe = self.events.subscribe(self._on_event, (RpcStatusChanged,), persistent_only=True)
         elif not wanted and self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None

@@ -281,6 +281,42 @@ def test_a_thousand_tells_are_handled_in_fifo_order(clock: ReactorClock) -> None
     assert journal == [("probe", "start"), *range(1000)]
 
 
+def test_a_tell_on_the_reactor_thread_queues_the_bare_message_and_keeps_order_with_asks(clock: ReactorClock) -> None:
+    journal: list[Any] = []
+    ref = Probe.start(journal)
+    ref.tell("one")
+    asked = ask_deferred(ref, "two")
+    ref.tell("three")
+    mail = list(ref.actor_inbox._mail)
+    assert mail[0] == "one" and type(mail[1]) is Envelope and mail[2] == "three"  # no Envelope for a tell
+    clock.advance(0)
+    assert journal == [("probe", "start"), "one", "two", "three"]
+    assert result_of(asked) == "two"
+
+
+def test_the_inbox_gives_pykka_an_envelope_for_a_bare_tell(clock: ReactorClock) -> None:
+    ref = Probe.start()
+    ref.tell("told")
+    asked = ref.ask("asked", block=False)
+    inbox = ref.actor_inbox
+    told = inbox.get()
+    assert type(told) is Envelope and told.message == "told" and told.reply_to is None
+    assert inbox.get().reply_to is asked
+    assert inbox.empty()
+
+
+def test_a_tell_from_another_thread_hops_to_the_reactor_in_an_envelope(clock: ReactorClock) -> None:
+    journal: list[Any] = []
+    ref = Probe.start(journal)
+    worker, outcome = in_thread(lambda: ref.tell("from a thread"))
+    worker.join(10)
+    assert outcome == [("ok", None)]
+    clock.run_thread_call()
+    assert type(ref.actor_inbox._mail[0]) is Envelope
+    clock.advance(0)
+    assert journal == [("probe", "start"), "from a thread"]
+
+
 def test_a_single_drain_is_scheduled_however_many_actors_have_mail(clock: ReactorClock) -> None:
     refs = [Probe.start() for _ in range(100)]
     for ref in refs:

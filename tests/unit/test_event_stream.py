@@ -98,3 +98,31 @@ def test_a_failing_tally_is_logged_and_the_listeners_still_get_the_event():
     events.subscribe(seen.append)
     events.status_changed(RpcStatus.SENT, 5, False, _record, RpcStatus.SENT)
     assert [e.status for e in seen] == [RpcStatus.SENT]
+
+
+def test_a_persistent_only_listener_costs_lightweight_status_changes_no_event():
+    from nanoiot.rpc.model import RpcStatus
+
+    events = EventStream()
+    built: list[RpcStatus] = []
+
+    def build(status):
+        built.append(status)
+        return _record(status)
+
+    persistent: list[RpcStatusChanged] = []
+    unsubscribe = events.subscribe(persistent.append, (RpcStatusChanged,), persistent_only=True)
+    assert events.wants(RpcStatusChanged)
+    events.status_changed(RpcStatus.SENT, 5, False, build, RpcStatus.SENT)
+    events.publish(RpcStatusChanged(_record(RpcStatus.DELETED), False))
+    assert persistent == [] and built == []  # no event made for the lightweight one
+    events.status_changed(RpcStatus.QUEUED, 5, True, build, RpcStatus.QUEUED)
+    events.publish(RpcStatusChanged(_record(RpcStatus.DELETED), True))
+    assert [(e.status, e.persistent) for e in persistent] == [(RpcStatus.QUEUED, True), (RpcStatus.DELETED, True)]
+    every: list[object] = []
+    events.subscribe(every.append)  # a listener of every event: lightweight changes are built again, for it alone
+    events.status_changed(RpcStatus.SUCCESSFUL, 5, False, build, RpcStatus.SUCCESSFUL)
+    assert [e.status for e in every] == [RpcStatus.SUCCESSFUL] and len(persistent) == 2
+    unsubscribe()
+    events.status_changed(RpcStatus.FAILED, 5, True, build, RpcStatus.FAILED)
+    assert len(persistent) == 2 and len(every) == 2
