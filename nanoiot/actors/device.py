@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from nanoiot.actors import messages as m
 from nanoiot.actors.replies import Replies, ReplyTo
 from nanoiot.actors.runtime import Dispatcher, ReactorActor
+from nanoiot.actors.wakeups import Wakeups, wakeups_of
 from nanoiot.commands.events import DeviceCalled, DeviceOffline, DeviceOnline, EventStream, RpcStatusChanged
 from nanoiot.commands.server_methods import CallContext, ServerMethods
 from nanoiot.errors import ServiceUnavailable
@@ -127,6 +128,8 @@ class ActorContext:
     #: Set by the rule service: takes a device-to-server call of a method no server method answers, to run it through
     #: the tenant's root rule chain: (device, transport, session id, request id, payload) -> whether it took it.
     device_calls: Callable[[Device, str, int, int, bytes], bool] | None = None
+    #: Every actor's timer wake-ups on one reactor call (``nanoiot.actors.wakeups``), made on first use.
+    wakeups: Wakeups | None = None
 
 
 class DeviceActor(ReactorActor):
@@ -138,11 +141,12 @@ class DeviceActor(ReactorActor):
         self.sessions: dict[int, DeviceSession] = {}
         #: rpc id -> callers waiting for the outcome (lightweight) or for the durable insert (persistent).
         self.waiters: dict[Any, list[ReplyTo]] = {}
-        #: (kind, request id) -> (due at, epoch ms; arming sequence). One reactor call, ``_wake``, is armed for the
-        #: earliest (or an earlier) one: a command's expiry and ack timers cost dict entries, not a callLater and a
-        #: cancel each (twisted's DelayedCall heap was ~5 % of a REST RPC's CPU).
+        #: (kind, request id) -> (due at, epoch ms; arming sequence). One wake-up, at ``_wake_at`` on the shared
+        #: wheel ``_wake`` (None: none), is set for the earliest (or an earlier) one: a command's expiry and ack
+        #: timers cost dict entries, not a callLater and a cancel each (twisted's DelayedCall heap was ~5 % of a
+        #: REST RPC's CPU).
         self.timers: dict[tuple[Timer, int], tuple[int, int]] = {}
-        self._wake: IDelayedCall | None = None
+        self._wake: Wakeups | None = None
         self._wake_at = 0
         self._wake_generation = 0
         self.passivated = False
@@ -155,6 +159,10 @@ class DeviceActor(ReactorActor):
         self._sent_durable: dict[int, Deferred] = {}
         self.persistent_pending = 0
         self._inserts_pending: set[Any] = set()
+        #: rpc id -> the bulk chunk (``SubmitBatched``) told once the command's insert is durable or failed.
+        self._chunks: dict[Any, Any] = {}
+        #: (rpc id, the insert's Deferred) of a new command inserted as SENT, until its SENT change takes it.
+        self._sent_in_insert: tuple[Any, Deferred] | None = None
 
     # --- plumbing -------------------------------------------------------------------------------------------------
 
@@ -217,6 +225,23 @@ class DeviceActor(ReactorActor):
         if reply_to is not None:
             self.waiters.setdefault(command.rpc_id, []).append(reply_to)
         self._inserting = command.rpc_id if command.persistent else None
+        try:
+            self._apply(self.queue.submit(command, self.now(), self.ctx.ids.take()))
+        finally:
+            self._inserting = None
+
+    def _submit_batched(self, msg: m.SubmitBatched) -> None:
+        """A bulk RPC's persistent command: as ``_submit`` (the limits, the insert journalled, for a connected device
+        QUEUED and SENT in one row write), but its chunk learns the outcome instead of a caller per command."""
+        command, chunk = msg.command, msg.chunk
+        refusal = self._refusal(command)
+        if refusal is None and self.queue.find(command.rpc_id) is not None:
+            refusal = _rejected("duplicate-rpc-id", 1)  # ids are fresh: never reached, never sent twice all the same
+        if refusal is not None:
+            chunk.refuse(self.device.id, refusal)
+            return
+        self._chunks[command.rpc_id] = chunk
+        self._inserting = command.rpc_id
         try:
             self._apply(self.queue.submit(command, self.now(), self.ctx.ids.take()))
         finally:
@@ -483,8 +508,20 @@ class DeviceActor(ReactorActor):
     def _apply(self, effects: list[Effect]) -> None:
         delivered_on_write: list[int] = []
         for effect in effects:
-            if isinstance(effect, Send):
-                durable = self._sent_durable.pop(effect.pending.request_id, None)
+            # By exact type, the most frequent first (effects are final classes): ~10 effects per command.
+            kind = type(effect)
+            if kind is StatusChanged:
+                self._status_changed(effect)
+            elif kind is StartTimer:
+                if effect.kind is Timer.ACK and self._sent_durable and effect.request_id in self._sent_durable:
+                    continue  # armed when the command is actually written (see _send_now)
+                self._start_timer(effect)
+            elif kind is CancelTimer:
+                timers = self.timers
+                if timers.pop((effect.kind, effect.request_id), None) is not None and not timers:
+                    self._cancel_wake()  # else it may fire early: it finds nothing due and re-arms
+            elif kind is Send:
+                durable = self._sent_durable.pop(effect.pending.request_id, None) if self._sent_durable else None
                 if durable is not None:
                     # Write-ahead: the device gets a persistent command only once SENT is stored, so after a
                     # crash every command that may have reached a device is known to have been sent.
@@ -492,18 +529,8 @@ class DeviceActor(ReactorActor):
                                          callbackArgs=(effect.session_id, effect.pending.request_id))
                 elif self._send(effect):
                     delivered_on_write.append(effect.pending.request_id)
-            elif isinstance(effect, StartTimer):
-                if effect.kind is Timer.ACK and effect.request_id in self._sent_durable:
-                    continue  # armed when the command is actually written (see _send_now)
-                self._start_timer(effect)
-            elif isinstance(effect, CancelTimer):
-                timers = self.timers
-                if timers.pop((effect.kind, effect.request_id), None) is not None and not timers:
-                    self._cancel_wake()  # else it may fire early: it finds nothing due and re-arms
-            elif isinstance(effect, Finished):
+            elif kind is Finished:
                 self._finished(effect)
-            elif isinstance(effect, StatusChanged):
-                self._status_changed(effect)
         for request_id in delivered_on_write:
             self._apply(self.queue.acked(request_id, self.now()))
 
@@ -541,9 +568,16 @@ class DeviceActor(ReactorActor):
                 self._answer_persistent(command.rpc_id, None)
                 return
             self._inserts_pending.add(command.rpc_id)
-            d = journal.insert(_record(command, pending.request_id, status, response))
-            d.addCallbacks(lambda _: self._answer_persistent(command.rpc_id, None),
-                           lambda f: self._answer_persistent(command.rpc_id, f))
+            if status is RpcStatus.QUEUED and pending.status is RpcStatus.SENT:
+                # Sent as it is submitted (a connected device): the row is inserted as SENT, one write for both,
+                # and the SENT change that follows waits for this insert instead of writing again.
+                d = journal.insert(_record(command, pending.request_id, RpcStatus.SENT, response))
+                self._sent_in_insert = (command.rpc_id, d)
+            else:
+                d = journal.insert(_record(command, pending.request_id, status, response))
+            # Both return None: after a failed insert the write waiting behind it finds the command gone.
+            d.addCallbacks(self._inserted, self._insert_failed, callbackArgs=(command.rpc_id,),
+                           errbackArgs=(command.rpc_id,))
             return
         if status.is_terminal:
             self.persistent_pending -= 1
@@ -552,8 +586,15 @@ class DeviceActor(ReactorActor):
             return
         if status is RpcStatus.DELETED:
             journal.delete(command.rpc_id)
+        elif status is RpcStatus.DELIVERED and command.oneway and self.queue.pending.get(pending.request_id) is None:
+            pass  # a one-way command acknowledged: its SUCCESSFUL follows in this same step, one journal entry for both
         elif status is RpcStatus.SENT:
-            self._sent_durable[pending.request_id] = journal.change(command.rpc_id, status)
+            sent = self._sent_in_insert
+            if sent is not None and sent[0] == command.rpc_id:
+                self._sent_in_insert = None
+                self._sent_durable[pending.request_id] = sent[1]  # the insert says SENT: written once it is durable
+            else:
+                self._sent_durable[pending.request_id] = journal.change(command.rpc_id, status)
         elif status in (RpcStatus.SUCCESSFUL, RpcStatus.FAILED) and response is not None:
             journal.change(command.rpc_id, status, _storable(response))
         elif status is RpcStatus.TIMEOUT:
@@ -562,10 +603,16 @@ class DeviceActor(ReactorActor):
         else:
             journal.change(command.rpc_id, status)
 
+    def _inserted(self, _: Any, rpc_id: Any) -> None:
+        self._answer_persistent(rpc_id, None)
+
+    def _insert_failed(self, failure: Any, rpc_id: Any) -> None:
+        self._answer_persistent(rpc_id, failure)
+
     def _answer_persistent(self, rpc_id: Any, failure: Any) -> None:
         """Runs when the insert is durable (or failed): only now may the caller learn the rpcId."""
         self._inserts_pending.discard(rpc_id)
-        waiters = self.waiters.pop(rpc_id, [])
+        waiters = self.waiters.pop(rpc_id, ())
         if failure is not None:
             if failure.check(ServiceUnavailable):
                 # The database is out of reach: the caller gets 503 (the repository already logged the outage).
@@ -575,6 +622,12 @@ class DeviceActor(ReactorActor):
                 log.failure("device {device_id}: persistent RPC {rpc_id} could not be stored", failure,
                             device_id=self.device.id, rpc_id=rpc_id)
             self._apply(self.queue.delete(rpc_id, self.now()))
+        chunk = self._chunks.pop(rpc_id, None) if self._chunks else None
+        if chunk is not None:
+            if failure is None:
+                chunk.stored()
+            else:
+                chunk.refuse(self.device.id, failure)
         replies = self.ctx.replies
         for reply_to in waiters:
             if failure is None:
@@ -606,19 +659,24 @@ class DeviceActor(ReactorActor):
             self._arm_wake(at)
 
     def _arm_wake(self, at: int) -> None:
-        wake = self._wake
-        if wake is not None and wake.active():
-            wake.cancel()
+        wheel = self._wake
+        if wheel is not None:
+            wheel.remove(self, self._wake_at)
+        else:
+            wheel = self._wake = wakeups_of(self.ctx)
         self._wake_generation += 1
         self._wake_at = at
-        delay = max(0.0, (at - self.now()) / 1000.0)
-        self._wake = self.clock.callLater(delay, tell_quietly, self.actor_ref, m.TimersDue(self._wake_generation))
+        wheel.add(self, at)
+
+    def wake_up(self) -> None:
+        """The wheel's call for ``_wake_at`` (on the reactor, outside this actor's turn): the timers are looked at
+        in the actor's turn, unless the wake-up was moved or cancelled before then (its generation)."""
+        tell_quietly(self.actor_ref, m.TimersDue(self._wake_generation))
 
     def _cancel_wake(self) -> None:
-        wake = self._wake
-        if wake is not None:
-            if wake.active():
-                wake.cancel()
+        wheel = self._wake
+        if wheel is not None:
+            wheel.remove(self, self._wake_at)
             self._wake = None
             self._wake_generation += 1  # a wake-up already queued is ignored
 
@@ -694,6 +752,7 @@ def _record(command: RpcCommand, request_id: int, status: RpcStatus, response: A
 
 _HANDLERS: dict[type, Callable[[DeviceActor, Any], Any]] = {
     m.SubmitRpc: DeviceActor._submit,
+    m.SubmitBatched: DeviceActor._submit_batched,
     m.DeleteRpc: DeviceActor._delete,
     m.AttachSession: DeviceActor._attach,
     m.DetachSession: DeviceActor._detach,

@@ -28,6 +28,16 @@ class SubmitRpc:
 
 
 @dataclass(slots=True)
+class SubmitBatched:
+    """A bulk RPC's persistent command on a node that holds every device (``CommandService.submit_stored``): no
+    reply address; ``chunk`` (a local object, as a session is) learns once the command's insert is durable, or why
+    it was refused, so that a whole chunk of commands has one Deferred."""
+
+    command: RpcCommand
+    chunk: Any
+
+
+@dataclass(slots=True)
 class DeleteRpc:
     """Delete a pending command; answers True if it was pending here."""
 

@@ -8,10 +8,13 @@ ThingsBoard keeps group RPC for its paid edition (issue #1508). Here a batch is:
 2. **stored**: one ``rpc_batch`` row (the command, who sent it, how many devices) — then the caller gets the
    ``batchId``;
 3. **queued** in the background: one persistent command per device, each with its own ``rpcId`` and its own place
-   in its device's queue, submitted through :meth:`CommandService.submit` with ``Initiator(batch_id=...)`` like any
-   other command. Submissions go out ``chunk`` per reactor turn with at most ``window`` not yet stored, so the
-   reactor keeps serving devices and requests, and the journal's batches (one transaction for up to 2,000 inserts
-   of many actors) fill up instead of committing a handful at a time.
+   in its device's queue, submitted a chunk at a time through :meth:`CommandService.submit_stored` with
+   ``Initiator(batch_id=...)``: each device's actor checks its limits and journals the insert as for any command (for
+   a connected device QUEUED and SENT are one row write, and the device gets the command once that row is durable),
+   and the chunk has one Deferred, fired once every command of it is stored or refused. Chunks go out one per
+   reactor turn with at most ``window`` commands not yet stored, so the reactor keeps serving devices and requests,
+   and the journal's batches (one transaction for up to 2,000 writes of many actors) fill up instead of committing
+   a handful at a time. A command counts as queued only once its row is durable.
 
 Its status is counted from the commands' rows (``GROUP BY status`` on ``rpc.batch_id``); a deleted command has no
 row, so ``DELETED = total - the rest``. Deleting a batch takes each unfinished command out of its device's queue
@@ -24,7 +27,6 @@ DELETED, and a batch whose queueing a crash interrupted stays partly queued (its
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -40,7 +42,7 @@ from twisted.python.failure import Failure
 
 from nanoiot.actors import messages as m
 from nanoiot.commands.events import RpcStatusChanged
-from nanoiot.commands.service import CommandService, Initiator
+from nanoiot.commands.service import ChunkOutcome, CommandService, Initiator
 from nanoiot.errors import BadRequest, NanoError, NotFound, PermissionDenied
 from nanoiot.ids import uuid4
 from nanoiot.persistence.batch_store import BatchRecord, BatchStore
@@ -186,30 +188,33 @@ class _Progress:
         self._finished: list[Deferred] = []
         self._logged = False
 
-    def stored_one(self, result: RpcResult, device_id: UUID) -> None:
-        if not result.ok:
-            details = result.response if isinstance(result.response, dict) else {}
-            reason = result.failure.value if result.failure is not None else "refused"
-            if details.get("limit"):
-                reason += f": {details['limit']} {details.get('value')}"
-            self._refused(device_id, reason)
-        self._one_less()
+    def chunk_done(self, outcome: ChunkOutcome, count: int) -> None:
+        """A chunk of ``count`` submissions has every outcome: the refused ones are noted."""
+        for device_id, why in outcome.refused:
+            if isinstance(why, Failure):
+                self._failed(why, device_id)
+            else:
+                self._refused(device_id, _reason(why))
+        self._less(count)
 
-    def refused_one(self, failure: Failure, device_id: UUID) -> None:
+    def chunk_failed(self, failure: Failure, count: int) -> None:
+        log.failure("bulk RPC {batch_id}: a chunk's outcomes were lost", failure, batch_id=self.batch_id)
+        self._less(count)
+
+    def _failed(self, failure: Failure, device_id: UUID) -> None:
         if not failure.check(NanoError) and not self._logged:
             self._logged = True  # once per batch: a failing database would fail every command the same way
             log.failure("bulk RPC {batch_id}: the command for device {device_id} failed", failure,
                         batch_id=self.batch_id, device_id=device_id)
         self._refused(device_id, failure.getErrorMessage() or type(failure.value).__name__)
-        self._one_less()
 
     def _refused(self, device_id: UUID, reason: str) -> None:
         self.rejected_count += 1
         if len(self.rejected) < MAX_REJECTED_NAMED:
             self.rejected[device_id] = reason
 
-    def _one_less(self) -> None:
-        self.in_flight -= 1
+    def _less(self, count: int) -> None:
+        self.in_flight -= count
         room = self._room
         if room is not None and self.in_flight <= self._room_at:
             self._room = None
@@ -237,19 +242,13 @@ class _Progress:
         return d
 
 
-class _Targets:
-    """The command service's device lookup for one batch: the devices the batch resolved in one query, so that
-    each submission finds its device in memory (the catalog's cached copy first, it is never older)."""
-
-    def __init__(self, devices: Any, resolved: dict[UUID, Device]) -> None:
-        self.devices = devices
-        self.resolved = resolved
-
-    def cached_device(self, device_id: UUID) -> Device | None:
-        return self.devices.cached_device(device_id) or self.resolved.get(device_id)
-
-    def get_device(self, device_id: UUID) -> Deferred:
-        return self.devices.get_device(device_id)
+def _reason(result: RpcResult) -> str:
+    """Why a command was refused, as GET's ``rejected`` names it ("REJECTED: rpc-max-persistent-per-device 2")."""
+    details = result.response if isinstance(result.response, dict) else {}
+    reason = result.failure.value if result.failure is not None else "refused"
+    if details.get("limit"):
+        reason += f": {details['limit']} {details.get('value')}"
+    return reason
 
 
 def batch_initiator(initiator: Initiator) -> dict[str, Any]:
@@ -335,11 +334,10 @@ class BulkRpc(Service):
     async def _queue(self, batch: BatchRecord, targets: Sequence[Device], request: BulkRequest,
                      initiator: Initiator, progress: _Progress) -> None:
         """Submit each device's command: ``chunk`` per reactor turn, at most ``window`` waiting to be stored."""
-        service = copy.copy(self.commands)
-        service.devices = _Targets(self.commands.devices, {d.id: d for d in targets})
+        service = self.commands
         t, oneway = request.body, request.oneway
         chunk, low_water = self.chunk, self.window - self.chunk
-        stored, refused = progress.stored_one, progress.refused_one
+        done, lost = progress.chunk_done, progress.chunk_failed
         since_grown = 0
         for start in range(0, len(targets), chunk):
             if progress.cancelled:
@@ -348,9 +346,9 @@ class BulkRpc(Service):
             progress.in_flight += len(part)
             bodies = [(device, RpcBody(t.method, t.params, t.timeout, t.expiration_time, True, t.retries,
                                        t.additional_info, uuid4(), t.qos)) for device in part]
-            # One transaction for the chunk where the node holds every device (see CommandService.submit_stored).
-            for device, d in zip(part, service.submit_stored(initiator, bodies, oneway)):
-                d.addCallbacks(stored, refused, callbackArgs=(device.id,), errbackArgs=(device.id,))
+            # One Deferred for the chunk, fired once each command is stored or refused (CommandService.submit_stored).
+            service.submit_stored(initiator, bodies, oneway).addCallbacks(
+                done, lost, callbackArgs=(len(part),), errbackArgs=(len(part),))
             if progress.in_flight > low_water:
                 await progress.room(low_water)
             since_grown += len(part)

@@ -16,9 +16,9 @@ from uuid import UUID
 
 from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from nanoiot.actors import messages as m
-from nanoiot.actors.device import command_record
 from nanoiot.actors.replies import Replies
 from nanoiot.commands.events import EventStream, RpcStatusChanged
 from nanoiot.errors import Conflict, InvalidArguments, NanoError, NotFound, PermissionDenied, RouteLost
@@ -91,6 +91,39 @@ class CommandStore(Protocol):
 #: before it is sent, as (initiator, device, body, oneway), and either takes it, returning the Deferred of its outcome
 #: (the tenant's root rule chain sends it), or returns None to let it go as it is.
 Interceptor = Callable[[Initiator, Device, RpcBody, bool], "Deferred[RpcResult] | None"]
+
+
+class ChunkOutcome:
+    """The outcomes of one chunk of bulk commands gathered into ONE Deferred, ``done``, fired (with this object)
+    once every command was stored or refused: no Deferred or reply address per command. ``refused`` lists the
+    commands not stored, as (device id, the refusal: a REJECTED RpcResult naming the limit, or a Failure)."""
+
+    __slots__ = ("left", "refused", "done")
+
+    def __init__(self, count: int) -> None:
+        self.left = count
+        self.refused: list[tuple[UUID, Any]] = []
+        self.done: Deferred[ChunkOutcome] = Deferred()
+        if count <= 0:
+            self.done.callback(self)
+
+    def stored(self) -> None:
+        """One command's insert is durable."""
+        self.left -= 1
+        if self.left == 0:
+            self.done.callback(self)
+
+    def refuse(self, device_id: UUID, why: Any) -> None:
+        """One command was not stored: ``why`` is a REJECTED RpcResult or a Failure."""
+        self.refused.append((device_id, why))
+        self.stored()
+
+    def outcome(self, result: Any, device_id: UUID) -> None:
+        """A command submitted on its own (a rule chain's, or on a cluster node): its Deferred's outcome."""
+        if isinstance(result, Failure) or not result.ok:
+            self.refuse(device_id, result)
+        else:
+            self.stored()
 
 
 class CommandService:
@@ -204,50 +237,32 @@ class CommandService:
         return origin
 
     def submit_stored(self, initiator: Initiator, targets: Sequence[tuple[Device, RpcBody]],
-                      oneway: bool) -> list[Deferred[RpcResult]]:
-        """Persistent commands for many devices (a bulk RPC), each fired with its outcome as ``submit`` would.
+                      oneway: bool) -> Deferred[ChunkOutcome]:
+        """Persistent commands for many devices (a chunk of a bulk RPC): ONE Deferred, fired with the chunk's
+        :class:`ChunkOutcome` once every command is stored (durable) or refused. The devices were authorized by the
+        caller.
 
-        Where this node holds every device (no cluster) the commands a rule chain does not take are stored in ONE
-        transaction and then handed to their actors as stored commands (as after a restart): no reply, Deferred or
-        journal entry per command. Elsewhere each is submitted as usual. The devices were authorized by the caller.
+        Where this node holds every device (no cluster), each command a rule chain does not take goes to its actor
+        with the chunk instead of a reply address (``SubmitBatched``): the actor checks its limits and journals the
+        insert as for any command, so that for a connected device QUEUED and SENT are one row write (inserted as
+        SENT) and the device gets the command only once that row is durable. Elsewhere each is submitted as
+        usual and its outcome counted into the chunk.
         """
-        results: list[Deferred[RpcResult] | None] = []
-        direct: list[tuple[int, Device, RpcCommand]] = []
+        chunk = ChunkOutcome(len(targets))
         interceptor = self.interceptor
-        batchable = getattr(self.port, "holds_every_device", False)
+        if initiator.rule_chain_id is not None or initiator.device_id is not None:
+            interceptor = None
+        batched = getattr(self.port, "holds_every_device", False)
+        tell = self.port.tell
         for device, body in targets:
-            taken = None
-            if interceptor is not None and initiator.rule_chain_id is None and initiator.device_id is None:
-                taken = interceptor(initiator, device, body, oneway)
-            if taken is None and not batchable:
-                taken = self._send(device, initiator, body, oneway, retry=False)
-            results.append(taken)
+            taken = None if interceptor is None else interceptor(initiator, device, body, oneway)
             if taken is None:
-                direct.append((len(results) - 1, device, self._command(device, initiator, body, oneway)))
-        if direct:
-            for (index, _, _), outcome in zip(direct, self._store_and_hand_over(direct)):
-                results[index] = outcome
-        return [d for d in results if d is not None]
-
-    def _store_and_hand_over(self, direct: list[tuple[int, Device, RpcCommand]]) -> list[Deferred[RpcResult]]:
-        ids = self.port.request_ids
-        records = [command_record(command, ids.take(), RpcStatus.QUEUED, None) for _, _, command in direct]
-        outcomes: list[Deferred[RpcResult]] = [Deferred() for _ in direct]
-
-        def stored(_: Any) -> None:
-            events = self.events
-            for (_, device, command), record, outcome in zip(direct, records, outcomes):
-                self.port.tell(device, m.RestoreRpcs([(command, RpcStatus.QUEUED, record.seq, 0)]))
-                if events.wants(RpcStatusChanged):
-                    events.publish(RpcStatusChanged(record, True))
-                outcome.callback(RpcResult(response={"rpcId": str(command.rpc_id)}, has_response=True))
-
-        def failed(failure: Any) -> None:
-            for outcome in outcomes:
-                outcome.errback(failure)
-
-        self.store.insert_rpcs(records).addCallbacks(stored, failed)
-        return outcomes
+                if batched:
+                    tell(device, m.SubmitBatched(self._command(device, initiator, body, oneway), chunk))
+                    continue
+                taken = self._send(device, initiator, body, oneway, retry=False)
+            taken.addBoth(chunk.outcome, device.id)
+        return chunk.done
 
     def _once_more(self, failure: Any, initiator: Initiator, device_id: UUID, body: RpcBody,
                    oneway: bool) -> Any:

@@ -8,7 +8,7 @@ from uuid import UUID, uuid4
 
 import pytest
 from twisted.internet import task
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.python.failure import Failure
 
 from nanoiot.actors import messages as m
@@ -478,53 +478,62 @@ def test_every_command_records_who_sent_it(w, initiator, recorded):
 
 
 class StoringPort(FakePort):
-    """A node holding every device: stored commands may be handed to the actors directly."""
+    """A node holding every device: a bulk RPC's commands go to their actors with their chunk."""
 
     holds_every_device = True
 
-    def __init__(self) -> None:
-        super().__init__()
-        from nanoiot.actors.device import RequestIds
 
-        self.request_ids = RequestIds(500)
-
-
-def test_commands_for_many_devices_are_stored_in_one_transaction_then_handed_to_their_actors(w):
+def test_commands_for_many_devices_go_to_their_actors_with_one_deferred_for_the_chunk(w):
     w.port = w.service.port = StoringPort()
-    inserted: list[list[RpcRecord]] = []
-    pending: Deferred = Deferred()
-
-    def insert_rpcs(records: list[RpcRecord]) -> Deferred:
-        inserted.append(records)
-        return pending
-
-    w.store.insert_rpcs = insert_rpcs
     targets = [device(name=f"d{i}") for i in range(3)]
     batch = uuid4()
     initiator = Initiator(TENANT, user_id=USER, batch_id=batch)
-    outcomes = w.service.submit_stored(initiator, [(t, body("bulk", persistent=True)) for t in targets], False)
-    [records] = inserted
-    assert [r.device_id for r in records] == [t.id for t in targets]
-    assert [r.seq for r in records] == [500, 501, 502] and {r.status for r in records} == {RpcStatus.QUEUED}
-    assert {r.batch_id for r in records} == {batch} and records[0].initiator["type"] == "BULK"
-    assert w.port.told == [] and not any(d.called for d in outcomes)  # nothing reaches an actor before it is stored
-    pending.callback(records)
-    restores = [(d, msg) for d, msg in w.port.told if isinstance(msg, m.RestoreRpcs)]
-    assert [d for d, _ in restores] == targets
-    assert [msg.entries[0][2] for _, msg in restores] == [500, 501, 502]
-    assert [result_of(d).response for d in outcomes] == [{"rpcId": str(r.id)} for r in records]
-    assert len(w.replies) == 0  # no reply address per command
-    assert [e.type for e in w.published] == ["RPC_QUEUED"] * 3
+    done = w.service.submit_stored(initiator, [(t, body("bulk", persistent=True)) for t in targets], False)
+    told = w.port.messages(m.SubmitBatched)
+    assert [d for d, _ in w.port.told] == targets and len(told) == 3
+    assert [msg.command.device_id for msg in told] == [t.id for t in targets]
+    assert {msg.command.batch_id for msg in told} == {batch} and told[0].command.initiator["type"] == "BULK"
+    assert all(msg.command.persistent for msg in told) and len({msg.command.rpc_id for msg in told}) == 3
+    chunk = told[0].chunk
+    assert all(msg.chunk is chunk for msg in told) and len(w.replies) == 0  # no reply address per command
+    chunk.stored()
+    chunk.refuse(targets[1].id, RpcResult(failure=RpcFailure.REJECTED, response={"limit": "x", "value": 1}))
+    assert not done.called  # fired once every command is stored or refused, not before
+    chunk.stored()
+    outcome = result_of(done)
+    assert [device_id for device_id, _ in outcome.refused] == [targets[1].id]
 
 
-def test_commands_for_many_devices_fail_together_when_they_cannot_be_stored(w):
+def test_a_rule_chains_command_of_a_chunk_is_counted_into_the_chunk(w):
     w.port = w.service.port = StoringPort()
-    w.store.insert_rpcs = lambda records: fail(RuntimeError("disk full"))
-    outcomes = w.service.submit_stored(TENANT_ADMIN, [(device(), body("bulk", persistent=True))] * 2, False)
-    assert all(isinstance(error_of(lambda d=d: d), RuntimeError) for d in outcomes) and w.port.told == []
+    taken: list[Deferred] = []
+
+    def interceptor(initiator: Any, target: Device, b: RpcBody, oneway: bool) -> Deferred | None:
+        if target.name == "ruled":
+            taken.append(Deferred())
+            return taken[-1]
+        return None
+
+    w.service.interceptor = interceptor
+    ruled, plain = device(name="ruled"), device(name="plain")
+    done = w.service.submit_stored(TENANT_ADMIN, [(ruled, body("bulk", persistent=True)),
+                                                  (plain, body("bulk", persistent=True))], False)
+    [msg] = w.port.messages(m.SubmitBatched)
+    assert msg.command.device_id == plain.id
+    msg.chunk.stored()
+    assert not done.called
+    taken[0].errback(RuntimeError("rule chain failed"))
+    [(device_id, why)] = result_of(done).refused
+    assert device_id == ruled.id and why.check(RuntimeError)
 
 
 def test_a_node_that_does_not_hold_every_device_submits_them_one_by_one(w):
     targets = [device() for _ in range(2)]
-    outcomes = w.service.submit_stored(TENANT_ADMIN, [(t, body("bulk", persistent=True)) for t in targets], False)
-    assert [type(msg) for _, msg in w.port.told] == [m.SubmitRpc, m.SubmitRpc] and len(outcomes) == 2
+    done = w.service.submit_stored(TENANT_ADMIN, [(t, body("bulk", persistent=True)) for t in targets], False)
+    told = w.port.messages(m.SubmitRpc)
+    assert [type(msg) for _, msg in w.port.told] == [m.SubmitRpc, m.SubmitRpc]
+    w.replies.answer(told[0].reply_to, RpcResult(response={"rpcId": str(told[0].command.rpc_id)}, has_response=True))
+    assert not done.called
+    w.replies.fail(told[1].reply_to, RuntimeError("disk full"))
+    [(device_id, why)] = result_of(done).refused
+    assert device_id == targets[1].id and why.check(RuntimeError)

@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred
 from nanoiot.actors import messages as m
 from nanoiot.actors.device import ActorSettings
 from nanoiot.actors.directory import DeviceDirectory
+from nanoiot.actors.wakeups import Wakeups
 from nanoiot.persistence.records import NULL_UUID, Device
 from nanoiot.rpc.model import RpcCommand, RpcFailure, RpcStatus
 from nanoiot.rpc.queue import QueueSettings
@@ -196,8 +197,8 @@ def test_a_persistent_command_is_answered_after_its_insert_and_written_after_its
     submit = Asked(directory, m.SubmitRpc, command(clock, "durable", persistent=True))
     directory.tell(DEVICE, submit.message)
     run(clock)
-    assert [(kind, status) for kind, _, status in journal.writes] == [("insert", RpcStatus.QUEUED),
-                                                                      ("change", RpcStatus.SENT)]
+    # Sent as it is submitted: one write, the row inserted as SENT (the write-ahead of the device's copy).
+    assert [(kind, status) for kind, _, status in journal.writes] == [("insert", RpcStatus.SENT)]
     assert not submit.reply.called and session.sent == []
     journal.commit()
     run(clock)
@@ -281,7 +282,7 @@ def test_the_ack_wait_of_a_persistent_command_starts_when_it_is_written_not_when
     run(clock)
     clock.advance(5.0)  # the journal is slow: five ack timeouts pass before SENT is durable
     run(clock)
-    assert [status for kind, _, status in journal.writes] == [RpcStatus.QUEUED, RpcStatus.SENT]
+    assert [status for kind, _, status in journal.writes] == [RpcStatus.SENT]  # QUEUED and SENT in one insert
     journal.commit()
     run(clock)
     assert [method for _, method in session.sent] == ["slow-disk"]
@@ -332,7 +333,8 @@ def test_a_restored_command_keeps_the_retries_it_had_spent_before_the_restart(cl
 
 
 def _timer_calls(clock: task.Clock) -> list[Any]:
-    return [c for c in clock.getDelayedCalls() if isinstance(c.args[-1], m.TimersDue)]
+    """The reactor calls that wake device actors for their timers (one wheel shared by all of a node's actors)."""
+    return [c for c in clock.getDelayedCalls() if isinstance(getattr(c.func, "__self__", None), Wakeups)]
 
 
 def test_a_commands_expiry_and_ack_timers_share_one_reactor_call_gone_once_it_is_answered(clock):
@@ -352,6 +354,30 @@ def test_a_commands_expiry_and_ack_timers_share_one_reactor_call_gone_once_it_is
     run(clock)
     assert first.reply.called and second.reply.called
     assert _timer_calls(clock) == []
+
+
+def test_commands_of_many_devices_wait_on_one_reactor_call_gone_once_all_are_answered(clock):
+    directory = directory_on(clock)
+    devices = [Device(uuid4(), 0, DEVICE.tenant_id, NULL_UUID, f"d{i}", "default", None, None) for i in range(3)]
+    sessions = [FakeSession(i + 1) for i in range(3)]
+    asked = []
+    for device, session in zip(devices, sessions):
+        directory.attach(device, session)
+        directory.tell(device, m.SubscribeCommands(session.session_id))
+        now = int(clock.seconds() * 1000)
+        submit = Asked(directory, m.SubmitRpc, RpcCommand(uuid4(), device.tenant_id, device.id, "m", None, False,
+                                                          now + 60_000, now))
+        directory.tell(device, submit.message)
+        asked.append(submit)
+    run(clock)
+    [call] = _timer_calls(clock)  # six timers of three actors: one call, at the first ack timeout
+    assert call.getTime() == pytest.approx(clock.seconds() + 1.0)
+    for device, session in zip(devices, sessions):
+        [(request_id, _)] = session.sent
+        directory.tell(device, m.CommandAnswered(session.session_id, request_id, b"{}"))
+        run(clock)
+        assert _timer_calls(clock) == ([] if session is sessions[-1] else [call])
+    assert all(a.reply.called for a in asked)
 
 
 def test_a_wake_up_left_early_by_a_cancelled_timer_fires_the_later_ones_at_their_time(clock):
