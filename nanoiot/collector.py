@@ -12,7 +12,9 @@ after start-up (the import-time heap) and whenever there are 1,000 more device a
 than the fleet's low point since), checked every 0.25 s. A freeze only moves lists, so it is cheap to do often,
 and the objects still unfrozen — what a full collection walks — stay at about a quarter second's worth of new
 devices (checked every second, a 10,000-device connect storm still met three full collections of 31-85 ms; every
-0.25 s, none over 20 ms).
+0.25 s, none over 20 ms). The same check also runs as a full collection starts: a storm's collections then walk
+at most a step's worth of new devices (``bench/fleet_memory.py``: 7 full collections of up to 52-64 ms in a
+20,000-device ramp before, 4-5 of under 1 ms after).
 Measured with 100,000 devices (``bench/fleet_memory.py``, BENCHMARKS.md): a full collection after the ramp takes
 under 1 ms instead of 1.4 s, and 75 ms at most during it instead of 1.3 s. Frozen objects are still freed when
 their reference count drops; only cyclic garbage that was alive at a freeze would stay, and the test above keeps
@@ -86,6 +88,11 @@ class CollectorPolicy:
         if info.get("generation") != 2:
             return
         if phase == "start":
+            # A full collection is about to walk every unfrozen object. If the fleet grew by a step since the last
+            # freeze, the freeze the next check would make is made now, and the collection walks what little is
+            # left instead of the new devices' objects (in a connect storm, 30-40 ms each at 10,000 devices/s).
+            if self._loop is not None:
+                self.check()
             self._started_at = time.perf_counter()
             return
         ms = (time.perf_counter() - self._started_at) * 1000

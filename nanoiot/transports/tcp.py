@@ -20,9 +20,11 @@ import socket
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.address import IPv6Address
 from twisted.internet.error import CannotListenError, ConnectionLost
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime
 from twisted.internet.posixbase import PosixReactorBase
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 log = Logger(namespace="nanoiot.tcp")
@@ -68,6 +70,31 @@ class CoalescingServer(tcp.Server):
     _peer: Any = None
 
     # TCP_NODELAY is set on the listening socket (CoalescingPort) and inherited by every accepted one.
+
+    def __init__(self, sock: socket.socket, protocol: Any, client: tuple[Any, ...], server: CoalescingPort,
+                 sessionno: int, reactor: Any) -> None:
+        # tcp.Server.__init__, minus work per connection: the log prefix of a protocol class that keeps
+        # Protocol's (its class name) is asked once per class, not through ILoggingContext for every instance,
+        # and the repr is built when asked for. A connect storm's accept path ran this once per connection.
+        tcp.Connection.__init__(self, sock, protocol, reactor)
+        if len(client) != 2:
+            self._addressType = IPv6Address
+        self.server = server
+        self.client = client
+        self.sessionno = sessionno
+        self.hostname = client[0]
+        prefix = server.protocol_prefixes.get(protocol.__class__)
+        if prefix is None:
+            prefix = self._getLogPrefix(protocol)
+            if getattr(protocol.__class__, "logPrefix", None) is Protocol.logPrefix:  # the class name: the same
+                server.protocol_prefixes[protocol.__class__] = prefix  # for every instance
+        self.logstr = f"{prefix},{sessionno},{self.hostname}"
+        self._protocol_class = protocol.__class__  # for the repr, which Twisted's logs may ask for once it is lost
+        self.startReading()
+        self.connected = 1
+
+    def __repr__(self) -> str:
+        return f"<{self._protocol_class.__name__} #{self.sessionno} on {self.server._realPortNumber}>"
 
     def startWriting(self) -> None:
         # Called by write(), writeSequence(), loseConnection() and loseWriteConnection(): there is something to do
@@ -131,6 +158,11 @@ class CoalescingPort(tcp.Port):
     reuse_port = False
     #: Sends what every connection of this port wrote during a turn (shared by the ports of one service).
     flusher: TurnFlusher
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: protocol class -> its log prefix (``tcp.Server`` asked each new protocol instance for it).
+        self.protocol_prefixes: dict[type, str] = {}
 
     def createInternetSocket(self) -> socket.socket:
         sock = super().createInternetSocket()

@@ -142,3 +142,28 @@ def test_a_slow_full_collection_is_logged_and_remembered(unfrozen: Any) -> None:
         globalLogPublisher.removeObserver(logged.append)
     assert policy.longest_full_ms > 0
     assert any(e.get("log_namespace") == "nanoiot.gc" and "gc_pause" in e.get("log_format", "") for e in logged)
+
+
+def test_a_full_collection_that_starts_after_a_step_of_growth_freezes_first(unfrozen: Any) -> None:
+    clock = task.Clock()
+    population = [0]
+    policy = CollectorPolicy(clock, lambda: population[0], interval=1, step=1000)
+    policy.start()
+    try:
+        kept = [[i] for i in range(5000)]  # a step's worth of new devices' objects, created after the start
+        frozen = gc.get_freeze_count()
+        population[0] = 999
+        gc.collect()
+        assert policy.freezes == 1  # less than a step: the collection walks them
+        population[0] = 1500
+        gc.collect()  # no check came in between (the clock did not move): the collection's start froze them
+        assert policy.freezes == 2 and policy.frozen_population == 1500
+        assert gc.get_freeze_count() >= frozen + len(kept)
+        gc.collect()
+        clock.advance(1)
+        assert policy.freezes == 2  # no growth since: neither the collection nor the check freezes again
+    finally:
+        policy.stop()
+    population[0] = 10_000
+    gc.collect()
+    assert policy.freezes == 2  # a stopped policy leaves collections alone

@@ -233,6 +233,37 @@ async def test_host_and_peer_addresses_are_built_once() -> None:
         await port.stopListening()
 
 
+class Prefixed(Recorder):
+    """A protocol with a log prefix of its own (per instance), as ILoggingContext allows."""
+
+    def logPrefix(self) -> str:
+        return f"prefixed-{id(self)}"
+
+
+class PrefixedFactory(RecorderFactory):
+    def buildProtocol(self, addr: Any) -> Recorder:
+        return Prefixed(self)
+
+
+@pytest_twisted.ensureDeferred
+async def test_log_prefix_and_repr_are_twisteds_whether_the_protocol_keeps_protocols_prefix_or_not() -> None:
+    # CoalescingServer builds them without tcp.Server.__init__: the same strings, as Twisted's logs show them.
+    for factory in (RecorderFactory(), PrefixedFactory()):
+        port = listen_tcp(reactor, 0, factory, 50, "127.0.0.1")
+        try:
+            for _ in range(2):
+                port, server, client = await connected_pair(port=port)
+                transport = server.transport
+                assert isinstance(transport, CoalescingServer)
+                expected = server.logPrefix() if isinstance(server, Prefixed) else "Recorder"
+                assert transport.logPrefix() == f"{expected},{transport.sessionno},127.0.0.1"
+                assert repr(transport) == f"<{type(server).__name__} #{transport.sessionno} on {port.getHost().port}>"
+                transport.loseConnection()
+                await server.lost
+                assert repr(transport).startswith(f"<{type(server).__name__} #")  # still, once it is lost
+        finally:
+            await port.stopListening()
+
 
 @pytest_twisted.ensureDeferred
 async def test_a_connection_whose_flush_fails_is_dropped_and_the_others_are_still_sent() -> None:

@@ -3,6 +3,7 @@ the plain-SQL query gives exactly the devices the repository stores, whatever th
 
 from __future__ import annotations
 
+import pytest
 import pytest_twisted
 
 
@@ -29,3 +30,22 @@ async def test_a_batch_of_tokens_finds_exactly_the_stored_devices_and_nothing_fo
     assert await repository.get_devices_by_tokens([]) == {}
     assert await repository.get_devices_by_tokens(["nobody", "%s", "?", "' OR 1=1 --"]) == {}
     assert (await repository.get_device_by_token(token)).customer_id == customer.id
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_lookup_raises_sqlalchemys_error_and_the_repository_still_answers_afterwards(repository):
+    """The query runs on the driver's cursor: a driver error must still arrive wrapped as SQLAlchemy's (what
+    ``_run`` retries and the web layer turns into 500/503), and leave the pool usable."""
+    from sqlalchemy.exc import DBAPIError
+
+    from nanoiot.persistence.repository import _driver_rows
+
+    def bad(conn):
+        return _driver_rows(conn, "SELECT no_such_column FROM device_credentials WHERE credentials_id = "
+                            + ("?" if conn.dialect.paramstyle == "qmark" else "%s"), ("x",))
+
+    with pytest.raises(DBAPIError) as caught:
+        await repository._run(bad)
+    assert not caught.value.connection_invalidated
+    assert "no_such_column" in str(caught.value.orig)
+    assert await repository.get_devices_by_tokens(["nobody"]) == {}

@@ -231,6 +231,22 @@ def test_a_qos2_message_gets_its_pubrec_once_handled():
     assert len(device.link.calls) == 1
 
 
+def test_a_connection_gets_its_window_with_its_first_publish_and_a_pubrel_before_any_qos2_is_answered():
+    fleet = Fleet(max_inflight_in=2)
+    device = fleet.connect()
+    device.feed(codec.encode_subscribe(1, [("v1/devices/me/rpc/request/+", 1)], 4))
+    device.feed(codec.encode_pubrel(7, 4))  # no QoS 2 publish yet: still completed
+    assert [type(p).__name__ for p in device.read()] == ["SubAck", "PubComp"]
+    assert device.protocol.window is None  # connected and subscribed, nothing published: no window yet
+    device.feed(answers(1, 3))
+    window = device.protocol.window
+    assert window is not None and window.messages == 2 and device.paused  # made by the first, bounding as ever
+    device.link.handle()
+    assert device.pubacks() == [1, 2]
+    device.link.handle()
+    assert device.pubacks() == [3] and device.protocol.window is window and not device.paused
+
+
 def test_a_device_call_is_acknowledged_once_handled():
     fleet = Fleet()
     device = fleet.connect()

@@ -726,3 +726,18 @@ def test_any_publish_round_trips_at_every_level_under_any_chunking(topic, payloa
     reader = FrameReader(LIMIT)
     frames = [frame for chunk in chunked(data, cuts) for frame in reader.feed(chunk)]
     assert [decode(frame, level) for frame in frames] == [expected]
+
+
+@pytest.mark.parametrize("level", [3, 4, 5])
+def test_suback_is_the_generic_encoding_at_every_length_and_packet_id(level):
+    # Short SUBACKs (every connection's) are built flat; they must not differ from the generic form.
+    for count in (1, 2, 123, 124, 125, 126, 127, 300):
+        codes = [(0, 1, 2, 0x80)[i % 4] for i in range(count)]
+        for packet_id in (1, 255, 256, 65535):
+            props = codec._encode_props(None, codec.SUBACK) if level == 5 else b""
+            expected = codec._packet(0x90, codec._pack_u16(packet_id), props, bytes(codes))
+            assert codec.encode_suback(packet_id, codes, level) == expected
+            frame, = codec.FrameReader(1 << 16).feed(expected)
+            assert codec.decode(frame, level).reason_codes == codes
+    with pytest.raises(ValueError):
+        codec.encode_suback(0, [0], level)

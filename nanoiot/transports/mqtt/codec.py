@@ -1119,8 +1119,13 @@ def encode_suback(packet_id: int, reason_codes: list[int], protocol_level: int,
                   properties: Properties | None = None) -> bytes:
     """One code per requested filter: the granted QoS, or 0x80 (3.1.1) / a reason code >= 0x80 (5)."""
     _check_packet_id(packet_id)
+    # A remaining length under 128 (one byte), as every connection's SUBACK has: built flat.
     if protocol_level == 5:
+        if not properties and len(reason_codes) < 125:
+            return bytes((0x90, 3 + len(reason_codes), packet_id >> 8, packet_id & 0xFF, 0, *reason_codes))
         return _packet(0x90, _pack_u16(packet_id), _encode_props(properties, SUBACK), bytes(reason_codes))
+    if len(reason_codes) < 126:
+        return bytes((0x90, 2 + len(reason_codes), packet_id >> 8, packet_id & 0xFF, *reason_codes))
     return _packet(0x90, _pack_u16(packet_id), bytes(reason_codes))
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
@@ -96,6 +97,9 @@ MAX_HELD_FRAMES = 16
 #: QoS 2 publishes from one device awaiting their PUBREL, at most (the set is per connection and must stay bounded).
 MAX_QOS2_PENDING = 100
 
+#: ``qos2_received`` of a connection that has had no QoS 2 publish.
+_NONE_RECEIVED: frozenset[int] = frozenset()
+
 #: Why a connected socket is not read (bits of ``MqttDeviceProtocol.stops``): its inbound window is full, a rate
 #: limit throttles it, its write buffer is full (the device does not read).
 STOP_WINDOW, STOP_THROTTLE, STOP_CONGESTED = 1, 2, 4
@@ -136,7 +140,8 @@ class MqttDeviceProtocol(Protocol):
         self.counted_device: Any = None
         #: The window's ``handled`` count at the last keep-alive check that found it full (-1: it was not).
         self.handled_at_check = -1
-        self.qos2_received: set[int] = set()
+        #: Packet ids of QoS 2 publishes awaiting their PUBREL (a set once there is one: few devices use QoS 2).
+        self.qos2_received: set[int] | frozenset[int] = _NONE_RECEIVED
         #: The sub-devices this connection speaks for, once it acts as a gateway (``v1/gateway/*``).
         self.gateway: GatewayRouter | None = None
 
@@ -145,7 +150,12 @@ class MqttDeviceProtocol(Protocol):
     def connectionMade(self) -> None:
         limits = self.factory.limits
         if limits.max_connections_per_address:
-            host = str(getattr(self.transport.getPeer(), "host", ""))
+            transport = self.transport
+            # A TCP connection's peer host is the accepted address's (getPeer builds an address object for it).
+            if isinstance(transport, tcp.Server):
+                host = transport.hostname
+            else:
+                host = str(getattr(transport.getPeer(), "host", ""))
             if not limits.addresses.acquire(host):
                 log.debug("mqtt: refused a connection from {host}: too many from that address", host=host)
                 self.state = CLOSED
@@ -310,7 +320,8 @@ class MqttDeviceProtocol(Protocol):
             max_packet_size=props.get("maximum_packet_size"),
         )
         self.session = session
-        self.window = InboundWindow(limits.max_inflight_in, limits.max_queued_bytes, self._acknowledge, self._drained)
+        # The inbound window is made by the first PUBLISH that needs one (``_inbound``): most devices of an RPC
+        # fleet publish only answers, long after connecting, and some never do.
         self.state = CONNECTED
         # We produce commands for this socket: Twisted pauses us when its write buffer fills up.
         self.transport.registerProducer(self, True)
@@ -393,24 +404,28 @@ class MqttDeviceProtocol(Protocol):
     def _on_publish(self, packet: codec.Publish) -> None:
         qos = packet.qos
         packet_id = packet.packet_id
-        window = self.window
+        connected = self.session is not None
         held = self.held_ack
         if held is not None:
             self.held_ack = None
-            if qos == 2 or window is None or not _answers(packet.topic, held):
+            if qos == 2 or not connected or not _answers(packet.topic, held):
                 self._report_ack(held)
             # else the answer that follows is routed to the actor for certain, and implies the delivery
-        if window is None:
+        if not connected:
             return
+        window = self.window or self._inbound()
         if qos == 2:
             # Exactly-once from the device: act only on the first copy of a packet id (PUBREC once handled).
-            if packet_id in self.qos2_received:
+            received = self.qos2_received
+            if packet_id in received:
                 window.handled_now(2, packet_id)
                 return
-            if len(self.qos2_received) >= MAX_QOS2_PENDING:
+            if len(received) >= MAX_QOS2_PENDING:
                 self._violation("too many QoS 2 messages without PUBREL", codec.REASON_RECEIVE_MAXIMUM_EXCEEDED)
                 return
-            self.qos2_received.add(packet_id)
+            if received is _NONE_RECEIVED:
+                received = self.qos2_received = set()
+            received.add(packet_id)  # type: ignore[union-attr]
         if not self._route_publish(packet.topic, packet.payload, qos, packet_id):
             window.handled_now(qos, packet_id)
         elif window.full:
@@ -432,7 +447,7 @@ class MqttDeviceProtocol(Protocol):
                               device_id=session.device.id, topic=topic)
                     return False
                 request_id = int(suffix)
-                done = self.window.hand_over(qos, packet_id, len(topic) + len(payload))  # type: ignore[union-attr]
+                done = (self.window or self._inbound()).hand_over(qos, packet_id, len(topic) + len(payload))
                 if kind == "answer":
                     session.link.answered(request_id, payload, done)
                 else:
@@ -451,11 +466,18 @@ class MqttDeviceProtocol(Protocol):
                           device_id=session.device.id, topic=topic)
                 return False
             self.gateway = GatewayRouter(session, find_or_create, self.factory.attach)
-        done = self.window.hand_over(qos, packet_id, len(topic) + len(payload))  # type: ignore[union-attr]
+        done = (self.window or self._inbound()).hand_over(qos, packet_id, len(topic) + len(payload))
         self.gateway.on_publish(topic, payload, done)
         return True
 
     # --- the bounded inbound path ---------------------------------------------------------------------------------
+
+    def _inbound(self) -> InboundWindow:
+        """The connection's inbound window, made on first use (a connected device's first PUBLISH)."""
+        limits = self.factory.limits
+        window = self.window = InboundWindow(limits.max_inflight_in, limits.max_queued_bytes, self._acknowledge,
+                                             self._drained)
+        return window
 
     def _acknowledge(self, qos: int, packet_id: int) -> None:
         """The window's ``ack``: a handled message's PUBACK (QoS 1) or PUBREC (QoS 2), in receive order."""
@@ -539,7 +561,8 @@ class MqttDeviceProtocol(Protocol):
             session.link.acked(request_id)
 
     def _on_pubrel(self, packet: codec.PubRel) -> None:
-        self.qos2_received.discard(packet.packet_id)
+        if self.qos2_received:
+            self.qos2_received.discard(packet.packet_id)  # type: ignore[union-attr]
         self.transport.write(codec.encode_pubcomp(packet.packet_id, self.level))
 
     def _on_pingreq(self, packet: codec.PingReq) -> None:
