@@ -104,3 +104,15 @@ def test_a_wake_up_added_while_waking_is_armed_afterwards_and_a_failing_owner_sp
     assert call.getTime() == START + 3.0
     clock.advance(2.0)
     assert woken[-1] == "again"
+
+
+def test_a_millisecond_whose_float_division_falls_short_still_wakes_on_its_call():
+    # 1.001 / 0.001 is 1000.999...: the call armed for slot 1001 must wake it, not re-arm itself for ~0 s forever.
+    clock = task.Clock()
+    clock.advance(1.0)
+    woken: list[str] = []
+    wheel = Wakeups(clock)
+    wheel.add(Owner("a", woken), 1001)
+    clock.advance(0.001)
+    assert woken == ["a"]
+    assert clock.getDelayedCalls() == [] and len(wheel) == 0
