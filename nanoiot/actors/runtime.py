@@ -512,6 +512,15 @@ class _StoppedFlag:
 _get_ident = threading.get_ident
 
 
+def _actor_failed(actor: ReactorActor) -> None:
+    """A told message raised (called in its ``except``): Pykka's logging and the actor's ``on_failure``."""
+    actor._handle_failure(*sys.exc_info())
+    try:
+        actor.on_failure(*sys.exc_info())
+    except Exception:  # noqa: BLE001
+        actor._handle_failure(*sys.exc_info())
+
+
 def _reject(envelope: Any) -> None:
     """Answer mail (an Envelope, or a told message) that reached an actor after it stopped, like Pykka's teardown."""
     if type(envelope) is not Envelope:
@@ -664,11 +673,7 @@ class _Mailbox:
                 log.failure("Exception returned from {actor} to caller", level=LogLevel.info, actor=actor)
                 reply_to.set_exception()
             else:
-                actor._handle_failure(*sys.exc_info())
-                try:
-                    actor.on_failure(*sys.exc_info())
-                except Exception:  # noqa: BLE001
-                    actor._handle_failure(*sys.exc_info())
+                _actor_failed(actor)
         except BaseException as exc:  # noqa: BLE001
             self._stop_everything(actor, exc, reply_to)
 
@@ -679,11 +684,7 @@ class _Mailbox:
             if isinstance(response, Deferred):
                 response.addErrback(self._tell_failed, actor)
         except Exception:
-            actor._handle_failure(*sys.exc_info())
-            try:
-                actor.on_failure(*sys.exc_info())
-            except Exception:  # noqa: BLE001
-                actor._handle_failure(*sys.exc_info())
+            _actor_failed(actor)
         except BaseException as exc:  # noqa: BLE001
             self._stop_everything(actor, exc, None)
 
