@@ -94,6 +94,9 @@ class Server:
     coap_port: int = field(default_factory=free_udp_port)
     #: twistd's own options (before ``nanoiot``), e.g. ``["--profile", "out", "--profiler", "cprofile"]``.
     twistd_options: list[str] = field(default_factory=list)
+    #: A directory holding another copy of ``nanoiot/`` to run instead of this tree's (an A/B in one run): it goes
+    #: first on the server's PYTHONPATH, before the venv's.
+    source: Path | None = None
     process: subprocess.Popen | None = None
 
     @property
@@ -112,7 +115,8 @@ class Server:
                 "--coap-port", str(self.coap_port), "--database", self.database, "--demo",
                 "--jwt-key", "bench-key-" + "x" * 60, "--log-level", "warn", *self.extra]
         log = open(self.workdir / "server.log", "ab")
-        self.process = subprocess.Popen(args, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)
+        env = None if self.source is None else {**os.environ, "PYTHONPATH": str(self.source)}
+        self.process = subprocess.Popen(args, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

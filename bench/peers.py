@@ -198,18 +198,8 @@ def anonymous_tokens(work: Path, count: int) -> Path:
 def nanoiot_server(work: Path, devices: int, stopped: dict[str, str],
                    tree: Path | None = None) -> Iterator[tuple[int, int, Path]]:
     """``twistd nanoiot`` from this tree, or from ``tree``'s sources (PYTHONPATH comes before the venv's)."""
-    server = Server(workdir=Path(tempfile.mkdtemp(prefix="nanoiot-peers-", dir=work)))
-    saved = os.environ.get("PYTHONPATH")
-    if tree is not None:
-        os.environ["PYTHONPATH"] = str(tree)
-    try:
-        server.start()
-    finally:
-        if tree is not None:
-            if saved is None:
-                del os.environ["PYTHONPATH"]
-            else:
-                os.environ["PYTHONPATH"] = saved
+    server = Server(workdir=Path(tempfile.mkdtemp(prefix="nanoiot-peers-", dir=work)), source=tree)
+    server.start()
     try:
         tokens = provision_devices(server.database, devices, prefix="peer")
         tokens_file = server.workdir / "tokens.txt"

@@ -163,18 +163,9 @@ def start_nanoiot(work: Path, args: argparse.Namespace, tree: Path | None,
                   extra: list[str] | None = None) -> tuple[Server, Any, dict[str, str]]:
     """A server (from ``tree``'s sources when given: the baseline of an A/B run; with ``extra`` server options) with
     K devices connected."""
-    server = Server(workdir=Path(tempfile.mkdtemp(prefix="server-", dir=work)), extra=list(extra or []))
-    saved = os.environ.get("PYTHONPATH")
-    if tree is not None:
-        os.environ["PYTHONPATH"] = str(tree)  # twistd imports nanoiot from there (it comes before the venv's)
-    try:
-        server.start()
-    finally:
-        if tree is not None:
-            if saved is None:
-                del os.environ["PYTHONPATH"]
-            else:
-                os.environ["PYTHONPATH"] = saved
+    server = Server(workdir=Path(tempfile.mkdtemp(prefix="server-", dir=work)), extra=list(extra or []),
+                    source=tree)  # twistd imports nanoiot from ``tree`` when given
+    server.start()
     devices = provision_devices(server.database, args.devices)
     (work / "tokens.txt").write_text("\n".join(token for _, token in devices) + "\n")
     (work / "ids.txt").write_text("\n".join(device_id for device_id, _ in devices) + "\n")
