@@ -93,6 +93,16 @@ async def test_sigterm_answers_the_waiting_caller_keeps_persistent_commands_and_
         await device.connect()
         await device.subscribe(RPC_REQUEST)
         await device.next_message()  # the persistent two-way command, never answered
+        rpc_id = queued[1]["rpcId"]
+
+        async def delivered() -> bool:
+            # paho writes the PUBACK after handing the message over; under load it may leave later than the test
+            # goes on, so the shutdown below could close the session before it is read: wait until it was.
+            response = await treq.get(f"{base}/api/rpc/persistent/{rpc_id}",
+                                      headers={"X-Authorization": f"Bearer {jwt}"})
+            return response.code == 200 and (await response.json())["status"] == "DELIVERED"
+
+        await wait_until(delivered, 10, "the persistent command's PUBACK to be read", interval=0.05)
         waiting = defer.ensureDeferred(_post(f"{base}/api/rpc/twoway/{device_id}", jwt,
                                              {"method": "slow", "timeout": 60000}))
         await device.next_message()
