@@ -189,13 +189,14 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
 
 
 def start_fleet(mqtt_port: int, tokens_file: Path, out: Path, answer: str = "echo", cwd: Path | None = None,
-                env: dict[str, str] | None = None) -> tuple[subprocess.Popen, float]:
-    """``nanoiot-sim`` connecting every token of ``tokens_file`` (JSON lines to ``out``); returns the process and
-    the seconds until every device was connected, once their subscriptions had a second to settle."""
+                env: dict[str, str] | None = None, extra: list[str] | None = None) -> tuple[subprocess.Popen, float]:
+    """``nanoiot-sim`` connecting every token of ``tokens_file`` (JSON lines to ``out``; ``extra``: more of its
+    options); returns the process and the seconds until every device was connected, once their subscriptions had a
+    second to settle."""
     began = time.monotonic()
     sim = subprocess.Popen(
         [sys.executable, "-m", "nanoiot.sim.fleet", "--port", str(mqtt_port), "--tokens-file", str(tokens_file),
-         "--answer", answer, "--hold", "100000", "--concurrency", "200", "--json"],
+         "--answer", answer, "--hold", "100000", "--concurrency", "200", "--json", *(extra or [])],
         stdout=open(out, "w"), stderr=subprocess.STDOUT, cwd=cwd or ROOT, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

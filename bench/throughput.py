@@ -53,6 +53,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS, ROOT, Server, cpu_seconds, machine, provision_devices, rest, write_result  # noqa: E402
+from bench.common import start_fleet as start_sim_fleet  # noqa: E402
 
 PYSPY = str(Path(sys.executable).with_name("py-spy"))
 TIMEOUT_MS = 6 * 3600 * 1000  # nothing expires during the benchmark
@@ -93,24 +94,10 @@ class FleetCount:
 
 
 def start_fleet(mqtt_port: int, tokens: Path, out: Path, extra: list[str] | None = None) -> subprocess.Popen:
-    sim = subprocess.Popen(
-        [sys.executable, "-m", "nanoiot.sim.fleet", "--port", str(mqtt_port), "--tokens-file", str(tokens),
-         "--answer", "none", "--hold", "100000", "--concurrency", "200", "--json", "--report-interval", "0.2",
-         *(extra or [])],
-        stdout=open(out, "w"), stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if sim.poll() is not None:
-            raise RuntimeError(f"nanoiot-sim exited: {out.read_text()[-2000:]}")
-        for line in out.read_text().splitlines():
-            if line.startswith("{") and json.loads(line).get("event") == "connected":
-                if json.loads(line)["failed"]:
-                    raise RuntimeError(f"simulated devices failed to connect: {line}")
-                time.sleep(1.0)  # the SUBSCRIBEs reach the device actors
-                return sim
-        time.sleep(0.2)
-    sim.kill()
-    raise RuntimeError("the simulated devices did not connect in 120 s")
+    """The fleet that counts what it receives (``--answer none``, a report every 0.2 s)."""
+    sim, _ = start_sim_fleet(mqtt_port, tokens, out, answer="none",
+                                extra=["--report-interval", "0.2", *(extra or [])])
+    return sim
 
 
 def stop(process: subprocess.Popen | None) -> None:
