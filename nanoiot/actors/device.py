@@ -596,12 +596,12 @@ class DeviceActor(ReactorActor):
             else:
                 self._sent_durable[pending.request_id] = journal.change(command.rpc_id, status)
         elif status in (RpcStatus.SUCCESSFUL, RpcStatus.FAILED) and response is not None:
-            journal.change(command.rpc_id, status, _storable(response))
+            journal.note(command.rpc_id, status, _storable(response))
         elif status is RpcStatus.TIMEOUT:
             # A retry was spent: stored with it, so that a restart does not hand the command a fresh budget.
-            journal.change(command.rpc_id, status, attempts=pending.attempts)
+            journal.note(command.rpc_id, status, attempts=pending.attempts)
         else:
-            journal.change(command.rpc_id, status)
+            journal.note(command.rpc_id, status)
 
     def _inserted(self, _: Any, rpc_id: Any) -> None:
         self._answer_persistent(rpc_id, None)

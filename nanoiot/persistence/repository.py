@@ -883,7 +883,7 @@ def _translate(exc: IntegrityError, email: str | None = None) -> Exception:
 
 #: Rows per multi-row INSERT on PostgreSQL (17 parameters each).
 PG_INSERT_PAGE = 500
-#: The rpc table's columns in the order of the journal's driver-level INSERT (``_rpc_row``).
+#: The rpc table's columns in the order of the journal's driver-level INSERT (``_rpc_rows``).
 _RPC_COLUMNS: Final = ("id", "seq", "created_time", "tenant_id", "device_id", "expiration_time", "oneway", "method",
                        "params", "status", "response", "additional_info", "retries", "user_id", "attempts",
                        "initiator", "batch_id")
@@ -910,8 +910,7 @@ def _insert_rpcs(conn: Connection, records: list[RpcRecord]) -> list[RpcRecord]:
     missing = [r for r in records if not r.seq]
     seqs = iter(_next_seqs(conn, len(missing))) if missing else iter(())
     numbered = [r if r.seq else replace(r, seq=next(seqs)) for r in records]
-    key = _uuid_key(conn)
-    rows = [_rpc_row(r, key) for r in numbered]
+    rows = _rpc_rows(numbered, _uuid_key(conn))
     head = f"INSERT INTO {rpcs.name} ({', '.join(_RPC_COLUMNS)}) VALUES "
     values = f"({', '.join('?' * len(_RPC_COLUMNS))})"
     if conn.dialect.name == "postgresql":
@@ -926,11 +925,38 @@ def _insert_rpcs(conn: Connection, records: list[RpcRecord]) -> list[RpcRecord]:
     return numbered
 
 
-def _rpc_row(r: RpcRecord, key: Callable[[UUID | None], Any]) -> tuple[Any, ...]:
-    """A record as the driver-level INSERT's parameters, in ``_RPC_COLUMNS`` order."""
-    return (key(r.id), r.seq, r.created_time, key(r.tenant_id), key(r.device_id), r.expiration_time, bool(r.oneway),
-            r.method, _dump(r.params), RpcStatus(r.status).value, _dump(r.response), _dump(r.additional_info),
-            r.retries, key(r.user_id), r.attempts, _dump(r.initiator), key(r.batch_id))
+def _rpc_rows(records: Sequence[RpcRecord], key: Callable[[UUID | None], Any]) -> list[tuple[Any, ...]]:
+    """The records as the driver-level INSERT's parameters, in ``_RPC_COLUMNS`` order. The JSON columns and the
+    shared ids are converted once per object, not per row: a bulk RPC's commands share their params, origin,
+    tenant and batch (the same objects), and JSON encoding was ~6 µs of the database thread per row. Keyed by
+    ``id()``, valid while ``records`` holds the objects (this call)."""
+    texts: dict[int, str | None] = {}
+    keys: dict[int, Any] = {}
+
+    def dump(value: Any) -> str | None:
+        if value is None:
+            return None
+        text = texts.get(id(value))
+        if text is None:
+            text = texts[id(value)] = _dump(value)
+        return text
+
+    def shared_key(value: UUID | None) -> Any:
+        if value is None:
+            return None
+        found = keys.get(id(value))
+        if found is None:
+            found = keys[id(value)] = key(value)
+        return found
+
+    return [(key(r.id), r.seq, r.created_time, shared_key(r.tenant_id), key(r.device_id), r.expiration_time,
+             bool(r.oneway), r.method, dump(r.params), _status_text(r.status), dump(r.response),
+             dump(r.additional_info), r.retries, shared_key(r.user_id), r.attempts, dump(r.initiator),
+             shared_key(r.batch_id)) for r in records]
+
+
+def _status_text(status: Any) -> str:
+    return status.value if type(status) is RpcStatus else RpcStatus(status).value
 
 
 def _fold_into_inserts(inserts: list[RpcRecord], changes: Sequence[RpcStatusChange]
@@ -1048,9 +1074,13 @@ def _page(conn: Connection, table: Table, where: list[ColumnElement[bool]], orde
 
 # --- rows <-> records (the only place that knows both) ----------------------------------------------------------------
 
+#: ``json.dumps(value, separators=(",", ":"))`` without a new encoder per call (that was half of its cost).
+_encode_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def _dump(value: Any) -> str | None:
     """JSON text; ASCII-only so that any value (even a NUL character) survives PostgreSQL's text type."""
-    return None if value is None else json.dumps(value, separators=(",", ":"))
+    return None if value is None else _encode_json(value)
 
 
 def _load(text: str | None) -> Any:

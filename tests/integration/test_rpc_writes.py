@@ -34,6 +34,22 @@ async def test_inserted_rows_read_back_with_every_column(repository):
 
 
 @pytest_twisted.ensureDeferred
+async def test_rows_sharing_their_json_and_ids_read_back_each_with_its_own_values(repository):
+    """A bulk RPC's commands share one params, origin, tenant and batch object, converted once per object (by
+    identity): a record with other values in between keeps its own."""
+    tenant = await repository.create_tenant("t")
+    device, _ = await repository.create_device(tenant.id, "d")
+    params, origin, batch = {"pin": 7}, {"type": "BULK", "batchId": "b"}, uuid4()
+    shared = [RpcRecord(uuid4(), T0, tenant.id, device.id, T0 + 1, True, "m", params, RpcStatus.SENT,
+                        initiator=origin, batch_id=batch) for _ in range(3)]
+    other = RpcRecord(uuid4(), T0, tenant.id, device.id, T0 + 1, True, "m", {"pin": 8}, RpcStatus.QUEUED,
+                      additional_info=params, initiator={"type": "USER", "id": "u"}, batch_id=uuid4())
+    stored = await repository.insert_rpcs([shared[0], other, *shared[1:]])
+    for record in stored:
+        assert await repository.get_rpc(record.id) == record
+
+
+@pytest_twisted.ensureDeferred
 async def test_changes_of_one_rpc_fold_into_its_last_status_with_the_response_and_attempts_they_carried(repository):
     tenant = await repository.create_tenant("t")
     device, _ = await repository.create_device(tenant.id, "d")

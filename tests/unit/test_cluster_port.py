@@ -213,6 +213,9 @@ class FakeJournal:
                 self.table.records[rpc_id] = dataclasses.replace(record, **changes)
         return self._record("change", rpc_id, status, apply)
 
+    def note(self, rpc_id: Any, status: RpcStatus, response: Any = _UNCHANGED, attempts: int | None = None) -> None:
+        self.change(rpc_id, status, response, attempts=attempts)
+
     def delete(self, rpc_id: UUID) -> Deferred:
         return self._record("delete", rpc_id, None, lambda: self.table.records.pop(rpc_id, None))
 

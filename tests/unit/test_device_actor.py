@@ -68,6 +68,9 @@ class RecordingJournal:
             self.attempts.append((rpc_id, attempts))
         return self._record("change", rpc_id, status)
 
+    def note(self, rpc_id: Any, status: RpcStatus, response: Any = None, attempts: int | None = None) -> None:
+        self.change(rpc_id, status, response, attempts=attempts)
+
     def delete(self, rpc_id: Any) -> Deferred:
         return self._record("delete", rpc_id, None)
 

@@ -13,6 +13,7 @@ from twisted.python.failure import Failure
 from nanoiot.persistence.errors import RowRefused
 from nanoiot.persistence.journal import RpcJournal
 from nanoiot.persistence.records import RpcRecord, RpcStatus
+from nanoiot.persistence.repository import UNCHANGED
 
 
 class FakeRepository:
@@ -292,3 +293,61 @@ def test_the_next_batch_waits_until_every_part_of_a_split_batch_is_written():
     assert [len(b[0]) for b in repo.batches] == [2, 1, 1, 1]
     repo.commit()
     assert outcome(later) is None
+
+
+def test_a_noted_change_is_written_in_order_without_a_deferred_and_a_failed_batch_carries_on():
+    j, repo, clock = journal()
+    a = record()
+    inserted = j.insert(a)
+    assert j.note(a.id, RpcStatus.SENT) is None
+    j.note(a.id, RpcStatus.SUCCESSFUL, {"ok": 1})
+    j.note(a.id, RpcStatus.TIMEOUT, attempts=2)
+    clock.advance(0)
+    [(inserts, changes, _)] = repo.batches
+    assert inserts == [a]
+    assert changes == [(a.id, RpcStatus.SENT, UNCHANGED, None, None),
+                       (a.id, RpcStatus.SUCCESSFUL, {"ok": 1}, None, None),
+                       (a.id, RpcStatus.TIMEOUT, UNCHANGED, None, 2)]
+    repo.commit()
+    assert inserted.called
+    j.note(a.id, RpcStatus.FAILED)
+    clock.advance(0)
+    repo.pending.pop(0).errback(RuntimeError("database gone"))  # logged by the journal; nobody else to tell
+    later = j.insert(record())
+    clock.advance(0)
+    repo.commit()
+    assert later.called and later.result is None
+    assert len(repo.batches) == 3
+
+
+def test_after_a_large_batch_the_next_flush_waits_briefly_for_more_and_after_a_small_one_it_does_not():
+    j, repo, clock = journal()
+    j.busy_batch, j.busy_linger = 4, 0.01
+    for _ in range(4):
+        j.insert(record())
+    clock.advance(0)
+    repo.commit()  # a large batch was written: the journal is busy
+    first = j.insert(record())
+    clock.advance(0)
+    assert len(repo.batches) == 1 and not first.called
+    j.insert(record())
+    clock.advance(0.01)
+    assert len(repo.batches) == 2 and len(repo.batches[1][0]) == 2  # both in one batch
+    repo.commit()
+    assert first.called
+    j.insert(record())  # the last batch was small: written on the next turn again
+    clock.advance(0)
+    assert len(repo.batches) == 3
+
+
+def test_a_busy_journal_does_not_wait_when_a_full_batch_is_already_waiting():
+    j, repo, clock = journal()
+    j.busy_batch, j.busy_linger, j.max_batch = 2, 0.01, 3
+    for _ in range(3):
+        j.insert(record())
+    clock.advance(0)
+    for _ in range(3):
+        j.insert(record())
+    repo.commit()
+    clock.advance(0)
+    assert len(repo.batches) == 2 and len(repo.batches[1][0]) == 3
