@@ -9,7 +9,7 @@ whichever node holds the device. Outcomes are :class:`~nanoiot.rpc.model.RpcResu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from collections.abc import Sequence
 from typing import Any, Callable, Protocol
 from uuid import UUID
@@ -27,6 +27,12 @@ from nanoiot.rpc.body import RpcBody
 from nanoiot.rpc.model import RpcCommand, RpcResult, RpcStatus
 
 DEVICE_NOT_FOUND = "Device with requested id wasn't found!"
+#: The field order ``CommandService._command`` passes RpcCommand's fields in.
+_COMMAND_FIELDS = ("rpc_id", "tenant_id", "device_id", "method", "params", "oneway", "expiration_time",
+                   "created_time", "persistent", "retries", "additional_info", "qos", "user_id", "initiator",
+                   "batch_id")
+if tuple(f.name for f in fields(RpcCommand)) != _COMMAND_FIELDS:
+    raise ImportError("RpcCommand's fields moved: CommandService._command passes them by position")
 #: Origins remembered by ``CommandService._origin`` at most (then it starts again).
 MAX_ORIGINS = 10_000
 
@@ -208,23 +214,11 @@ class CommandService:
         return answered
 
     def _command(self, device: Device, initiator: Initiator, body: RpcBody, oneway: bool) -> RpcCommand:
-        return RpcCommand(
-            rpc_id=body.request_uuid,
-            tenant_id=device.tenant_id,
-            device_id=device.id,
-            method=body.method,
-            params=body.params,
-            oneway=oneway,
-            expiration_time=body.expiration_time,
-            created_time=self.now(),
-            persistent=body.persistent,
-            retries=body.retries,
-            additional_info=body.additional_info,
-            qos=body.qos,
-            user_id=initiator.user_id,
-            initiator=self._origin(initiator),
-            batch_id=initiator.batch_id,
-        )
+        # Positional, in RpcCommand's field order (checked at import): once per command, keywords cost a third more.
+        return RpcCommand(body.request_uuid, device.tenant_id, device.id, body.method, body.params, oneway,
+                          body.expiration_time, int(self.clock.seconds() * 1000), body.persistent, body.retries,
+                          body.additional_info, body.qos, initiator.user_id, self._origin(initiator),
+                          initiator.batch_id)
 
     def _origin(self, initiator: Initiator) -> Any:
         cached = self._origins.get(id(initiator))

@@ -38,6 +38,8 @@ def _whole_number(body: dict[str, Any], key: str) -> int | None:
     value = body.get(key)
     if value is None:
         return None
+    if type(value) is int:  # the common case, as the checks below would take it
+        return value
     if isinstance(value, float) and not math.isfinite(value):  # 1e400 parses as inf: int() would raise
         raise BadRequest(f"Invalid request body: '{key}' must be a whole number")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
@@ -69,14 +71,15 @@ def parse_rpc_body(
         raise BadRequest(f"Invalid request body: 'method' is longer than {MAX_METHOD_LENGTH} characters")
     if "\x00" in method:
         raise BadRequest("Invalid request body: 'method' must not contain the NUL character")
-    timeout = _whole_number(raw, "timeout")
+    # ``_whole_number`` only for the fields given: most bodies give none of them.
+    timeout = _whole_number(raw, "timeout") if "timeout" in raw else None
     if timeout is None:
         timeout = default_timeout
     if timeout < 0:
         raise BadRequest("Invalid request body: 'timeout' must not be negative")
     if timeout > MAX_TIMEOUT_MS:
         raise BadRequest(f"Invalid request body: 'timeout' must be at most {MAX_TIMEOUT_MS} ms")
-    expiration_time = _whole_number(raw, "expirationTime")
+    expiration_time = _whole_number(raw, "expirationTime") if "expirationTime" in raw else None
     if expiration_time is None:
         expiration_time = now + max(min_timeout, timeout)
     elif expiration_time <= now:
@@ -88,12 +91,12 @@ def parse_rpc_body(
     persistent = raw.get("persistent", False)
     if not isinstance(persistent, bool):
         raise BadRequest("Invalid request body: 'persistent' must be true or false")
-    retries = _whole_number(raw, "retries")
+    retries = _whole_number(raw, "retries") if "retries" in raw else None
     if retries is not None and retries < 0:
         raise BadRequest("Invalid request body: 'retries' must not be negative")
     if retries is not None and retries > MAX_RETRIES:
         raise BadRequest(f"Invalid request body: 'retries' must be at most {MAX_RETRIES}")
-    qos = _whole_number(raw, "qos")
+    qos = _whole_number(raw, "qos") if "qos" in raw else None
     if qos is not None and qos not in (0, 1):
         raise BadRequest("Invalid request body: 'qos' must be 0 or 1")
     raw_uuid = raw.get("requestUUID")

@@ -397,7 +397,6 @@ class DeviceRpcQueue:
                 at = min(now + self.settings.ack_timeout_ms, pending.command.expiration_time)
                 effects.append(StartTimer(Timer.ACK, pending.request_id, at))
                 effects.append(Send(session_id, pending))
-            if self.settings.strategy is not SubmitStrategy.BURST or all(
-                not one_shot for one_shot in self.subscriptions.values()
-            ):
+            # BURST goes round again only while a one-shot session (a long poll) is left to take a command.
+            if self.settings.strategy is not SubmitStrategy.BURST or True not in self.subscriptions.values():
                 return

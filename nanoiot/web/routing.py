@@ -7,6 +7,7 @@ import json
 import re
 from inspect import iscoroutine
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Awaitable, Callable
 from urllib.parse import unquote
 
@@ -19,6 +20,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from nanoiot.errors import (AuthenticationFailed, BadRequest, MethodNotAllowed, NanoError, NotFound, PayloadTooLarge,
                             ServiceUnavailable, unexpected)
+from nanoiot.web.http_limits import LimitedRequest
 from nanoiot.web.tokens import Principal, TokenIssuer
 from nanoiot.jsontext import compact
 
@@ -26,6 +28,10 @@ log = Logger(namespace="nanoiot.web")
 
 #: Marks a response with no body (ThingsBoard answers some calls with an empty 200).
 NO_BODY = object()
+#: Matched paths a Router remembers at most (then it starts again).
+MAX_MATCHES_KEPT = 10_000
+#: ``json.loads``'s own decoder for text (no hooks).
+_decode = json.JSONDecoder().decode
 
 
 @dataclass
@@ -71,6 +77,10 @@ class ApiRequest:
     def json_body(self) -> Any:
         raw = self.raw_body()
         try:
+            if raw[:1] == b"{" and raw[1:2] != b"\x00":
+                # What json.loads does with such bytes (its encoding detection can only say UTF-8 for them),
+                # without the detection: a JSON object is every RPC's body.
+                return _decode(raw.decode("utf-8", "surrogatepass"))
             return json.loads(raw)
         except (ValueError, RecursionError):  # RecursionError: a body nested thousands of levels deep
             raise BadRequest("Invalid request body") from None
@@ -98,6 +108,10 @@ class Router:
     #: Routes by their path's second segment ("rpc" of /api/rpc/...), in order; a route with a parameter there is in
     #: every list and under None. Built on the first match after an add: a match scans a handful, not every route.
     _by_head: dict[str | None, list[Route]] | None = field(default=None, repr=False, compare=False)
+    #: (method, path) -> its route and parameters, for paths met before (a device's RPC path comes again and again):
+    #: no regular expression per request. Cleared by ``add`` and when it holds MAX_MATCHES_KEPT.
+    _matched: dict[tuple[bytes, str], tuple[Route, dict[str, str]]] = field(default_factory=dict, repr=False,
+                                                                              compare=False)
 
     def add(self, method: str, template: str, handler: Handler, authenticated: bool = True) -> None:
         """``template`` like ``/api/device/{deviceId}``; a parameter matches one path segment."""
@@ -105,6 +119,7 @@ class Router:
         prefix = template.split("{", 1)[0]
         self.routes.append(Route(method.encode(), re.compile(regex), handler, authenticated, prefix))
         self._by_head = None
+        self._matched.clear()
 
     def _index(self) -> dict[str | None, list[Route]]:
         index: dict[str | None, list[Route]] = {head: [] for head in map(_route_head, (r.prefix for r in self.routes))}
@@ -118,6 +133,17 @@ class Router:
         return index
 
     def match(self, method: bytes, path: str) -> tuple[Route, dict[str, str]]:
+        """The route of ``method`` and ``path`` and the path's parameters (a dict of the caller's own)."""
+        found = self._matched.get((method, path))
+        if found is not None:
+            return found[0], found[1].copy()
+        route, params = self._match(method, path)
+        if len(self._matched) >= MAX_MATCHES_KEPT:
+            self._matched.clear()
+        self._matched[(method, path)] = (route, params.copy())
+        return route, params
+
+    def _match(self, method: bytes, path: str) -> tuple[Route, dict[str, str]]:
         index = self._by_head
         if index is None:
             index = self._index()
@@ -204,7 +230,10 @@ class JsonApi(Resource):
             self._write(request, result, [])
             return NOT_DONE_YET
         gone: list[bool] = []
-        request.notifyFinish().addErrback(_client_gone, gone, d)
+        if isinstance(request, LimitedRequest):  # the server's requests: a callable, not a Deferred per request
+            request.on_lost = partial(_client_gone, None, gone, d)
+        else:
+            request.notifyFinish().addErrback(_client_gone, gone, d)
         self.waiting[request] = gone
         # One callback pair, bound methods and arguments: no closures per request.
         d.addCallbacks(self._answered, self._failed, callbackArgs=(request, gone), errbackArgs=(request, gone))
@@ -249,7 +278,8 @@ class JsonApi(Resource):
             request.setResponseCode(value.status)
         else:  # a plain value (the RPC answer): 200 with its JSON, and no Response object per request
             body, content_type = value, b"application/json"
-            request.setResponseCode(200)
+            if request.code != 200:  # a new request's code is 200 already
+                request.setResponseCode(200)
         if body is NO_BODY:
             request.finish()
             return

@@ -6,6 +6,7 @@ request is complete (a long poll), and connections per address."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from twisted.internet import task
@@ -29,10 +30,12 @@ class Recorder(Resource):
     def __init__(self) -> None:
         super().__init__()
         self.seen: list[tuple[bytes, bytes]] = []
+        self.requests: list[Any] = []
 
     def render(self, request: Any) -> Any:
         body = request.content.read()
         self.seen.append((request.path, body))
+        self.requests.append(request)
         if request.path == b"/wait":
             return NOT_DONE_YET
         return b"got %d" % len(body)
@@ -280,3 +283,134 @@ def test_without_a_limit_no_connection_is_counted() -> None:
     site, _, _ = make_site()
     clients = [Client(site) for _ in range(50)]
     assert site.connections is None and all(c.channel.connections is None for c in clients)
+
+
+# --- a caller that leaves before its answer ---------------------------------------------------------------------------
+
+
+def test_a_json_request_whose_client_leaves_cancels_its_handler_once_and_writes_nothing() -> None:
+    from twisted.internet.defer import Deferred
+
+    from nanoiot.web.routing import JsonApi, Router
+    from nanoiot.web.tokens import TokenIssuer
+
+    clock = task.Clock()
+    cancelled: list[Deferred] = []
+    pending: list[Deferred] = []
+
+    def handler(request: Any) -> Deferred:
+        d: Deferred = Deferred(cancelled.append)
+        pending.append(d)
+        return d
+
+    router = Router()
+    router.add("POST", "/api/wait", handler, authenticated=False)
+    api = JsonApi(router, TokenIssuer(b"k" * 64, 60, 60, clock), clock, 1000)
+    site = QuietSite(api, reactor=clock)
+    site.set_limits(HttpLimits(clock))
+    client = Client(site)
+    client.send(b"POST /api/wait HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    assert len(pending) == 1 and api.waiting and client.written == b""
+    client.lose()
+    assert cancelled == pending  # the router's errback saw the loss: the handler's Deferred is cancelled
+    assert not api.waiting and client.written == b""
+    client.lose()  # a second loss tells nobody again
+    assert cancelled == pending
+
+
+def test_a_json_request_answered_before_its_client_leaves_is_not_cancelled() -> None:
+    from twisted.internet.defer import Deferred
+
+    from nanoiot.web.routing import JsonApi, Router
+    from nanoiot.web.tokens import TokenIssuer
+
+    clock = task.Clock()
+    cancelled: list[Deferred] = []
+    pending: list[Deferred] = []
+
+    def handler(request: Any) -> Deferred:
+        d: Deferred = Deferred(cancelled.append)
+        pending.append(d)
+        return d
+
+    router = Router()
+    router.add("POST", "/api/wait", handler, authenticated=False)
+    api = JsonApi(router, TokenIssuer(b"k" * 64, 60, 60, clock), clock, 1000)
+    site = QuietSite(api, reactor=clock)
+    site.set_limits(HttpLimits(clock))
+    client = Client(site)
+    client.send(b"POST /api/wait HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    pending[0].callback({"ok": 1})
+    assert client.status() == 200 and client.written.endswith(b'{"ok":1}')
+    client.lose()
+    assert cancelled == [] and not api.waiting
+
+
+# --- twisted.web's idle timeout ---------------------------------------------------------------------------------------
+
+
+def _idle_calls(clock: task.Clock) -> list[Any]:
+    return [call for call in clock.getDelayedCalls() if getattr(call.func, "__name__", "") == "__timedOut"]
+
+
+def make_idle_site(idle: float = 60.0) -> tuple[QuietSite, Recorder, task.Clock]:
+    clock = task.Clock()
+    resource = Recorder()
+    site = QuietSite(resource, reactor=clock, timeout=idle)
+    site.set_limits(HttpLimits(clock))
+    return site, resource, clock
+
+
+def test_kept_alive_requests_share_one_idle_call_and_an_idle_connection_is_still_closed_at_the_timeout() -> None:
+    site, _, clock = make_idle_site(60)
+    client = Client(site)
+    [idle] = _idle_calls(clock)
+    for n in range(3):
+        client.send(b"POST /x HTTP/1.1\r\nContent-Length: 1\r\n\r\nq")
+        clock.advance(20)
+    assert client.written.count(b"HTTP/1.1 200") == 3
+    assert _idle_calls(clock) == [idle]  # reset by each request, never cancelled and made again
+    clock.advance(39.9)
+    assert not client.closing  # 59.9 s since the last answer
+    clock.advance(0.1)
+    assert client.closing
+
+
+def test_a_request_handled_longer_than_the_idle_timeout_is_not_cut_and_the_idle_timeout_starts_after_it() -> None:
+    site, resource, clock = make_idle_site(60)
+    client = Client(site)
+    client.send(b"POST /wait HTTP/1.1\r\nContent-Length: 1\r\n\r\nq")
+    clock.advance(3600)  # the idle call fires meanwhile: it does nothing while the request is handled
+    assert not client.closing and client.written == b""
+    request = client.channel.requests[0]
+    request.write(b"late")
+    request.finish()
+    assert client.written.startswith(b"HTTP/1.1 200") and not client.closing
+    clock.advance(59)
+    assert not client.closing
+    clock.advance(1)
+    assert client.closing
+
+
+def test_a_connection_lost_while_its_request_is_handled_leaves_no_call_behind() -> None:
+    site, _, clock = make_idle_site(60)
+    client = Client(site)
+    client.send(b"POST /wait HTTP/1.1\r\nContent-Length: 1\r\n\r\nq")
+    assert _idle_calls(clock)  # kept through the request's handling
+    client.lose()
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_response_carries_the_server_and_date_headers_twisted_web_gives_it() -> None:
+    from twisted.web.http import datetimeToString
+    from twisted.web.server import version
+
+    site, resource, _ = make_site()
+    client = Client(site)
+    client.send(b"POST /x/y%20z HTTP/1.1\r\nContent-Length: 1\r\n\r\nq")
+    head = client.written.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    assert b"Server: " + version in head
+    assert [line for line in head if line.startswith(b"Date: ")] in ([b"Date: " + datetimeToString()],
+                                                                     [b"Date: " + datetimeToString(time.time() - 1)])
+    request = resource.requests[-1]
+    assert request.prepath == [] and request.postpath == [b"x", b"y z"]
