@@ -211,8 +211,10 @@ class NanoService(MultiService):
             rate_limiter=KeyedLimiter(parse_rates(config.coap_device_rate_limit), reactor.seconds)
             if config.coap_device_rate_limit else None,
         )
-        #: One pass per reactor turn sends what every HTTP and MQTT connection wrote.
+        #: One pass per reactor turn sends what every HTTP and MQTT connection wrote (and the cluster's links).
         self.flusher = TurnFlusher(reactor)
+        if self.cluster is not None:
+            self.cluster.share_flusher(self.flusher)
         self.http_port: IListeningPort | None = None
         self.mqtt_port: IListeningPort | None = None
         self.coap_port: IListeningPort | None = None

@@ -6,7 +6,10 @@ listens on a TCP port of its own (``--cluster-link-host``, loopback by default: 
 and a secret drawn at start). Every node that hears it connects, presenting the secret (only what can read the
 cluster's NOTIFY traffic, i.e. holds the database's credentials, can use a link). One TCP connection then carries
 both directions between the two nodes, each envelope a frame: 4 bytes of big-endian length, then the envelope's
-JSON (:mod:`nanoiot.cluster.codec`).
+JSON (:mod:`nanoiot.cluster.codec`: a routed command as a compact array, anything else as the bus's object). The
+handshake names the frame format (``codec.LINK_FORMAT``): nodes of different formats do not link, and keep to the
+bus. A link's writes go out once per reactor turn, with the HTTP and MQTT connections' (``TurnFlusher``), not
+through a write-readiness poll per frame.
 
 The bus stays the way in and the fallback: an envelope for a node with no link (not announced yet, on another
 machine behind a loopback address, link lost) goes over NOTIFY, and so do broadcasts (every node hears them, and
@@ -26,8 +29,10 @@ import socket
 import struct
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -35,6 +40,7 @@ from zope.interface import implementer
 
 from nanoiot.cluster import codec
 from nanoiot.cluster.router import NotifyRouter, Receiver
+from nanoiot.transports.tcp import TurnFlusher, TurnWrites, listen_tcp
 
 log = Logger(namespace="nanoiot.cluster")
 
@@ -51,6 +57,8 @@ REDIAL_ATTEMPTS = 6
 REDIAL_DELAY = 0.5
 #: A dial that has not connected after this many seconds has failed.
 DIAL_TIMEOUT = 5.0
+#: Pending connections on the link port (one per other node, at most a few at once).
+LISTEN_BACKLOG = 50
 
 _LENGTH = struct.Struct(">I")
 
@@ -102,11 +110,14 @@ class Link(Protocol):
         self.connected = True
         self.router.open_links.add(self)
         self.transport.registerProducer(self, True)
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:  # frames are sent once per turn already: Nagle would only hold them back
+            no_delay(True)
         if self.peer is not None:  # we dialled: say who we are, with the secret the peer announced
-            self.write_envelope({"t": HI, "from": self.router.node, "s": self.peer_secret})
+            self.write_envelope({"t": HI, "from": self.router.node, "s": self.peer_secret, "v": codec.LINK_FORMAT})
 
     def write_envelope(self, envelope: dict[str, Any]) -> bool:
-        data = codec.dumps(envelope).encode("utf-8", "surrogatepass")
+        data = codec.encode_frame(envelope)
         if len(data) > MAX_FRAME:
             return False
         if self.paused:
@@ -154,8 +165,8 @@ class Link(Protocol):
 
     def _frame(self, frame: bytes) -> bool:
         try:
-            envelope = codec.loads(frame.decode("utf-8", "surrogatepass"))
-        except (codec.CodecError, UnicodeDecodeError) as exc:
+            envelope = codec.decode_frame(frame, self.router.uuids)
+        except codec.CodecError as exc:
             log.warn("cluster: unreadable frame from {peer} dropped: {error}", peer=self.peer, error=exc)
             return self.peer is not None
         if not self.up:
@@ -169,6 +180,41 @@ class Link(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
         self.router.link_down(self)
+
+
+class _LinkClient(TurnWrites, tcp.Client):
+    """A dialled link's connection, its writes sent by the turn's :class:`TurnFlusher` once connected, as the
+    accepted side's are (``CoalescingServer``): every frame of a turn in one ``send``, no write-readiness poll per
+    frame. While connecting, Twisted's own path (it waits for write readiness to learn the outcome)."""
+
+    flusher: TurnFlusher
+
+    def turn_flusher(self) -> TurnFlusher:
+        return self.flusher
+
+    def startWriting(self) -> None:
+        if self.connected:
+            TurnWrites.startWriting(self)
+        else:
+            tcp.Client.startWriting(self)
+
+    def stopWriting(self) -> None:
+        if self.connected:
+            TurnWrites.stopWriting(self)
+        else:
+            tcp.Client.stopWriting(self)
+
+
+class _LinkConnector(tcp.Connector):
+    def __init__(self, host: str, port: int, factory: ClientFactory, timeout: float, reactor: Any,
+                 flusher: TurnFlusher) -> None:
+        super().__init__(host, port, factory, timeout, None, reactor)
+        self.flusher = flusher
+
+    def _makeTransport(self) -> tcp.Client:
+        client = _LinkClient(self.host, self.port, self.bindAddress, self, self.reactor)
+        client.flusher = self.flusher
+        return client
 
 
 class _Dialler(ClientFactory):
@@ -197,7 +243,7 @@ class DirectRouter:
     """Routing over direct links where the nodes have one, over the NOTIFY router otherwise (and for broadcasts)."""
 
     def __init__(self, fallback: NotifyRouter, reactor: Any, host: str, machine: str,
-                 secret: str | None = None, port: int = 0) -> None:
+                 secret: str | None = None, port: int = 0, flusher: TurnFlusher | None = None) -> None:
         self.fallback = fallback
         self.node = fallback.node
         self.reactor = reactor
@@ -218,6 +264,11 @@ class DirectRouter:
         self._running = False
         self.sent_direct = 0
         self.received_direct = 0
+        #: Sends what the links wrote during a turn (the service may hand in the one of its HTTP and MQTT ports,
+        #: so that all of a turn's writes go out in one pass).
+        self.flusher = flusher if flusher is not None else TurnFlusher(reactor)
+        #: Ids the links' frames named before, parsed once (codec.decode_frame).
+        self.uuids: dict[str, Any] = {}
 
     @property
     def sent(self) -> int:
@@ -230,7 +281,8 @@ class DirectRouter:
     def start(self, receive: Receiver) -> Deferred[None]:
         self._receive = receive
         self._running = True
-        self._port = self.reactor.listenTCP(self.listen_port, _Acceptor(self), interface=self.host)
+        self._port = listen_tcp(self.reactor, self.listen_port, _Acceptor(self), LISTEN_BACKLOG, self.host,
+                                flusher=self.flusher)
         d = self.fallback.start(self._from_bus)
         d.addCallback(lambda _: self.fallback.broadcast(self._hello()))
         return d.addCallback(lambda _: None)
@@ -311,7 +363,11 @@ class DirectRouter:
             return
         host, port, secret = address
         self._dialling.add(node)
-        self.reactor.connectTCP(host, port, _Dialler(self, node, secret, attempt), timeout=DIAL_TIMEOUT)
+        dialler = _Dialler(self, node, secret, attempt)
+        if isinstance(self.reactor, PosixReactorBase):
+            _LinkConnector(host, port, dialler, DIAL_TIMEOUT, self.reactor, self.flusher).connect()
+        else:
+            self.reactor.connectTCP(host, port, dialler, timeout=DIAL_TIMEOUT)
 
     def dial_failed(self, node: str, attempt: int, reason: Failure) -> None:
         self._dialling.discard(node)
@@ -332,6 +388,9 @@ class DirectRouter:
         if envelope.get("t") != HI or envelope.get("from") != link.peer or not self._running:
             log.warn("cluster: node {node} did not accept our link", node=link.peer)
             return False
+        if not self._same_format(link.peer, envelope):
+            self._addresses.pop(link.peer, None)  # not dialled again until it announces itself anew (restarted)
+            return False
         self._dialling.discard(link.peer)
         link.up = True
         link.attempt = 0
@@ -346,13 +405,26 @@ class DirectRouter:
                 or not hmac.compare_digest(secret.encode(), self.secret.encode()) or not self._running:
             log.warn("cluster: a link without this node's secret was refused")
             return False
+        if not self._same_format(node, envelope):
+            return False
         link.peer = node
         link.up = True
-        link.write_envelope({"t": HI, "from": self.node})
+        link.write_envelope({"t": HI, "from": self.node, "v": codec.LINK_FORMAT})
         if node not in self.links:
             self.links[node] = link
             log.info("cluster: direct link from node {node} up", node=node)
         return True
+
+    def _same_format(self, node: str, hi: dict[str, Any]) -> bool:
+        """Whether the peer's link handshake names this node's frame format (a node from before the compact
+        frames names none: format 1); a node of another version stays behind the bus, which both still read."""
+        theirs = hi.get("v", 1)
+        if theirs == codec.LINK_FORMAT:
+            return True
+        log.warn("cluster: no direct link with node {node}: it speaks link format {theirs}, this node {ours} "
+                 "(different NanoIoT versions); their messages take the bus", node=node, theirs=theirs,
+                 ours=codec.LINK_FORMAT)
+        return False
 
     def frame_received(self, link: Link, envelope: dict[str, Any]) -> None:
         self.received_direct += 1

@@ -102,6 +102,12 @@ class ClusterNode(Service):
         #: Other services' broadcasts, by envelope kind ``t`` (the rule service's "rules-changed").
         self.notices: dict[str, Any] = {}
 
+    def share_flusher(self, flusher: Any) -> None:
+        """The service's :class:`~nanoiot.transports.tcp.TurnFlusher`: the direct links' writes of a turn go out
+        in the same pass as its HTTP and MQTT connections' (one reactor call, not one per kind)."""
+        if isinstance(self.router, DirectRouter):
+            self.router.flusher = flusher
+
     @property
     def address(self) -> str:
         host = self.config.host

@@ -17,13 +17,14 @@ Rules (docs/architecture.md, "The cluster", has the drawing):
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from nanoiot.actors import messages as m
@@ -38,6 +39,7 @@ from nanoiot.persistence.records import Device
 from nanoiot.port.link import DeviceLink
 from nanoiot.port.session import DeviceSession
 from nanoiot.rpc.model import RpcFailure, RpcResult, record_command
+from nanoiot.timer_wheel import TimerWheel
 
 log = Logger(namespace="nanoiot.cluster")
 
@@ -47,6 +49,8 @@ MAX_HOPS = 3
 EXPIRY_GRACE_MS = 2000
 #: The messages that follow a device to whichever node holds it (a session's messages stay where the session is).
 _ROUTABLE = (m.SubmitRpc, m.DeleteRpc, m.Inspect, m.DeviceRemoved)
+#: Routed calls' deadlines are kept in slots of this many seconds (a deadline may pass up to one slot late).
+DEADLINE_RESOLUTION = 0.01
 
 
 @dataclass(slots=True)
@@ -55,7 +59,25 @@ class _Routed:
 
     node: str
     lightweight: bool
-    timer: IDelayedCall
+    #: Its deadline's slot in the port's :class:`_Deadlines`.
+    slot: int
+
+
+class _Deadlines(TimerWheel[ReplyTo]):
+    """The routed calls' deadlines on one reactor call (a ``callLater`` made and cancelled per routed call was a
+    DelayedCall on Twisted's heap for every call)."""
+
+    def __init__(self, clock: IReactorTime, expired: Any) -> None:
+        super().__init__(clock, resolution=DEADLINE_RESOLUTION)
+        self.expired = expired
+
+    def slot_after(self, seconds: float) -> int:
+        """The slot of a deadline ``seconds`` from now (rounded up: never early)."""
+        return math.ceil((self.clock.seconds() + seconds) / self.resolution)
+
+    def _due(self, owners: dict[ReplyTo, None]) -> None:
+        for reply_to in owners:
+            self.expired(reply_to)
 
 
 class ClusterPort:
@@ -97,6 +119,7 @@ class ClusterPort:
         #: node -> alive, from the heartbeats (a node not listed is assumed alive until the next heartbeat says).
         self.alive: dict[str, bool] = {}
         self._routed: dict[ReplyTo, _Routed] = {}
+        self._deadlines = _Deadlines(clock, self._routed_timed_out)
         #: Devices with a session on this node (from the event stream), for the heartbeat's count.
         self.online: set[UUID] = set()
         self.routed_out = 0
@@ -207,7 +230,7 @@ class ClusterPort:
 
     def _send_tell(self, node: str, device: Device, message: Any, hops: int) -> None:
         try:
-            body = codec.message_to_json(message)
+            body = codec.outgoing_message(message)  # written as it leaves (compact on a direct link)
         except codec.CodecError:
             log.warn("cluster: {kind} cannot be routed to node {node}", kind=type(message).__name__, node=node)
             return
@@ -219,7 +242,7 @@ class ClusterPort:
                 # Passed on for another node's caller: its node must now wait on the new one (and fail fast if
                 # that one dies, not if this one does).
                 self.router.send(reply_to.node, {"t": "moved", "r": reply_to.correlation, "n": node})
-        sent = self.router.send(node, {"t": "tell", "d": str(device.id), "m": body, "hops": hops})
+        sent = self.router.send(node, {"t": "tell", "d": device.id, "m": body, "hops": hops})
         self.routed_out += 1
         if not sent:
             self._untrack(reply_to)
@@ -233,15 +256,19 @@ class ClusterPort:
             wait_ms = max(0, message.command.expiration_time - now) + EXPIRY_GRACE_MS
         else:
             wait_ms = self.route_timeout_ms
-        timer = self.clock.callLater(wait_ms / 1000.0, self._routed_timed_out, reply_to)
-        self._routed[reply_to] = _Routed(node, lightweight, timer)
+        self._routed[reply_to] = self._deadline(node, lightweight, reply_to, wait_ms)
+
+    def _deadline(self, node: str, lightweight: bool, reply_to: ReplyTo, wait_ms: int) -> _Routed:
+        slot = self._deadlines.slot_after(wait_ms / 1000.0)
+        self._deadlines.add(reply_to, slot)
+        return _Routed(node, lightweight, slot)
 
     def _untrack(self, reply_to: ReplyTo | None) -> _Routed | None:
         if reply_to is None:
             return None
         routed = self._routed.pop(reply_to, None)
-        if routed is not None and routed.timer.active():
-            routed.timer.cancel()
+        if routed is not None:
+            self._deadlines.remove(reply_to, routed.slot)
         return routed
 
     def _routed_timed_out(self, reply_to: ReplyTo) -> None:
@@ -388,8 +415,7 @@ class ClusterPort:
 
     def _ask_release(self, node: str, device: Device, epoch: int) -> Deferred[Any]:
         reply_to, answered = self.replies.expect()
-        self._routed[reply_to] = _Routed(node, False, self.clock.callLater(
-            self.route_timeout_ms / 1000.0, self._routed_timed_out, reply_to))
+        self._routed[reply_to] = self._deadline(node, False, reply_to, self.route_timeout_ms)
         self.router.send(node, {"t": "release", "d": str(device.id), "epoch": epoch, "r": reply_to.correlation})
         return answered.addErrback(lambda f: log.warn(
             "cluster: node {node} did not let device {device_id} go: {error}", node=node, device_id=device.id,
@@ -444,8 +470,8 @@ class ClusterPort:
 
     def _received_tell(self, envelope: dict[str, Any]) -> None:
         self.routed_in += 1
-        device_id = UUID(envelope["d"])
-        message = codec.message_from_json(envelope["m"])
+        device_id = codec.incoming_device(envelope["d"])
+        message = codec.incoming_message(envelope["m"])
         hops = int(envelope.get("hops", 0)) + 1
         device = self.devices.cached_device(device_id)
         if device is not None:

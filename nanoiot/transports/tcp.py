@@ -35,12 +35,12 @@ class TurnFlusher:
 
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
-        self.pending: list[CoalescingServer] = []
+        self.pending: list[TurnWrites] = []
         self.scheduled = False
         #: Flushes that could not send everything and handed the rest to the poller (slow readers).
         self.fallbacks = 0
 
-    def queue(self, connection: CoalescingServer) -> None:
+    def queue(self, connection: TurnWrites) -> None:
         self.pending.append(connection)
         if not self.scheduled:
             self.scheduled = True
@@ -60,12 +60,50 @@ class TurnFlusher:
                 connection.reactor._disconnectSelectable(connection, ConnectionLost(), False)
 
 
-class CoalescingServer(tcp.Server):
-    """A server-side connection whose writes are sent by the turn's :class:`TurnFlusher`."""
+class TurnWrites:
+    """The write side of a connection (before ``tcp.Connection`` in the bases) whose writes are sent by the turn's
+    :class:`TurnFlusher`: every write of a turn in one ``send``, no write-readiness poll unless a send fell short."""
 
     _flush_queued = False
     #: True while the socket is registered for write readiness (a send did not take everything).
     _polling_writes = False
+
+    def turn_flusher(self) -> TurnFlusher:
+        raise NotImplementedError
+
+    def startWriting(self) -> None:
+        # Called by write(), writeSequence(), loseConnection() and loseWriteConnection(): there is something to do
+        # on the write side; do it at the end of this turn.
+        if self._polling_writes or self._flush_queued:
+            return
+        self._flush_queued = True
+        self.turn_flusher().queue(self)  # type: ignore[arg-type]
+
+    def stopWriting(self) -> None:
+        if self._polling_writes:
+            self._polling_writes = False
+            super().stopWriting()  # type: ignore[misc]
+
+    def flush_now(self) -> bool:
+        """Send what is buffered; True if the rest had to wait for the poller."""
+        self._flush_queued = False
+        if self._polling_writes or not self.connected or self._aborting:  # type: ignore[attr-defined]
+            return False
+        why = self.doWrite()  # type: ignore[attr-defined]
+        if why is not None:
+            # Closed (loseConnection once drained) or a socket error: what the reactor does after doWrite.
+            self.reactor._disconnectSelectable(self, why, False)  # type: ignore[attr-defined]
+            return False
+        if self._tempDataLen or self.offset < len(self.dataBuffer):  # type: ignore[attr-defined]
+            self._polling_writes = True
+            super().startWriting()  # type: ignore[misc]
+            return True
+        return False
+
+
+class CoalescingServer(TurnWrites, tcp.Server):
+    """A server-side connection whose writes are sent by the turn's :class:`TurnFlusher`."""
+
     _host: Any = None
     _peer: Any = None
 
@@ -96,34 +134,8 @@ class CoalescingServer(tcp.Server):
     def __repr__(self) -> str:
         return f"<{self._protocol_class.__name__} #{self.sessionno} on {self.server._realPortNumber}>"
 
-    def startWriting(self) -> None:
-        # Called by write(), writeSequence(), loseConnection() and loseWriteConnection(): there is something to do
-        # on the write side; do it at the end of this turn.
-        if self._polling_writes or self._flush_queued:
-            return
-        self._flush_queued = True
-        self.server.flusher.queue(self)
-
-    def stopWriting(self) -> None:
-        if self._polling_writes:
-            self._polling_writes = False
-            super().stopWriting()
-
-    def flush_now(self) -> bool:
-        """Send what is buffered; True if the rest had to wait for the poller."""
-        self._flush_queued = False
-        if self._polling_writes or not self.connected or self._aborting:
-            return False
-        why = self.doWrite()
-        if why is not None:
-            # Closed (loseConnection once drained) or a socket error: what the reactor does after doWrite.
-            self.reactor._disconnectSelectable(self, why, False)  # type: ignore[attr-defined]
-            return False
-        if self._tempDataLen or self.offset < len(self.dataBuffer):
-            self._polling_writes = True
-            super().startWriting()
-            return True
-        return False
+    def turn_flusher(self) -> TurnFlusher:
+        return self.server.flusher
 
     def getHost(self) -> Any:
         # twisted.web asks for both addresses on every request; they cannot change, so build them once

@@ -3,6 +3,7 @@ envelopes), what must not travel is refused, and what cannot be read is a CodecE
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 from uuid import UUID, uuid4
@@ -262,3 +263,164 @@ def test_any_result_round_trips(response: Any, failure: RpcFailure | None, has_r
     back = answer_travels(result)
     assert back == result
     assert isinstance(back.response, NonJsonResponse) == text
+
+
+# --- direct link frames (LINK_FORMAT 2) -----------------------------------------------------------------------------
+
+def link_travel(envelope: dict[str, Any]) -> dict[str, Any]:
+    """An envelope through a direct link's frame and back: what the receiving node gets."""
+    frame = codec.encode_frame(envelope)
+    assert isinstance(frame, bytes)
+    return codec.decode_frame(frame, {})
+
+
+def test_a_routed_submit_takes_a_compact_frame_and_comes_back_equal() -> None:
+    message = m.SubmitRpc(full_command(initiator={"type": "USER", "id": str(uuid4())}, batch_id=uuid4()),
+                          ReplyTo("node-ä", 12345678901))
+    envelope = {"t": "tell", "d": message.command.device_id, "m": message, "hops": 2}
+    frame = codec.encode_frame(envelope)
+    assert frame.startswith(b'["S",') and b'"tenant"' not in frame  # positional, no keys
+    assert str(message.command.device_id).encode() not in frame  # ids as hex, the device once
+    back = codec.decode_frame(frame, {})
+    assert back == {"t": "tell", "d": message.command.device_id, "m": message, "hops": 2}
+    assert isinstance(back["m"].command.tenant_id, UUID) and isinstance(back["d"], UUID)
+
+
+def test_a_compact_submit_keeps_a_command_device_other_than_the_tell_s_and_optional_nones() -> None:
+    command = full_command(params=None, retries=None, additional_info=None, qos=None, user_id=None, oneway=True,
+                           persistent=False)
+    other = uuid4()
+    back = link_travel({"t": "tell", "d": other, "m": m.SubmitRpc(command, None), "hops": 0})
+    assert back["d"] == other and back["m"] == m.SubmitRpc(command, None)
+
+
+def test_the_reader_s_id_cache_shares_ids_and_stays_bounded() -> None:
+    uuids: dict[str, UUID] = {}
+    command = full_command()
+    for _ in range(2):
+        back = codec.decode_frame(codec.encode_frame(
+            {"t": "tell", "d": command.device_id, "m": m.SubmitRpc(command, None), "hops": 0}), uuids)
+        assert back["m"].command == command
+    assert set(uuids) == {command.tenant_id.hex, command.device_id.hex, command.user_id.hex}  # not the rpc id
+    for _ in range(codec.UUID_CACHE_SIZE):
+        fresh = full_command()
+        codec.decode_frame(codec.encode_frame({"t": "tell", "d": fresh.device_id, "m": m.SubmitRpc(fresh, None)}),
+                           uuids)
+    assert len(uuids) <= codec.UUID_CACHE_SIZE
+
+
+@pytest.mark.parametrize("envelope", [
+    {"t": "tell", "d": uuid4(), "m": m.DeleteRpc(UUID(int=5), ReplyTo("b", 9)), "hops": 1},
+    {"t": "tell", "d": uuid4(), "m": m.Inspect(ReplyTo("b", 3)), "hops": 0},
+    {"t": "tell", "d": uuid4(), "m": m.DeviceRemoved(), "hops": 0},
+    {"t": "tell", "d": uuid4(), "m": m.ReplyToDevice(4, 17, b'{"ok":1}'), "hops": 0},
+    {"t": "reply", "r": 5, "v": codec.value_to_json(RpcResult(response={"a": 1}, has_response=True))},
+    {"t": "reply", "r": 5, "e": codec.error_to_json(NotFound("gone"))},
+    {"t": "claimed", "d": [[str(uuid4()), 3]]},
+    {"t": "tell", "x": 1},
+])
+def test_every_other_envelope_takes_its_object_form_on_a_link(envelope: dict[str, Any]) -> None:
+    frame = codec.encode_frame(envelope)
+    assert frame.startswith(b"{")
+    back = codec.decode_frame(frame)
+    assert back == codec.loads(codec.dumps(envelope))  # what the bus carries, read the same way
+    if envelope["t"] == "tell" and "m" in envelope:
+        assert codec.incoming_message(back["m"]) == envelope["m"]
+        assert codec.incoming_device(back["d"]) == envelope["d"]
+
+
+def test_an_envelope_holding_objects_is_written_for_the_bus_as_before() -> None:
+    """Nodes of the previous version read the bus: a tell holding its message and device id is the same text as
+    one holding their JSON."""
+    message = m.SubmitRpc(full_command(), ReplyTo("b", 1))
+    device_id = message.command.device_id
+    with_objects = codec.dumps({"t": "tell", "d": device_id, "m": message, "hops": 0})
+    as_json = codec.dumps({"t": "tell", "d": str(device_id), "m": codec.message_to_json(message), "hops": 0})
+    assert with_objects == as_json
+    for not_json in (m.DetachSession(1), object()):  # the port sends only what outgoing_message let through
+        with pytest.raises(TypeError):
+            codec.dumps({"t": "tell", "m": not_json})
+
+
+def test_outgoing_and_incoming_messages() -> None:
+    message = m.DeleteRpc(uuid4(), None)
+    assert codec.outgoing_message(message) is message
+    assert codec.incoming_message(message) is message
+    assert codec.incoming_message(codec.message_to_json(message)) == message
+    with pytest.raises(codec.CodecError):
+        codec.outgoing_message(m.DetachSession(1))
+    for bad in ("garbage", None, 5, ["x"]):
+        with pytest.raises(codec.CodecError):
+            codec.incoming_message(bad)
+    for bad_id in ("not-a-uuid", None, 5, True, ["x"]):
+        with pytest.raises(codec.CodecError):
+            codec.incoming_device(bad_id)
+
+
+def _compact(**changes: Any) -> list[Any]:
+    command = full_command()
+    data = codec._tell_submit(command.device_id, 0, m.SubmitRpc(command, ReplyTo("b", 3)))
+    fields = ["tag", "hops", "device", "id", "tenant", "command_device", "method", "params", "oneway", "expires",
+              "created", "persistent", "retries", "info", "qos", "user", "by", "batch", "node", "correlation"]
+    for name, value in changes.items():
+        data[fields.index(name)] = value
+    return data
+
+
+@pytest.mark.parametrize("data", [
+    [], ["S"], ["X", *_compact()[1:]], _compact() + [1], _compact()[:-1], [1, 2, 3],
+    _compact(tag=None), _compact(hops="0"), _compact(hops=1.5), _compact(hops=True), _compact(device="zz"),
+    _compact(device=None), _compact(device=12), _compact(id="g" * 32), _compact(id=[]), _compact(tenant={}),
+    _compact(command_device="x"), _compact(method=5), _compact(oneway=0), _compact(persistent=None),
+    _compact(expires="1"), _compact(expires=1e300), _compact(created=None), _compact(retries="3"),
+    _compact(qos=1.0), _compact(user=7), _compact(batch="nope"), _compact(node=5), _compact(correlation="9"),
+    _compact(correlation=None), _compact(correlation=True),
+])
+def test_a_malformed_compact_frame_is_a_codec_error(data: list[Any]) -> None:
+    frame = json.dumps(data).encode()
+    with pytest.raises(codec.CodecError):
+        codec.decode_frame(frame, {})
+
+
+@pytest.mark.parametrize("frame", [
+    b"", b"nope", b"{", b"42", b"null", b'"t"', b'{"x": 1}', b'{"t": 5}', b"[" * 100_000, b"\xff\xfe\xfd",
+    b'["S"' + b",1" * 19 + b"]", b"[1e999]",
+])
+def test_a_garbage_frame_is_a_codec_error(frame: bytes) -> None:
+    with pytest.raises(codec.CodecError):
+        codec.decode_frame(frame, {})
+
+
+@settings(max_examples=300, deadline=None)
+@given(command=commands, reply_to=reply_addresses, hops=st.integers(min_value=0, max_value=3),
+       same_device=st.booleans(), initiator=json_values, batch_id=st.none() | st.uuids())
+def test_any_command_round_trips_through_a_compact_frame(command: RpcCommand, reply_to: ReplyTo | None, hops: int,
+                                                         same_device: bool, initiator: Any,
+                                                         batch_id: UUID | None) -> None:
+    command = dataclasses.replace(command, initiator=initiator, batch_id=batch_id)
+    device_id = command.device_id if same_device else uuid4()
+    message = m.SubmitRpc(command, reply_to)
+    back = link_travel({"t": "tell", "d": device_id, "m": message, "hops": hops})
+    assert back == {"t": "tell", "d": device_id, "m": message, "hops": hops}
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.lists(json_values, min_size=20, max_size=20) | st.lists(json_values, max_size=22))
+def test_any_json_list_is_a_tell_or_a_codec_error(data: list[Any]) -> None:
+    if data and len(data) == 20:
+        data[0] = "S"
+    try:
+        back = codec.decode_frame(json.dumps(data).encode(), {})
+    except codec.CodecError:
+        return
+    assert back["t"] == "tell" and isinstance(back["m"], m.SubmitRpc)
+
+
+@pytest.mark.parametrize("changes", [dict(expiration_time=1.7e12), dict(qos=True), dict(retries=2.0),
+                                     dict(oneway=1), dict(method=None)])
+def test_a_command_the_compact_reader_would_refuse_travels_as_an_object(changes: dict[str, Any]) -> None:
+    message = m.SubmitRpc(full_command(**changes), ReplyTo("b", 1))
+    frame = codec.encode_frame({"t": "tell", "d": message.command.device_id, "m": message, "hops": 0})
+    assert frame.startswith(b"{")
+    back = codec.decode_frame(frame, {})
+    assert codec.incoming_message(back["m"]) == message  # as the bus would have carried it

@@ -12,17 +12,22 @@ closes the link; a loopback address announced from another machine is not dialle
 from __future__ import annotations
 
 from typing import Any, Callable
+from uuid import UUID, uuid4
 
 import pytest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
+from nanoiot.actors import messages as m
+from nanoiot.actors.replies import ReplyTo
 from nanoiot.cluster import codec
 from nanoiot.cluster.direct import (
     _LENGTH, HELLO, HI, MAX_BACKLOG, MAX_FRAME, REDIAL_ATTEMPTS, DirectRouter, Link,
 )
 from nanoiot.cluster.router import NotifyRouter
+from nanoiot.rpc.model import RpcCommand
 
 
 class MemoryBus:
@@ -335,5 +340,68 @@ def test_the_dialler_sends_its_name_and_the_secret_first() -> None:
     link.makeConnection(transport)
     (size,) = _LENGTH.unpack_from(transport.value())
     first = codec.loads(transport.value()[4:4 + size].decode())
-    assert first == {"t": HI, "from": "A", "s": pair.b.router.secret}
+    assert first == {"t": HI, "from": "A", "s": pair.b.router.secret, "v": codec.LINK_FORMAT}
     assert "B" not in pair.a.router.links  # not until B answers
+
+
+def test_a_routed_command_takes_a_compact_frame_and_arrives_read() -> None:
+    pair = Pair()
+    wire = pair.linked()
+    device_id = UUID(int=7)
+    command = RpcCommand(rpc_id=uuid4(), tenant_id=uuid4(), device_id=device_id, method="m", params={"p": 1},
+                         oneway=False, expiration_time=2, created_time=1)
+    message = m.SubmitRpc(command, ReplyTo("A", 4))
+    assert pair.a.router.send("B", {"t": "tell", "d": device_id, "m": message, "hops": 0})
+    frame = wire.client_transport.value()[_LENGTH.size:]
+    assert frame.startswith(b'["S",0,')
+    wire.pump()
+    assert pair.b.got == [{"t": "tell", "d": device_id, "m": message, "hops": 0, "from": "A"}]
+
+
+def logged_during(action: Callable[[], Any]) -> list[str]:
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        action()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    return [formatEvent(event) for event in events]
+
+
+def test_a_dialler_of_another_link_format_is_refused_with_a_reason() -> None:
+    """A node from before the compact frames (its hello names no format) must not get a link: it could not read
+    what this node writes on it. Both keep to the bus."""
+    pair = Pair()
+    pair.a.start()
+    acceptor = pair.a.reactor.tcpServers[0][1]
+    old = acceptor.buildProtocol(None)
+    wire = Wire(Link(pair.b.router, "A", pair.a.router.secret), old)
+    wire.client_transport.clear()  # what the new-format dialler wrote: replaced by an old node's hello
+    hello = codec.dumps({"t": HI, "from": "B", "s": pair.a.router.secret}).encode()
+
+    lines = logged_during(lambda: (old.dataReceived(_LENGTH.pack(len(hello)) + hello), wire.pump()))
+    assert wire.closed and pair.a.router.links == {}
+    assert any("link format 1" in line and "node B" in line for line in lines), lines
+
+
+def test_an_acceptor_of_another_link_format_is_not_dialled_again_until_it_announces_itself() -> None:
+    pair = Pair()
+    pair.a.start()
+    pair.b.start()
+    pair.tick()
+    factory = pair.a.reactor.tcpClients[0][2]
+    link = factory.buildProtocol(None)
+    transport = StringTransport()
+    link.makeConnection(transport)
+    answer = codec.dumps({"t": HI, "from": "B"}).encode()  # an old node's answer: no format named
+
+    lines = logged_during(lambda: link.dataReceived(_LENGTH.pack(len(answer)) + answer))
+    assert transport.disconnecting and pair.a.router.links == {}
+    assert any("link format 1" in line for line in lines), lines
+    link.connectionLost(Failure(ConnectionError("closed")))
+    pair.tick(60)
+    assert len(pair.a.reactor.tcpClients) == 1  # no redial: it would be refused again
+    assert pair.a.router.send("B", {"t": "tell", "n": 1}) and pair.a.bus_sends() == 1
+    pair.b.router.fallback.broadcast(pair.b.router._hello())  # B restarted (upgraded, maybe): dialled again
+    pair.tick()
+    assert len(pair.a.reactor.tcpClients) == 2
