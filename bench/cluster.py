@@ -7,16 +7,22 @@ One throw-away PostgreSQL 15 cluster (tests.fixtures.database.PostgresServer: in
 directory, run as ``postgres``; fsync on unless ``--pg-fsync off``) serves the whole command; every configuration
 below gets a fresh database of its own on it. Every node is ``twistd -n --pidfile= nanoiot --cluster --node-id N
 --database postgresql+psycopg2://... --jwt-key K --heartbeat-interval S --dead-after S`` (log level info, so that
-the node logs name what went wrong; nothing is logged per call at that level). Per run:
+the node logs name what went wrong; nothing is logged per call at that level).
+
+The devices (``--fleet``): ``c`` (the default when a C compiler is found), bench/mqtt_echo_fleet.c built by
+bench.echo_fleet: the same packets as ``nanoiot-sim --answer echo`` (MQTT 3.1.1, QoS 1 both ways, one write per
+packet) for ~20 µs of CPU per RPC, where the Python ``nanoiot-sim`` (``--fleet sim``) takes 55-80 µs on the same
+cores as the nodes (on a 2-core box that alone capped two processes at ~1.36x one). The fleet is in the JSON
+(``fleet``) and its CPU per call too (``sim_cpu_us_per_rpc``, whichever fleet it was). Per run:
 
 1. **routed** - two nodes, A and B, each on its own ports. K devices (``--devices``, 200) are inserted into the
-   database (bench.common.provision_devices) and connect to A's MQTT port with ``nanoiot-sim --answer echo`` (every
-   command answered with its own payload): A holds them all. Closed loop at each level C (``--levels``, 1 8 32):
-   ``POST /api/rpc/twoway/{deviceId}`` ``{"method":"echo","params":{"i":n}}``, device ids rotating over the K
-   devices, C keep-alive connections, the next call as soon as the answer is in; once to A (*local*: served by A's
-   device actor) and once to B (*routed*: B's REST front end sends the command to A over PostgreSQL NOTIFY, A's
-   actor sends it to the device, and the answer goes back to B the same way). The order of the two alternates from
-   run to run.
+   database (bench.common.provision_devices) and connect to A's MQTT port as ``nanoiot-sim --answer echo`` devices
+   (every command answered with its own payload; the fleet is above): A holds them all. Closed loop at each level C
+   (``--levels``, 1 8 32): ``POST /api/rpc/twoway/{deviceId}`` ``{"method":"echo","params":{"i":n}}``, device ids
+   rotating over the K devices, C keep-alive connections, the next call as soon as the answer is in; once to A
+   (*local*: served by A's device actor) and once to B (*routed*: B's REST front end sends the command to A over
+   PostgreSQL NOTIFY, A's actor sends it to the device, and the answer goes back to B the same way). The order of
+   the two alternates from run to run.
 2. **scale** - the same load against one node holding every device (``single``: still ``--cluster`` on
    PostgreSQL, as a cluster needs it), then against two nodes sharing the HTTP, MQTT and CoAP ports with
    ``--reuse-port`` (``dual``: what ``nanoiot run --processes 2`` starts): the devices connect through the shared
@@ -28,7 +34,7 @@ the node logs name what went wrong; nothing is logged per call at that level). P
 Each point: 1 s warmup (``--warmup``), then a ``--duration`` window (8 s): RPC/s, latency p50/p95/p99 of every
 call (wrk's), errors (status other than 2xx/3xx with the status codes counted, socket errors, timeouts), and CPU
 (utime + stime from /proc/PID/stat) over the window per call answered: each node, PostgreSQL (the postmaster and
-every backend), the simulator, the load generator, and "others' cores" (the rest of the machine, /proc/stat: the
+every backend), the device fleet, the load generator, and "others' cores" (the rest of the machine, /proc/stat: the
 noise of a shared box). Before each point the script waits (at most 30 s) for the nodes to idle, then (at most
 ``--quiet-wait`` s, 90) until the other processes of the machine used less than ``--max-others`` cores (0.25) over
 one second (recorded per point); a point during which they used more than ``--max-others-during`` (0.3) is
@@ -83,7 +89,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # 
 from rich.table import Table  # noqa: E402
 
 from bench.common import ROOT, TWISTD, Server, cpu_seconds, free_port, free_udp_port, machine, provision_devices  # noqa: E402
-from bench.common import start_fleet, write_result  # noqa: E402
+from bench.common import write_result  # noqa: E402
+from bench.echo_fleet import compiler, fleet_command, start_fleet  # noqa: E402
 from bench.loadgen import loadavg, wait_for_quiet  # noqa: E402
 from bench.rpc import PYSPY, WRK, HttpLoad, _children_cpu, _own_cpu, _system_busy  # noqa: E402
 from bench.rpc import summarize_profile as rpc_summarize_profile  # noqa: E402
@@ -281,7 +288,8 @@ def snapshot_code(work: Path, what: str) -> Path:
                                  capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", str(code)], input=archive.stdout, check=True)
     else:
-        shutil.copytree(ROOT / "nanoiot", code / "nanoiot", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        source = ROOT if what == "tree" else Path(what)  # --code PATH: that directory's nanoiot/
+        shutil.copytree(source / "nanoiot", code / "nanoiot", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return code
 
 
@@ -359,7 +367,8 @@ class Setup:
     def start_sim(self, mqtt_port: int) -> float:
         out = self.work / "sim.jsonl"
         self.sim_out = out
-        self.sim, elapsed = start_fleet(mqtt_port, self.work / "tokens.txt", out, cwd=self.work, env=self.env)
+        self.sim, elapsed = start_fleet(mqtt_port, self.work / "tokens.txt", out, cwd=self.work, env=self.env,
+                                        fleet=self.args.fleet)
         return elapsed
 
     def devices_per_node(self) -> dict[str, int]:
@@ -445,7 +454,8 @@ class Setup:
         counted = sum(node_cpu[n.node_id] for n in target.counted)
         per = lambda seconds: round(seconds / calls * 1e6, 1)  # noqa: E731
         row = {
-            "config": self.name, "mode": target.mode, "level": level, "loadavg_1m_before": round(load, 2),
+            "config": self.name, "mode": target.mode, "level": level, "fleet": self.args.fleet,
+            "loadavg_1m_before": round(load, 2),
             "quiet_wait_s": waited, "others_cores_before": others_before,
             **result,
             "span_s": round(elapsed, 2),
@@ -885,18 +895,26 @@ def main() -> None:
     parser.add_argument("--dual-bus", action="store_true",
                         help="scale: also two processes with --cluster-link-host '' (every message over NOTIFY)")
     parser.add_argument("--keep-work", action="store_true", help="keep node logs, sim output, py-spy stacks")
-    parser.add_argument("--code", choices=("head", "tree", "live"), default="head",
+    parser.add_argument("--code", default="head",
                         help="what the nodes run: head = a copy of the committed nanoiot/ (git archive HEAD), tree "
                              "= a copy of the work tree's nanoiot/ taken at the start, live = the work tree itself "
-                             "(which other engineers edit meanwhile)")
+                             "(which other engineers edit meanwhile), or a PATH: a copy of PATH/nanoiot/ taken at the "
+                             "start (an A/B against another version, e.g. a `git archive` of the baseline)")
+    parser.add_argument("--fleet", choices=("c", "sim"), default="c" if compiler() else "sim",
+                        help="the devices: c = bench/mqtt_echo_fleet.c (the same packets as nanoiot-sim, ~20 µs "
+                             "of CPU per RPC; default when a C compiler is found), sim = nanoiot-sim (Python)")
     parser.add_argument("--output", default="cluster", help="results file in bench/results (default cluster.json)")
     args = parser.parse_args()
+    if args.code not in ("head", "tree", "live") and not (Path(args.code) / "nanoiot").is_dir():
+        parser.error(f"--code: head, tree, live or a directory holding nanoiot/, not {args.code!r}")
     if args.client == "wrk" and not WRK:
         parser.error("wrk is not installed (apt-get install -y wrk), use --client python")
     if args.profile and not Path(PYSPY).exists():
         parser.error(f"--profile needs py-spy ({PYSPY}): .venv/bin/pip install py-spy")
     if args.dead_after <= 2 * args.heartbeat_interval:
         parser.error("--dead-after must be more than twice --heartbeat-interval")
+    if args.fleet == "c" and fleet_command(0, Path("tokens.txt"))[1] != "c":
+        parser.error("--fleet c needs a C compiler (cc, gcc, clang or $CC)")
     bin_dir, why = find_pg_bin()
     if bin_dir is None:
         parser.error(f"PostgreSQL not found: {why}")
@@ -931,7 +949,8 @@ def main() -> None:
     path = write_result(args.output, {
         "machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]), "git": git_at_start,
         "git_at_end": _git_state(),
-        "versions": versions, "settings": vars(args), "elapsed_s": round(time.time() - started, 1),
+        "versions": versions, "settings": vars(args), "fleet": args.fleet,
+        "elapsed_s": round(time.time() - started, 1),
         "summary": points, "targets": found, "setups": runner.setups, "runs": runner.rows,
         "discarded_noisy_points": runner.discarded, "code": {"mode": args.code, **snapshot},
         "work": str(work) if args.keep_work else None})

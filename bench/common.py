@@ -189,19 +189,21 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
 
 
 def start_fleet(mqtt_port: int, tokens_file: Path, out: Path, answer: str = "echo", cwd: Path | None = None,
-                env: dict[str, str] | None = None, extra: list[str] | None = None) -> tuple[subprocess.Popen, float]:
+                env: dict[str, str] | None = None, extra: list[str] | None = None,
+                command: list[str] | None = None) -> tuple[subprocess.Popen, float]:
     """``nanoiot-sim`` connecting every token of ``tokens_file`` (JSON lines to ``out``; ``extra``: more of its
     options); returns the process and the seconds until every device was connected, once their subscriptions had a
-    second to settle."""
+    second to settle. ``command``: another fleet's argv with the same JSON lines (bench.echo_fleet's C fleet)."""
     began = time.monotonic()
     sim = subprocess.Popen(
-        [sys.executable, "-m", "nanoiot.sim.fleet", "--port", str(mqtt_port), "--tokens-file", str(tokens_file),
-         "--answer", answer, "--hold", "100000", "--concurrency", "200", "--json", *(extra or [])],
+        command or [sys.executable, "-m", "nanoiot.sim.fleet", "--port", str(mqtt_port), "--tokens-file",
+                    str(tokens_file), "--answer", answer, "--hold", "100000", "--concurrency", "200", "--json",
+                    *(extra or [])],
         stdout=open(out, "w"), stderr=subprocess.STDOUT, cwd=cwd or ROOT, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if sim.poll() is not None:
-            raise RuntimeError(f"nanoiot-sim exited: {out.read_text()[-2000:]}")
+            raise RuntimeError(f"the device fleet exited: {out.read_text()[-2000:]}")
         for line in out.read_text().splitlines():
             if line.startswith("{") and json.loads(line).get("event") == "connected":
                 event = json.loads(line)
