@@ -6,7 +6,6 @@ applies the effects (write to a session, arm a timer, fire the caller's Deferred
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable
 from uuid import UUID
@@ -23,6 +22,7 @@ from nanoiot.actors.wakeups import Wakeups, wakeups_of
 from nanoiot.commands.events import DeviceCalled, DeviceOffline, DeviceOnline, EventStream, RpcStatusChanged
 from nanoiot.commands.server_methods import CallContext, ServerMethods
 from nanoiot.errors import ServiceUnavailable
+from nanoiot.jsontext import compact
 from nanoiot.persistence.records import Device, RpcRecord
 from nanoiot.rpc.model import NonJsonResponse, RpcCommand, RpcFailure, RpcResult, RpcStatus
 from nanoiot.rpc.queue import (
@@ -37,6 +37,7 @@ from nanoiot.rpc.queue import (
     StatusChanged,
     Timer,
 )
+from nanoiot.rpc.payload import loads as payload_json
 from nanoiot.port.session import Delivery, DeviceSession
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ log = Logger(namespace="nanoiot.device")
 
 def parse_device_payload(payload: bytes) -> Any:
     try:
-        return json.loads(payload)
+        return payload_json(payload)
     except (ValueError, RecursionError):  # a deeply nested payload must not kill the actor
         return NonJsonResponse(payload.decode("utf-8", "replace"))
 
@@ -381,7 +382,7 @@ class DeviceActor(ReactorActor):
             # The session may have closed while the method ran: then nobody is there to answer.
             target = self.sessions.get(msg.session_id)
             if target is not None:
-                target.send_reply(msg.request_id, json.dumps(value, separators=(",", ":")).encode())
+                target.send_reply(msg.request_id, compact(value))
 
         d.addCallback(reply)
         d.addErrback(lambda f: log.failure("device call failed", f))
@@ -506,7 +507,7 @@ class DeviceActor(ReactorActor):
     # --- effects --------------------------------------------------------------------------------------------------
 
     def _apply(self, effects: list[Effect]) -> None:
-        delivered_on_write: list[int] = []
+        delivered_on_write: list[int] | None = None  # made only when needed: QoS 0 writes, rare
         for effect in effects:
             # By exact type, the most frequent first (effects are final classes): ~10 effects per command.
             kind = type(effect)
@@ -528,11 +529,14 @@ class DeviceActor(ReactorActor):
                     durable.addCallbacks(self._sent_stored, self._sent_not_stored,
                                          callbackArgs=(effect.session_id, effect.pending.request_id))
                 elif self._send(effect):
+                    if delivered_on_write is None:
+                        delivered_on_write = []
                     delivered_on_write.append(effect.pending.request_id)
             elif kind is Finished:
                 self._finished(effect)
-        for request_id in delivered_on_write:
-            self._apply(self.queue.acked(request_id, self.now()))
+        if delivered_on_write is not None:
+            for request_id in delivered_on_write:
+                self._apply(self.queue.acked(request_id, self.now()))
 
     def _finished(self, effect: Finished) -> None:
         if self._inserts_pending and effect.rpc_id in self._inserts_pending:
@@ -555,7 +559,9 @@ class DeviceActor(ReactorActor):
     def _journal(self, pending: PendingRpc, status: RpcStatus, response: Any) -> None:
         command = pending.command
         journal = self.ctx.journal
-        first = command.rpc_id == self._inserting
+        inserting = self._inserting
+        # UUID.__eq__ is pure Python: the same object (the usual case) or no insert under way answers without it.
+        first = inserting is not None and (command.rpc_id is inserting or command.rpc_id == inserting)
         if first:
             self._inserting = None  # only the first status change of a new command is its insert
             if status is RpcStatus.QUEUED:
@@ -590,7 +596,7 @@ class DeviceActor(ReactorActor):
             pass  # a one-way command acknowledged: its SUCCESSFUL follows in this same step, one journal entry for both
         elif status is RpcStatus.SENT:
             sent = self._sent_in_insert
-            if sent is not None and sent[0] == command.rpc_id:
+            if sent is not None and (sent[0] is command.rpc_id or sent[0] == command.rpc_id):
                 self._sent_in_insert = None
                 self._sent_durable[pending.request_id] = sent[1]  # the insert says SENT: written once it is durable
             else:
@@ -705,7 +711,7 @@ class DeviceActor(ReactorActor):
 
 def _call_method(payload: bytes) -> str | None:
     try:
-        method = json.loads(payload).get("method")
+        method = payload_json(payload).get("method")
     except (ValueError, AttributeError, RecursionError):
         return None
     return method if isinstance(method, str) else None

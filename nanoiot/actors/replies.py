@@ -18,7 +18,9 @@ from twisted.logger import Logger
 log = Logger(namespace="nanoiot.actors")
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, for the cost of a frozen __init__ (one per call), yet hashed by its fields as before (unsafe_hash):
+# the cluster keys its routed calls by it. Never changed once made.
+@dataclass(slots=True, unsafe_hash=True)
 class ReplyTo:
     """Where an answer goes: ``node`` ("" or this node's name for a local caller) and the caller's correlation."""
 

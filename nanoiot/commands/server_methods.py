@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import json
 from dataclasses import dataclass
 from typing import Any, Callable
 from uuid import UUID
@@ -29,8 +28,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from nanoiot.errors import ConfigError, NanoError
+from nanoiot.jsontext import compact
 from nanoiot.persistence.records import Device
 from nanoiot.rpc.model import RpcResult
+from nanoiot.rpc.payload import loads as payload_json
 
 #: A handler receives the calling device, the params and a context, and returns a value or a Deferred of one.
 Handler = Callable[["CallContext", Any], Any]
@@ -102,7 +103,7 @@ class ServerMethods:
     def call(self, context: CallContext, payload: bytes) -> Deferred:
         """Answer one call; the Deferred always fires with a JSON-able value (errors become ``{"error": ...}``)."""
         try:
-            request = json.loads(payload)
+            request = payload_json(payload)
             method = request["method"]
             if not isinstance(method, str) or not isinstance(request, dict):
                 raise TypeError
@@ -129,7 +130,7 @@ def _answer(value: Any, method: str) -> Any:
             assert value.failure is not None
             value = {"error": f"{value.failure.value}: {value.failure.description}"}
     try:
-        json.dumps(value)
+        compact(value)  # json.dumps's check, with the encoder built once
     except (TypeError, ValueError) as exc:
         return {"error": f"{method} failed: its result is not JSON ({exc})"}
     return value

@@ -98,7 +98,8 @@ class RpcCommand:
     batch_id: UUID | None = None
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen (never changed once made), for the cost of its __init__: see RpcBody. One per command outcome.
+@dataclass(slots=True)
 class RpcResult:
     """How a command ended, for whoever waits on it (the REST caller)."""
 

@@ -3,7 +3,6 @@ to ThingsBoard's error body in one place."""
 
 from __future__ import annotations
 
-import json
 import re
 from inspect import iscoroutine
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from nanoiot.errors import (AuthenticationFailed, BadRequest, MethodNotAllowed, 
 from nanoiot.web.http_limits import LimitedRequest
 from nanoiot.web.tokens import Principal, TokenIssuer
 from nanoiot.jsontext import compact
+from nanoiot.rpc.payload import loads as json_loads
 
 log = Logger(namespace="nanoiot.web")
 
@@ -30,8 +30,6 @@ log = Logger(namespace="nanoiot.web")
 NO_BODY = object()
 #: Matched paths a Router remembers at most (then it starts again).
 MAX_MATCHES_KEPT = 10_000
-#: ``json.loads``'s own decoder for text (no hooks).
-_decode = json.JSONDecoder().decode
 
 
 @dataclass
@@ -77,11 +75,7 @@ class ApiRequest:
     def json_body(self) -> Any:
         raw = self.raw_body()
         try:
-            if raw[:1] == b"{" and raw[1:2] != b"\x00":
-                # What json.loads does with such bytes (its encoding detection can only say UTF-8 for them),
-                # without the detection: a JSON object is every RPC's body.
-                return _decode(raw.decode("utf-8", "surrogatepass"))
-            return json.loads(raw)
+            return json_loads(raw)  # json.loads, without its encoding detection for a JSON object (every RPC body)
         except (ValueError, RecursionError):  # RecursionError: a body nested thousands of levels deep
             raise BadRequest("Invalid request body") from None
 
@@ -222,7 +216,7 @@ class JsonApi(Resource):
             return NOT_DONE_YET
         # Handlers return a value, a Deferred or a coroutine; only the last needs ensureDeferred (the RPC handler,
         # the hot path, returns the actor's Deferred: no coroutine machinery per call).
-        if isinstance(result, Deferred):
+        if type(result) is Deferred or isinstance(result, Deferred):  # isinstance alone: ABCMeta's slow check
             d = result
         elif iscoroutine(result):
             d = ensureDeferred(result)

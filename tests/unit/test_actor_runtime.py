@@ -294,6 +294,31 @@ def test_a_tell_on_the_reactor_thread_queues_the_bare_message_and_keeps_order_wi
     assert result_of(asked) == "two"
 
 
+def test_pykkas_own_messages_told_still_reach_pykka_and_a_tuple_message_reaches_on_receive(clock: ReactorClock) -> None:
+    journal: list[Any] = []
+    ref = Probe.start(journal)
+    ref.proxy().on_receive.defer("by proxy")  # a ProxyCall told: Pykka's _handle_receive runs it
+    ref.tell(("a", "tuple"))  # a tuple that is not one of Pykka's messages: on_receive, as before
+    ref.tell(_ActorStop())  # Pykka's stop message told
+    clock.advance(0)
+    assert journal == [("probe", "start"), "by proxy", ("a", "tuple"), ("probe", "stop")]
+    assert not ref.is_alive()
+
+
+def test_a_class_that_overrides_pykkas_handle_receive_gets_every_told_message_there(clock: ReactorClock) -> None:
+    class Intercepting(Probe):
+        def _handle_receive(self, message: Any) -> Any:
+            self.journal.append(("intercepted", message))
+            return super()._handle_receive(message)
+
+    journal: list[Any] = []
+    ref = Intercepting.start(journal)
+    ref.tell("told")
+    clock.advance(0)
+    assert journal == [("probe", "start"), ("intercepted", "told"), "told"]
+    assert Probe._plain_receive and not Intercepting._plain_receive
+
+
 def test_the_inbox_gives_pykka_an_envelope_for_a_bare_tell(clock: ReactorClock) -> None:
     ref = Probe.start()
     ref.tell("told")
