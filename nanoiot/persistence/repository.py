@@ -930,29 +930,28 @@ def _rpc_rows(records: Sequence[RpcRecord], key: Callable[[UUID | None], Any]) -
     shared ids are converted once per object, not per row: a bulk RPC's commands share their params, origin,
     tenant and batch (the same objects), and JSON encoding was ~6 µs of the database thread per row. Keyed by
     ``id()``, valid while ``records`` holds the objects (this call)."""
-    texts: dict[int, str | None] = {}
-    keys: dict[int, Any] = {}
-
-    def dump(value: Any) -> str | None:
-        if value is None:
-            return None
-        text = texts.get(id(value))
-        if text is None:
-            text = texts[id(value)] = _dump(value)
-        return text
-
-    def shared_key(value: UUID | None) -> Any:
-        if value is None:
-            return None
-        found = keys.get(id(value))
-        if found is None:
-            found = keys[id(value)] = key(value)
-        return found
-
+    dump = _per_object(_dump)
+    shared_key = _per_object(key)
     return [(key(r.id), r.seq, r.created_time, shared_key(r.tenant_id), key(r.device_id), r.expiration_time,
              bool(r.oneway), r.method, dump(r.params), _status_text(r.status), dump(r.response),
              dump(r.additional_info), r.retries, shared_key(r.user_id), r.attempts, dump(r.initiator),
              shared_key(r.batch_id)) for r in records]
+
+
+def _per_object(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``convert`` remembering its result per object (by ``id()``: only while the caller holds the objects); None
+    stays None."""
+    done: dict[int, Any] = {}
+
+    def converted(value: Any) -> Any:
+        if value is None:
+            return None
+        found = done.get(id(value))
+        if found is None:
+            found = done[id(value)] = convert(value)
+        return found
+
+    return converted
 
 
 def _status_text(status: Any) -> str:

@@ -329,7 +329,8 @@ def test_stop_closes_every_link_and_the_bus() -> None:
     assert pair.b.router.links == {}
 
 
-def test_the_dialler_sends_its_name_and_the_secret_first() -> None:
+def dialled_by_a() -> tuple[Pair, Link, StringTransport]:
+    """A has heard B's announcement and dialled it: the link A's dialler made, on a transport of its own."""
     pair = Pair()
     pair.a.start()
     pair.b.start()
@@ -338,6 +339,11 @@ def test_the_dialler_sends_its_name_and_the_secret_first() -> None:
     link = factory.buildProtocol(None)
     transport = StringTransport()
     link.makeConnection(transport)
+    return pair, link, transport
+
+
+def test_the_dialler_sends_its_name_and_the_secret_first() -> None:
+    pair, link, transport = dialled_by_a()
     (size,) = _LENGTH.unpack_from(transport.value())
     first = codec.loads(transport.value()[4:4 + size].decode())
     assert first == {"t": HI, "from": "A", "s": pair.b.router.secret, "v": codec.LINK_FORMAT}
@@ -385,14 +391,7 @@ def test_a_dialler_of_another_link_format_is_refused_with_a_reason() -> None:
 
 
 def test_an_acceptor_of_another_link_format_is_not_dialled_again_until_it_announces_itself() -> None:
-    pair = Pair()
-    pair.a.start()
-    pair.b.start()
-    pair.tick()
-    factory = pair.a.reactor.tcpClients[0][2]
-    link = factory.buildProtocol(None)
-    transport = StringTransport()
-    link.makeConnection(transport)
+    pair, link, transport = dialled_by_a()
     answer = codec.dumps({"t": HI, "from": "B"}).encode()  # an old node's answer: no format named
 
     lines = logged_during(lambda: link.dataReceived(_LENGTH.pack(len(answer)) + answer))

@@ -288,7 +288,9 @@ def test_without_a_limit_no_connection_is_counted() -> None:
 # --- a caller that leaves before its answer ---------------------------------------------------------------------------
 
 
-def test_a_json_request_whose_client_leaves_cancels_its_handler_once_and_writes_nothing() -> None:
+def waiting_request() -> tuple[Any, Client, list[Any], list[Any]]:
+    """A JSON API whose one handler waits (its Deferred in ``pending``, the cancelled ones in ``cancelled``) and a
+    client whose request it is handling."""
     from twisted.internet.defer import Deferred
 
     from nanoiot.web.routing import JsonApi, Router
@@ -310,6 +312,11 @@ def test_a_json_request_whose_client_leaves_cancels_its_handler_once_and_writes_
     site.set_limits(HttpLimits(clock))
     client = Client(site)
     client.send(b"POST /api/wait HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    return api, client, pending, cancelled
+
+
+def test_a_json_request_whose_client_leaves_cancels_its_handler_once_and_writes_nothing() -> None:
+    api, client, pending, cancelled = waiting_request()
     assert len(pending) == 1 and api.waiting and client.written == b""
     client.lose()
     assert cancelled == pending  # the router's errback saw the loss: the handler's Deferred is cancelled
@@ -319,27 +326,7 @@ def test_a_json_request_whose_client_leaves_cancels_its_handler_once_and_writes_
 
 
 def test_a_json_request_answered_before_its_client_leaves_is_not_cancelled() -> None:
-    from twisted.internet.defer import Deferred
-
-    from nanoiot.web.routing import JsonApi, Router
-    from nanoiot.web.tokens import TokenIssuer
-
-    clock = task.Clock()
-    cancelled: list[Deferred] = []
-    pending: list[Deferred] = []
-
-    def handler(request: Any) -> Deferred:
-        d: Deferred = Deferred(cancelled.append)
-        pending.append(d)
-        return d
-
-    router = Router()
-    router.add("POST", "/api/wait", handler, authenticated=False)
-    api = JsonApi(router, TokenIssuer(b"k" * 64, 60, 60, clock), clock, 1000)
-    site = QuietSite(api, reactor=clock)
-    site.set_limits(HttpLimits(clock))
-    client = Client(site)
-    client.send(b"POST /api/wait HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    api, client, pending, cancelled = waiting_request()
     pending[0].callback({"ok": 1})
     assert client.status() == 200 and client.written.endswith(b'{"ok":1}')
     client.lose()
