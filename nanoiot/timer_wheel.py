@@ -11,6 +11,7 @@ timer is left, so idle owners leave the reactor nothing.
 from __future__ import annotations
 
 import heapq
+import math
 from typing import Any, Generic, Hashable, TypeVar
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -44,6 +45,10 @@ class TimerWheel(Generic[Owner]):
 
     def __len__(self) -> int:
         return sum(len(owners) for owners in self._slots.values())
+
+    def slot_at(self, seconds: float) -> int:
+        """The slot of the clock time ``seconds``, rounded up: a timer in it is never told early."""
+        return math.ceil(seconds / self.resolution)
 
     def add(self, owner: Owner, slot: int) -> None:
         """Tell ``owner`` once the clock reaches ``slot`` × ``resolution`` seconds."""

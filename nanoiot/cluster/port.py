@@ -17,7 +17,6 @@ Rules (docs/architecture.md, "The cluster", has the drawing):
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -70,10 +69,6 @@ class _Deadlines(TimerWheel[ReplyTo]):
     def __init__(self, clock: IReactorTime, expired: Any) -> None:
         super().__init__(clock, resolution=DEADLINE_RESOLUTION)
         self.expired = expired
-
-    def slot_after(self, seconds: float) -> int:
-        """The slot of a deadline ``seconds`` from now (rounded up: never early)."""
-        return math.ceil((self.clock.seconds() + seconds) / self.resolution)
 
     def _due(self, owners: dict[ReplyTo, None]) -> None:
         for reply_to in owners:
@@ -259,7 +254,7 @@ class ClusterPort:
         self._routed[reply_to] = self._deadline(node, lightweight, reply_to, wait_ms)
 
     def _deadline(self, node: str, lightweight: bool, reply_to: ReplyTo, wait_ms: int) -> _Routed:
-        slot = self._deadlines.slot_after(wait_ms / 1000.0)
+        slot = self._deadlines.slot_at(self.clock.seconds() + wait_ms / 1000.0)
         self._deadlines.add(reply_to, slot)
         return _Routed(node, lightweight, slot)
 

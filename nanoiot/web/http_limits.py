@@ -13,18 +13,14 @@ Once a request is complete (a long poll waiting, a WebSocket taken over) no dead
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString, unquote
-from twisted.web.resource import _IEncodingResource
+from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.server import Request
-from twisted.web.server import version as server_version
 
 from nanoiot.errors import NanoError, PayloadTooLarge
 from nanoiot.limits import Counter
@@ -84,30 +80,11 @@ def raw_error_response(error: NanoError, now_ms: int) -> bytes:
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
-class HttpDate:
-    """``datetimeToString()`` (the HTTP Date of the current second), formatted once a second, not per response."""
-
-    __slots__ = ("second", "text")
-
-    def __init__(self) -> None:
-        self.second = -1
-        self.text = b""
-
-    def __call__(self) -> bytes:
-        second = int(time.time())
-        if second != self.second:
-            self.text = datetimeToString(second)
-            self.second = second
-        return self.text
-
-
 class LimitedRequest(Request):
     """Counts a body as it arrives: a chunked body (no ``Content-Length``) is refused once it passes the limit."""
 
     body_limit = 0
     _body_received = 0
-    #: The Date header's text, shared by the requests of every connection.
-    http_date = HttpDate()
     #: Called once, with no argument, if the connection is lost before the response was finished: what an errback
     #: on ``notifyFinish()`` hears, without a Deferred per request (the JSON router's waiting requests use it).
     on_lost: Callable[[], None] | None = None
@@ -118,27 +95,6 @@ class LimitedRequest(Request):
         if on_lost is not None:
             self.on_lost = None
             on_lost()
-
-    def process(self) -> None:
-        """twisted.web's ``server.Request.process`` (Twisted 26.10, line for line), but for the Date header's text,
-        made once a second instead of formatted anew for every request."""
-        self.site = self.channel.site
-        self.setHeader(b"Server", server_version)
-        self.setHeader(b"Date", self.http_date())
-        self.prepath = []
-        self.postpath = list(map(unquote, self.path[1:].split(b"/")))
-        if self.path == b"*":
-            self._handleStar()
-            return
-        try:
-            resrc = self.site.getResourceFor(self)
-            if _IEncodingResource.providedBy(resrc):
-                encoder = resrc.getEncoder(self)
-                if encoder is not None:
-                    self._encoder = encoder
-            self.render(resrc)
-        except BaseException:
-            self.processingFailed(Failure())
 
     def handleContentChunk(self, data: bytes) -> None:
         self._body_received += len(data)

@@ -9,7 +9,6 @@ and a dict delete.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IReactorTime
@@ -33,7 +32,7 @@ class Deadlines(TimerWheel[Any]):
 
     def set(self, owner: DeadlineOwner, at: float) -> None:
         """``owner.deadline_passed()`` once the clock reaches ``at`` (replacing the deadline it had)."""
-        slot = math.ceil(at / self.resolution)
+        slot = self.slot_at(at)
         old = owner.deadline_slot
         if old == slot:
             return
