@@ -31,7 +31,7 @@ from nanoiot.commands.service import CommandService, Initiator
 from nanoiot.config import Config
 from nanoiot.demo import DemoData, banner, seed_demo
 from nanoiot.errors import BadRequest, ServiceUnavailable
-from nanoiot.ids import uuid4  # no getrandom call per command a server method sends
+from nanoiot.ids import uuid7  # a time-ordered RPC id, no getrandom call per command a server method sends
 from nanoiot.limits import KeyedLimiter, parse_rates
 from nanoiot.logs import LogTarget, make_observer, rotate_on_signal
 from nanoiot.metrics import ServerMetrics, pending_commands
@@ -288,7 +288,7 @@ class NanoService(MultiService):
         target_id = device_id if isinstance(device_id, UUID) else UUID(str(device_id))
         now = int(self.reactor.seconds() * 1000)
         body = RpcBody(method=method, params=params, timeout=int(timeout_ms), expiration_time=now + int(timeout_ms),
-                       persistent=False, retries=None, additional_info=None, request_uuid=uuid4(), qos=None)
+                       persistent=False, retries=None, additional_info=None, request_uuid=uuid7(), qos=None)
         return self.commands.submit(Initiator(caller.tenant_id, device_id=caller.id), target_id, body, oneway)
 
     def _listen(self, port: int, factory: Any) -> IListeningPort:

@@ -44,7 +44,7 @@ from nanoiot.actors import messages as m
 from nanoiot.commands.events import RpcStatusChanged
 from nanoiot.commands.service import ChunkOutcome, CommandService, Initiator
 from nanoiot.errors import BadRequest, NanoError, NotFound, PermissionDenied
-from nanoiot.ids import uuid4
+from nanoiot.ids import uuid4, uuid7
 from nanoiot.persistence.batch_store import BatchRecord, BatchStore
 from nanoiot.persistence.records import Device, RpcStatus
 from nanoiot.rpc.body import RpcBody, parse_rpc_body
@@ -345,7 +345,7 @@ class BulkRpc(Service):
             part = targets[start:start + chunk]
             progress.in_flight += len(part)
             bodies = [(device, RpcBody(t.method, t.params, t.timeout, t.expiration_time, True, t.retries,
-                                       t.additional_info, uuid4(), t.qos)) for device in part]
+                                       t.additional_info, uuid7(), t.qos)) for device in part]
             # One Deferred for the chunk, fired once each command is stored or refused (CommandService.submit_stored).
             service.submit_stored(initiator, bodies, oneway).addCallbacks(
                 done, lost, callbackArgs=(len(part),), errbackArgs=(len(part),))

@@ -124,6 +124,9 @@ RPC_SORTS: dict[str, ColumnElement[Any]] = {
 }
 
 ACTIVE_RPC_STATUSES: Final = tuple(s for s in RpcStatus if not s.is_terminal)
+_ACTIVE_VALUES: Final = sorted(s.value for s in ACTIVE_RPC_STATUSES)
+#: Every command not finished yet, in seq order: a scan of the partial index ``ix_rpc_active_seq`` alone.
+ACTIVE_RPCS_QUERY: Final = select(rpcs).where(schema.ACTIVE_RPC).order_by(rpcs.c.seq)
 TERMINAL_RPC_STATUSES: Final = tuple(s for s in RpcStatus if s.is_terminal)
 
 
@@ -671,11 +674,15 @@ class Repository:
 
     def load_active_rpcs(self, statuses: Iterable[RpcStatus] = ACTIVE_RPC_STATUSES) -> Deferred[list[RpcRecord]]:
         """The RPCs in these statuses, by device then ``seq``: each device's queue, to resume after a restart."""
-        wanted = [RpcStatus(s).value for s in statuses]
+        wanted = sorted(RpcStatus(s).value for s in statuses)
+        # The active ones through their partial index (its literal condition), in seq order; by device here.
+        query = (ACTIVE_RPCS_QUERY if wanted == _ACTIVE_VALUES
+                 else select(rpcs).where(rpcs.c.status.in_(wanted)).order_by(rpcs.c.seq))
 
         def thd(conn: Connection) -> list[RpcRecord]:
-            query = select(rpcs).where(rpcs.c.status.in_(wanted)).order_by(rpcs.c.device_id, rpcs.c.seq)
-            return [_rpc(row) for row in conn.execute(query)]
+            records = [_rpc(row) for row in conn.execute(query)]
+            records.sort(key=_by_device)  # stable: each device's keep their seq order
+            return records
 
         return self._run(thd)
 
@@ -696,8 +703,7 @@ class Repository:
         """RPCs not yet in a terminal status, of one device, one tenant, or all (for limits and metrics)."""
 
         def thd(conn: Connection) -> int:
-            query = select(func.count()).select_from(rpcs).where(
-                rpcs.c.status.in_([s.value for s in ACTIVE_RPC_STATUSES]))
+            query = select(func.count()).select_from(rpcs).where(schema.ACTIVE_RPC)
             if device_id is not None:
                 query = query.where(rpcs.c.device_id == device_id)
             if tenant_id is not None:
@@ -1192,6 +1198,10 @@ def _credentials_values(record: DeviceCredentials) -> dict[str, Any]:
     return dict(id=record.id, created_time=record.created_time, device_id=record.device_id,
                 credentials_type=record.credentials_type, credentials_id=record.credentials_id,
                 credentials_value=record.credentials_value, version=record.version)
+
+
+def _by_device(record: RpcRecord) -> UUID:
+    return record.device_id
 
 
 def _rpc(row: Row[Any]) -> RpcRecord:

@@ -22,7 +22,7 @@ at the current head, and review it (autogenerate misses renames, and server defa
     nanoiot db --database sqlite:////tmp/dev.db upgrade
     nanoiot db --database sqlite:////tmp/dev.db revision -m "add device.firmware" --autogenerate
 
-That writes ``migrations/versions/0006_add_device_firmware.py``. Write it so that it runs on SQLite and
+That writes ``migrations/versions/0007_add_device_firmware.py``. Write it so that it runs on SQLite and
 PostgreSQL (``op.batch_alter_table`` for what SQLite's ALTER TABLE cannot do), then run
 ``tests/integration/test_migrations.py``: it checks on both databases that the revisions give exactly what
 ``create_all`` gives, and that databases of every older release are upgraded in place.
@@ -62,6 +62,8 @@ from sqlalchemy import (
     text,
     true,
 )
+
+from nanoiot.rpc.model import RpcStatus
 
 
 #: Deterministic constraint names: the repository recognises a violated constraint by its name.
@@ -164,12 +166,21 @@ rpc = Table(
     Column("initiator", Text),
     #: The bulk batch it belongs to (schema 4).
     Column("batch_id", Uuid),
-    Index(None, "device_id", "status", "seq"),  # a device's queue, in order
+    # No index holds ``status`` but the partial one below: a command's status changes two or three times, and each
+    # index keyed by it had to move the row's entry every time (schema 6; bench/throughput.py --channels bulk).
+    Index(None, "device_id", "seq"),  # a device's commands, in order (its queue: with ACTIVE_RPC below)
     Index(None, "batch_id"),  # a batch's commands
-    Index(None, "tenant_id", "status"),  # active counts
-    Index(None, "status", "expiration_time"),  # expiry scans
-    Index(None, "status", "created_time"),  # clean-up of old finished RPCs
+    Index(None, "created_time"),  # clean-up of old finished RPCs
+    Index(None, "seq"),  # SQLite's next seq (max + 1) without reading every row; appended to, never moved
 )
+
+#: The literal condition of the active-commands index: a query uses that index only when its WHERE has this very
+#: condition (SQLite cannot match bound parameters against a partial index's literals).
+ACTIVE_RPC = text("status IN (" + ", ".join(f"'{s.value}'" for s in RpcStatus if not s.is_terminal) + ")")
+
+#: The commands not finished yet, in order (started back after a restart): only they are in this index, so a
+#: finished command leaves it once and a table of millions of finished ones is not scanned at start.
+Index("ix_rpc_active_seq", rpc.c.seq, sqlite_where=ACTIVE_RPC, postgresql_where=ACTIVE_RPC)
 
 # --- cluster mode (schema 3): several nodes sharing one PostgreSQL database ------------------------------------------
 

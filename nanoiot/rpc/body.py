@@ -8,7 +8,7 @@ from typing import Any
 from uuid import UUID
 
 from nanoiot.errors import BadRequest
-from nanoiot.ids import uuid4
+from nanoiot.ids import uuid7
 from nanoiot.validation import json_depth, shown
 
 _MISSING = object()
@@ -56,7 +56,7 @@ def parse_rpc_body(
     now: int,
     default_timeout: int,
     min_timeout: int,
-    new_uuid: Any = uuid4,
+    new_uuid: Any = uuid7,
 ) -> RpcBody:
     """``expirationTime`` is used as given; otherwise ``now + max(min_timeout, timeout)`` (ThingsBoard's rule)."""
     if not isinstance(raw, dict):

@@ -52,7 +52,7 @@ from nanoiot.actors.replies import Replies, ReplyTo
 from nanoiot.commands.events import EventStream, RpcStatusChanged
 from nanoiot.commands.service import CommandService, Initiator
 from nanoiot.errors import ErrorCode, NanoError, NotFound, TooManyRequests
-from nanoiot.ids import uuid4
+from nanoiot.ids import uuid7
 from nanoiot.persistence.records import NULL_UUID, Device, RelationRecord, RuleChainRecord
 from nanoiot.persistence.rule_store import COMMON, RuleStore
 from nanoiot.rpc.body import RpcBody
@@ -555,7 +555,7 @@ class RuleService(MultiService):
         user_id = origin.user_id if isinstance(origin, CallerOrigin) else None
         if request_uuid is None or (caller is None and isinstance(origin, CallerOrigin)
                                     and request_uuid == origin.request_uuid):
-            request_uuid = uuid4()  # a second command made from one user's command gets an id of its own
+            request_uuid = uuid7()  # a second command made from one user's command gets an id of its own
         now = self._now()
         body = RpcBody(method=method, params=params, timeout=max(0, expiration_time - now),
                        expiration_time=expiration_time, persistent=persistent, retries=retries,

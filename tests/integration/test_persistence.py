@@ -29,7 +29,7 @@ from nanoiot.persistence.records import (
     RpcStatus,
     SortOrder,
 )
-from nanoiot.persistence.repository import UNCHANGED, Repository
+from nanoiot.persistence.repository import ACTIVE_RPCS_QUERY, UNCHANGED, Repository
 
 T0 = 1_700_000_000_000  # epoch ms of the controlled clock
 
@@ -705,6 +705,40 @@ async def test_active_rpcs_load_grouped_by_device_in_seq_order(repository):
     assert loaded == expected
     assert [r.id for r in await repository.load_active_rpcs([RpcStatus.QUEUED])] == [
         r.id for r in expected if r.status is RpcStatus.QUEUED]
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_unfinished_rpc_loads_by_device_through_the_partial_index(repository):
+    """At start every command not finished (TIMEOUT too: it may be retried) comes back, each device's in seq order,
+    read from ``ix_rpc_active_seq`` alone: no status change moves an entry of any other index (schema 6)."""
+    tenant = await repository.create_tenant("Acme")
+    d1 = await new_device(repository, tenant.id, "one")
+    d2 = await new_device(repository, tenant.id, "two")
+    inserted = []
+    for device_id, status in [(d2.id, RpcStatus.TIMEOUT), (d1.id, RpcStatus.SENT), (d2.id, RpcStatus.SUCCESSFUL),
+                              (d1.id, RpcStatus.QUEUED), (d2.id, RpcStatus.DELIVERED), (d1.id, RpcStatus.FAILED)]:
+        inserted += await repository.insert_rpcs([make_rpc(tenant.id, device_id, status=status)])
+    await repository.update_rpc_statuses([(inserted[1].id, RpcStatus.SUCCESSFUL, UNCHANGED, None, None)])  # leaves it
+    expected = sorted((r for r in inserted if not r.status.is_terminal and r.id != inserted[1].id),
+                      key=lambda r: (r.device_id.hex, r.seq))
+    assert [r.id for r in await repository.load_active_rpcs()] == [r.id for r in expected]
+
+    def plan(conn: Any) -> str:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql("SET LOCAL enable_seqscan = off")  # a few rows: the planner would scan the table
+            compiled = ACTIVE_RPCS_QUERY.compile(conn)
+            return " ".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + str(compiled), compiled.params))
+        compiled = ACTIVE_RPCS_QUERY.compile(conn)
+        return " ".join(r[-1] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + str(compiled)))
+
+    used = await repository._run(plan)
+    if used.startswith("SCAN"):  # SQLite: the index's own order, no sort
+        assert used == "SCAN rpc USING INDEX ix_rpc_active_seq", used
+        # and the next seq of an insert is the last entry of ix_rpc_seq, not a read of every row
+        assert await repository._run(lambda conn: [r[-1] for r in conn.exec_driver_sql(
+            "EXPLAIN QUERY PLAN SELECT coalesce(max(seq), 0) FROM rpc")]) == ["SEARCH rpc USING COVERING INDEX ix_rpc_seq"]
+    else:
+        assert "ix_rpc_active_seq" in used and "Seq Scan" not in used and "ix_rpc_device" not in used, used
 
 
 @pytest_twisted.ensureDeferred

@@ -4,7 +4,7 @@ import copy
 import pickle
 from uuid import UUID, SafeUUID
 
-from nanoiot.ids import uuid4
+from nanoiot.ids import uuid4, uuid7
 
 
 def test_uuid4_is_a_plain_version_4_uuid() -> None:
@@ -43,3 +43,20 @@ def test_uuid4_pickles_copies_and_refuses_changes_like_uuid() -> None:
 
 def test_uuid4_values_differ() -> None:
     assert len({uuid4() for _ in range(1000)}) == 1000
+
+
+def test_uuid7_is_a_plain_version_7_uuid_carrying_its_millisecond() -> None:
+    at = 1_796_140_800_123_456_789  # 2026-12-02, in ns
+    for _ in range(600):  # crosses a refill of the 4 KiB pool
+        value = uuid7(at)
+        assert type(value) is UUID and value.version == 7 and value.variant == "specified in RFC 4122"
+        assert value.int >> 80 == at // 1_000_000
+        assert UUID(str(value)) == value and pickle.loads(pickle.dumps(value)) == value
+
+
+def test_uuid7_sorts_by_time_a_millisecond_apart_and_stays_random_within_one() -> None:
+    base = 1_796_140_800_000_000_000
+    ids = [uuid7(base + ms * 1_000_000) for ms in range(200) for _ in range(5)]
+    assert [u.int >> 80 for u in sorted(ids)] == sorted(u.int >> 80 for u in ids)
+    assert len({u.int & ((1 << 62) - 1) for u in ids}) == len(ids)  # the random tail differs
+    assert sorted(map(str, ids)) == list(map(str, sorted(ids)))  # text order (SQLite's CHAR(32)) is time order
