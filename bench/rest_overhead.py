@@ -1,10 +1,11 @@
 """REST RPC overhead: a two-way RPC's server CPU against a bare twisted.web JSON request, in the same run.
 
-    python bench/rest_overhead.py                  # 3 runs x 5 rounds of 5 s windows, C=64, 1,000 devices (~8 min)
-    python bench/rest_overhead.py --short          # regression: 1 run x 5 rounds of 4 s windows (~2 min)
+    python bench/rest_overhead.py                  # 3 runs x 5 rounds of 5 s windows, C=64, 1,000 devices (~10 min)
+    python bench/rest_overhead.py --short          # regression: 1 run x 5 rounds of 4 s windows (~2.5 min)
     python bench/rest_overhead.py --baseline /tmp/before   # A/B: also a NanoIoT from a copy of the tree before a change
     python bench/rest_overhead.py --runs 1 --rounds 2 --profile   # py-spy NanoIoT during its last window
     python bench/rest_overhead.py --runs 1 --baseline-args "--metrics off"   # this tree with other server options
+    python bench/rest_overhead.py --runs 2 --floors floor,floor+jwt,floor+flush,floor+flush+jwt   # every floor
 
 Every request is the same, made by wrk with bench/rpc.py's Lua script (``POST /api/rpc/twoway/<deviceId>``,
 ``{"method":"echo","params":{"i":n}}``, an ``X-Authorization: Bearer`` header, device ids rotating), over C
@@ -13,6 +14,19 @@ keep-alive connections from one wrk thread; each window is preceded by a 1 s wrk
 - **bare**: this file's ``--bare-server PORT``: a twisted.web ``Site`` (epoll reactor as under twistd,
   ``parsePOSTFormSubmission=False``, no access log, as NanoIoT's site) whose one leaf resource parses the JSON POST
   and answers it as JSON with a Content-Length. The floor of any REST request on this machine.
+- **floor** (``--floors``, default ``floor``; ``--floors ''`` leaves it out): this file's ``--floor-server``: the
+  least any server can do for the same request as a two-way RPC. The bare target's site (same QuietSite settings)
+  whose leaf parses the JSON POST, takes the device id from the URL, writes one MQTT 3.1.1 PUBLISH QoS 1
+  (``v1/devices/me/rpc/request/<n>``, the ``{"method","params"}`` JSON) to that device's connection, returns
+  NOT_DONE_YET, and answers with the payload of the device's ``v1/devices/me/rpc/response/<n>`` PUBLISH (PUBACKed);
+  plus the least MQTT server the devices need (CONNECT with the access token as user name -> CONNACK, SUBSCRIBE ->
+  SUBACK, PINGREQ -> PINGRESP, the device's PUBACK ignored), TCP_NODELAY on the device sockets. No JWT check, no
+  validation beyond what keeps it working, Twisted's own ``transport.write``. Its K devices (ids and tokens of its
+  own, made as provision_devices makes them) are connected by the same fleet as nanoiot's. Variants: ``floor+jwt``
+  verifies the Bearer token with PyJWT as nanoiot does (HS512, its claims and key; the signature once per token,
+  then a dict lookup and the expiry, as nanoiot's TokenIssuer caches it); ``floor+flush`` listens through
+  nanoiot.transports.tcp.listen_tcp (a turn's writes to a socket in one ``send``, no ``epoll_ctl`` per write, as
+  nanoiot does); ``floor+flush+jwt`` both.
 - **nanoiot**: ``twistd -n nanoiot`` (SQLite, ``--demo``; bench.common.Server), K devices provisioned in bulk and
   connected with ``nanoiot-sim --answer echo`` (bench.common.start_fleet; QoS 1 both ways): every request is a
   two-way RPC through the JSON router, JWT, active-user check, command service, device actor, MQTT and the answer.
@@ -24,7 +38,9 @@ kernel's loopback work done in ``send``): every target runs at once and the wind
 target, round after round (``--rounds``), so that a busy spell falls on all of them. Server CPU = utime + stime of
 the server process (/proc/PID/stat) over a window, divided by the requests wrk completed in it; the simulator's CPU
 is reported apart and not counted. Per run each target's median window is kept; the table shows the median of the
-runs (min–max), and the ratio nanoiot/bare is taken per run.
+runs (min–max), and the ratio nanoiot/bare is taken per run (``summary.ratio``; each target's ``ratio`` is to
+bare; ``summary.ratios`` has the floors against bare and nanoiot against the floors, per run; ``summary.paired`` the
+same window by window).
 """
 
 from __future__ import annotations
@@ -84,10 +100,216 @@ def bare_server(port: int) -> None:
     reactor.run()
 
 
-class Bare:
-    def __init__(self) -> None:
+# --- the floor: a bare twisted.web site that does the contract's MQTT round trip (a subprocess of this file) -----
+
+REQUEST_TOPIC = b"v1/devices/me/rpc/request/"
+RESPONSE_TOPIC = b"v1/devices/me/rpc/response/"
+#: The claims nanoiot's TokenIssuer verifies (nanoiot/web/tokens.py): floor+jwt checks a token the same way.
+JWT_ALGORITHM, JWT_ISSUER = "HS512", "nanoiot.io"
+BENCH_JWT_KEY = "bench-key-" + "x" * 60  # bench.common.Server's --jwt-key
+
+
+def _remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        if not n:
+            out.append(byte)
+            return bytes(out)
+        out.append(byte | 0x80)
+
+
+def floor_server(variant: str, http_port: int, mqtt_port: int, devices_file: str) -> None:
+    """The least any server can do for the benchmark's request: take the device id from the URL, PUBLISH the
+    command (MQTT 3.1.1, QoS 1) to that device's connection, answer the HTTP request with the device's answer.
+
+    Nothing else: no validation beyond what keeps it working, no persistence, no timeouts, no queue, no actor, no
+    JWT check. ``variant`` "floor" plus any of "+jwt": the Bearer token verified with PyJWT as nanoiot's
+    TokenIssuer does (the signature once per token, then a dict lookup and the expiry); "+flush": both ports
+    listen through nanoiot.transports.tcp.listen_tcp (one TurnFlusher), so a turn's writes to a socket go out in
+    one ``send`` without the poller, as in nanoiot; without it, Twisted's own transport.write (buffer, then
+    ``epoll_ctl`` + ``send`` + ``epoll_ctl`` on the next poll), as the bare target. MQTT sockets are TCP_NODELAY
+    (as nanoiot's: else a command waits for the device's delayed ACK)."""
+    from twisted.internet import epollreactor
+
+    epollreactor.install()
+    from twisted.internet import reactor
+
+    device_of_token = {}
+    for line in Path(devices_file).read_text().splitlines():
+        if line.strip():
+            device_id, token = line.split()
+            device_of_token[token.encode()] = device_id.encode()
+    site, mqtt = floor_site(variant, device_of_token)
+    if "+flush" in variant:
+        from nanoiot.transports.tcp import TurnFlusher, listen_tcp
+
+        flusher = TurnFlusher(reactor)
+        listen_tcp(reactor, mqtt_port, mqtt, 1024, "127.0.0.1", flusher=flusher)
+        listen_tcp(reactor, http_port, site, 50, "127.0.0.1", flusher=flusher)
+    else:
+        reactor.listenTCP(mqtt_port, mqtt, interface="127.0.0.1", backlog=1024)
+        reactor.listenTCP(http_port, site, interface="127.0.0.1")
+    reactor.run()
+
+
+def floor_site(variant: str, device_of_token: dict[bytes, bytes]) -> tuple[Any, Any]:
+    """The floor's twisted.web Site and MQTT factory (see floor_server); ``device_of_token``: access token -> device
+    id, as bytes."""
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.web.resource import Resource
+    from twisted.web.server import NOT_DONE_YET, Site
+
+    jwt_key = BENCH_JWT_KEY if "+jwt" in variant else None
+    connections: dict[bytes, Any] = {}  # device id (bytes, as in the URL) -> its connection
+
+    class Device(Protocol):
+        def __init__(self) -> None:
+            self.buffer = b""
+            self.device_id = b""
+            self.next_id = 0
+            self.waiting: dict[bytes, Any] = {}  # request number (topic suffix) -> the HTTP request
+
+        def connectionMade(self) -> None:
+            self.transport.setTcpNoDelay(True)
+
+        def command(self, payload: bytes, request: Any) -> None:
+            self.next_id += 1
+            number = b"%d" % self.next_id
+            topic = REQUEST_TOPIC + number
+            body = len(topic).to_bytes(2, "big") + topic + ((self.next_id - 1) % 65535 + 1).to_bytes(2, "big")
+            self.waiting[number] = request
+            self.transport.write(b"\x32" + _remaining_length(len(body) + len(payload)) + body + payload)
+
+        def dataReceived(self, data: bytes) -> None:
+            buffer = self.buffer + data if self.buffer else data
+            end, at = len(buffer), 0
+            while end - at >= 2:
+                length, shift, i = 0, 0, at + 1
+                while i < end:
+                    byte = buffer[i]
+                    i += 1
+                    length |= (byte & 0x7F) << shift
+                    shift += 7
+                    if not byte & 0x80:
+                        break
+                else:
+                    break
+                if i + length > end:
+                    break
+                self.packet(buffer[at], buffer[i:i + length])
+                at = i + length
+            self.buffer = buffer[at:]
+
+        def packet(self, first: int, body: bytes) -> None:
+            kind = first >> 4
+            if kind == 3:  # PUBLISH: the device's answer
+                size = int.from_bytes(body[:2], "big")
+                topic = body[2:2 + size]
+                at = 2 + size
+                if first & 0x06:  # QoS 1: PUBACK it
+                    self.transport.write(b"\x40\x02" + body[at:at + 2])
+                    at += 2
+                request = self.waiting.pop(topic[len(RESPONSE_TOPIC):], None) \
+                    if topic.startswith(RESPONSE_TOPIC) else None
+                if request is not None:
+                    payload = body[at:]
+                    request.setHeader(b"content-type", b"application/json")
+                    request.setHeader(b"content-length", b"%d" % len(payload))
+                    request.write(payload)
+                    try:
+                        request.finish()
+                    except RuntimeError:  # wrk closed that connection at the end of its run
+                        pass
+            elif kind == 4:  # PUBACK of a command: nothing to do
+                pass
+            elif kind == 1:  # CONNECT (3.1.1): the user name is the device's access token
+                at = 12 + int.from_bytes(body[10:12], "big")  # after "MQTT", level, flags, keep-alive, client id
+                flags = body[7]
+                if flags & 0x04:  # a will: topic and message
+                    at += 2 + int.from_bytes(body[at:at + 2], "big")
+                    at += 2 + int.from_bytes(body[at:at + 2], "big")
+                token = body[at + 2:at + 2 + int.from_bytes(body[at:at + 2], "big")] if flags & 0x80 else b""
+                self.device_id = device_of_token.get(token, b"")
+                if not self.device_id:
+                    self.transport.write(b"\x20\x02\x00\x05")  # not authorized
+                    self.transport.loseConnection()
+                    return
+                connections[self.device_id] = self
+                self.transport.write(b"\x20\x02\x00\x00")
+            elif kind == 8:  # SUBSCRIBE: grant QoS 1 to every filter
+                at, granted = 2, b""
+                while at < len(body):
+                    at += 3 + int.from_bytes(body[at:at + 2], "big")
+                    granted += b"\x01"
+                self.transport.write(b"\x90" + _remaining_length(2 + len(granted)) + body[:2] + granted)
+            elif kind == 12:  # PINGREQ
+                self.transport.write(b"\xd0\x00")
+            elif kind == 14:  # DISCONNECT
+                self.transport.loseConnection()
+
+        def connectionLost(self, reason: Any = None) -> None:
+            if connections.get(self.device_id) is self:
+                del connections[self.device_id]
+
+    verified: dict[bytes, int] = {}  # floor+jwt: a token verified once, then only its expiry checked (as nanoiot)
+    if jwt_key is not None:
+        import jwt
+
+    def refused(request: Any, status: int, message: bytes) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        return b'{"message":"%s"}' % message
+
+    class TwoWay(Resource):
+        isLeaf = True
+
+        def render_POST(self, request: Any) -> Any:
+            if jwt_key is not None:
+                header = request.getHeader(b"x-authorization") or b""
+                token = header[7:] if header.startswith(b"Bearer ") else b""
+                expires = verified.get(token)
+                if expires is None:
+                    try:
+                        claims = jwt.decode(token, jwt_key, algorithms=[JWT_ALGORITHM], issuer=JWT_ISSUER,
+                                            options={"require": ["exp", "iat", "sub"], "verify_exp": False,
+                                                     "verify_iat": False})
+                    except jwt.PyJWTError:
+                        return refused(request, 401, b"Invalid JWT token")
+                    expires = verified[token] = int(claims["exp"])
+                if expires <= time.time():
+                    return refused(request, 401, b"Token has expired")
+            body = json.loads(request.content.read())
+            device = connections.get(request.path.rpartition(b"/")[2])
+            if device is None:
+                return refused(request, 504, b"Device is offline")
+            device.command(json.dumps({"method": body["method"], "params": body["params"]},
+                                      separators=(",", ":")).encode(), request)
+            return NOT_DONE_YET
+
+    class QuietSite(Site):
+        noisy = False
+
+        def log(self, request: Any) -> None:
+            pass
+
+    mqtt = Factory.forProtocol(Device)
+    mqtt.noisy = False
+    return QuietSite(TwoWay(), parsePOSTFormSubmission=False), mqtt
+
+
+class Subprocess:
+    """A reference server run from this file (``--bare-server`` or ``--floor-server``), up once its HTTP port is."""
+
+    def __init__(self, what: str, *extra: str) -> None:
+        self.what = what
         self.port = free_port()
-        self.process = subprocess.Popen([sys.executable, __file__, "--bare-server", str(self.port)])
+        if extra:
+            self.mqtt_port = free_port()
+            argv = ["--floor-server", what, str(self.port), str(self.mqtt_port), *extra]
+        else:
+            argv = ["--bare-server", str(self.port)]
+        self.process = subprocess.Popen([sys.executable, __file__, *argv])
         deadline = time.monotonic() + 20
         import socket
         while time.monotonic() < deadline:
@@ -96,7 +318,7 @@ class Bare:
                 return
             except OSError:
                 time.sleep(0.1)
-        raise RuntimeError("the bare twisted.web server did not start")
+        raise RuntimeError(f"the {what} twisted.web server did not start")
 
     @property
     def pid(self) -> int:
@@ -174,18 +396,71 @@ def start_nanoiot(work: Path, args: argparse.Namespace, tree: Path | None,
     return server, sim, env
 
 
+def bench_jwt() -> str:
+    """An access token shaped as nanoiot's (claims of TokenIssuer.issue, HS512, the benchmark server's key), valid
+    for floor+jwt: the floor targets get a header of the same size as nanoiot's."""
+    import jwt
+
+    now = time.time()
+    claims = {"sub": "tenant@nanoiot.io", "userId": str(uuid.uuid4()), "scopes": ["TENANT_ADMIN"],
+              "sessionId": str(uuid.uuid4()), "firstName": None, "lastName": None, "enabled": True,
+              "isPublic": False, "tenantId": str(uuid.uuid4()), "customerId": "13814000-1dd2-11b2-8080-808080808080",
+              "iss": JWT_ISSUER, "iat": int(now), "iatMs": int(now * 1000), "exp": int(now) + 9000}
+    return jwt.encode(claims, BENCH_JWT_KEY, algorithm=JWT_ALGORITHM)
+
+
+def start_floor(work: Path, args: argparse.Namespace, what: str) -> tuple[Subprocess, Any, dict[str, str]]:
+    """A floor server (floor_server's variants) with K devices of its own, ids and tokens made as
+    provision_devices makes them, connected by the same fleet as nanoiot's (bench.common.start_fleet)."""
+    sub = work / what.replace("+", "-")
+    sub.mkdir(exist_ok=True)
+    devices = [(str(uuid.uuid4()), f"bench-{i}-{uuid.uuid4().hex[:8]}") for i in range(args.devices)]
+    (sub / "devices.txt").write_text("".join(f"{device_id} {token}\n" for device_id, token in devices))
+    (sub / "tokens.txt").write_text("".join(f"{token}\n" for _, token in devices))
+    (sub / "ids.txt").write_text("".join(f"{device_id}\n" for device_id, _ in devices))
+    server = Subprocess(what, str(sub / "devices.txt"))
+    try:
+        sim, _ = start_fleet(server.mqtt_port, sub / "tokens.txt", sub / f"sim-{time.monotonic_ns()}.jsonl", "echo")
+    except Exception:
+        server.stop()
+        raise
+    env = dict(os.environ, RPC_JWT=bench_jwt(), RPC_IDS=str(sub / "ids.txt"), RPC_KIND="twoway")
+    return server, sim, env
+
+
+FLOORS = ("floor", "floor+jwt", "floor+flush", "floor+flush+jwt")
+
+
+def floors(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in FLOORS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown floor target(s) {', '.join(unknown)}: one of {', '.join(FLOORS)}")
+    return names
+
+
+def targets_of(args: argparse.Namespace) -> list[str]:
+    return (["bare"] + args.floors + ["nanoiot"] + (["baseline"] if args.baseline or args.baseline_args else []))
+
+
 def one_run(index: int, args: argparse.Namespace, work: Path, lua: Path) -> list[dict[str, Any]]:
     """Every target up at once; ``--rounds`` rounds of one window each, in rotating order, so that the load the
     shared machine carries meanwhile falls on every target alike. One row per target: its median window."""
-    targets = ["bare", "nanoiot"] + (["baseline"] if args.baseline or args.baseline_args else [])
+    targets = targets_of(args)
     started: dict[str, tuple[str, int, int | None, dict[str, str]]] = {}
     stops: list[Any] = []
     windows: dict[str, list[dict[str, Any]]] = {what: [] for what in targets}
     try:
         for what in targets:
             tree = None
+            if what.startswith("floor"):
+                floor, sim, env = start_floor(work, args, what)
+                stops.append(floor.stop)
+                stops.append(lambda sim=sim: (sim.terminate(), sim.wait(30)))
+                started[what] = (floor.url, floor.pid, sim.pid, env)
+                continue
             if what == "bare":
-                bare = Bare()
+                bare = Subprocess("bare")
                 stops.append(bare.stop)
                 (work / "bare-ids.txt").write_text("\n".join(str(uuid.uuid4()) for _ in range(args.devices)) + "\n")
                 env = dict(os.environ, RPC_JWT="x" * 200, RPC_IDS=str(work / "bare-ids.txt"), RPC_KIND="twoway")
@@ -230,11 +505,17 @@ def one_run(index: int, args: argparse.Namespace, work: Path, lua: Path) -> list
         row["windows_us_per_op"] = [r["server_us_per_op"] for r in windows[what]]
         row["run"] = index
         rows.append(row)
-        print(f"run {index} {what:8}: {row['rps']:>8,.0f} req/s  p50 {row['p50_ms']} p99 {row['p99_ms']} ms  "
+        print(f"run {index} {what:15}: {row['rps']:>8,.0f} req/s  p50 {row['p50_ms']} p99 {row['p99_ms']} ms  "
               f"server {row['server_us_per_op']} µs/op ({row['server_core']:.0%} core; windows "
               f"{', '.join(f'{v:.0f}' for v in row['windows_us_per_op'])})  errors {row['errors']}"
               + (f"  sim {row['sim_us_per_op']} µs/op" if row["sim_us_per_op"] is not None else ""), flush=True)
     return rows
+
+
+#: The ratios the summary gives (per run, and window by window), when both targets ran.
+PAIRS = (("nanoiot", "bare"), ("baseline", "bare"), ("nanoiot", "baseline"),
+         *((floor, "bare") for floor in FLOORS), ("floor+jwt", "floor"), ("floor+flush", "floor"),
+         ("floor+flush+jwt", "floor+flush"), *(("nanoiot", floor) for floor in FLOORS), ("baseline", "floor"))
 
 
 def med(values: list[float]) -> dict[str, float]:
@@ -244,6 +525,10 @@ def med(values: list[float]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--floor-server", nargs=4, help=argparse.SUPPRESS)  # VARIANT HTTP MQTT DEVICES
+    parser.add_argument("--floors", default="floor", type=floors,
+                        help="the floor targets, comma-separated, from floor, floor+jwt, floor+flush, "
+                             "floor+flush+jwt (default: floor; '' for none): see floor_server")
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--connections", "-c", type=int, default=64)
     parser.add_argument("--duration", type=float, default=5.0, help="one measured window, s")
@@ -264,6 +549,10 @@ def main() -> None:
     if args.bare_server:
         bare_server(args.bare_server)
         return
+    if args.floor_server:
+        variant, http_port, mqtt_port, devices = args.floor_server
+        floor_server(variant, int(http_port), int(mqtt_port), devices)
+        return
     if not WRK:
         parser.error("wrk is not installed (apt-get install -y wrk)")
     if args.short:
@@ -281,7 +570,7 @@ def main() -> None:
     by_run: dict[int, dict[str, dict[str, Any]]] = {}
     for row in rows:
         by_run.setdefault(row["run"], {})[row["what"]] = row
-    targets = ["bare", "nanoiot"] + (["baseline"] if args.baseline or args.baseline_args else [])
+    targets = targets_of(args)
     summary: dict[str, Any] = {what: {key: med([r[key] for r in rows if r["what"] == what])
                                       for key in ("server_us_per_op", "rps", "p50_ms", "p99_ms", "server_core")}
                                for what in targets}
@@ -293,13 +582,16 @@ def main() -> None:
     # Window by window (the targets' windows of one round are neighbours in time): the steadiest comparison.
     windows = {what: [w for r in rows if r["what"] == what for w in r["windows_us_per_op"]] for what in targets}
     summary["paired"] = {f"{a}/{b}": med([x / y for x, y in zip(windows[a], windows[b])])
-                         for a, b in (("nanoiot", "bare"), ("baseline", "bare"), ("nanoiot", "baseline"))
-                         if a in windows and b in windows}
+                         for a, b in PAIRS if a in windows and b in windows}
+    # Per run, as summary[what]["ratio"] is to bare: the floors against bare, nanoiot against the floors.
+    summary["ratios"] = {f"{a}/{b}": med([r[a]["server_us_per_op"] / r[b]["server_us_per_op"]
+                                          for r in by_run.values()])
+                         for a, b in PAIRS if a in targets and b in targets}
     print(f"\nmedian of {args.runs} run(s), C={args.connections}, {args.devices} devices, {args.duration:g} s windows")
-    print(f"{'':10}{'server µs/op':>22}{'req/s':>22}{'p50 ms':>20}{'p99 ms':>20}")
+    print(f"{'':16}{'server µs/op':>22}{'req/s':>22}{'p50 ms':>20}{'p99 ms':>20}")
     for what in targets:
         s = summary[what]
-        print(f"{what:10}" + "".join(f"{s[k]['median']:>10,.1f} ({s[k]['min']:,.0f}–{s[k]['max']:,.0f})".rjust(22)
+        print(f"{what:16}" + "".join(f"{s[k]['median']:>10,.1f} ({s[k]['min']:,.0f}–{s[k]['max']:,.0f})".rjust(22)
                                      for k in ("server_us_per_op", "rps")) +
               "".join(f"{s[k]['median']:>8.2f} ({s[k]['min']:.1f}–{s[k]['max']:.1f})".rjust(20)
                       for k in ("p50_ms", "p99_ms")))
@@ -309,6 +601,9 @@ def main() -> None:
     if "baseline" in targets:
         b = summary["baseline"]["ratio"]
         print(f"ratio baseline/bare: {b['median']:.2f} ({b['min']:.2f}–{b['max']:.2f})")
+    for pair, value in summary["ratios"].items():
+        if "floor" in pair:
+            print(f"ratio {pair}: {value['median']:.2f} ({value['min']:.2f}–{value['max']:.2f})")
     for pair, value in summary["paired"].items():
         print(f"paired windows {pair}: median {value['median']:.3f} ({value['min']:.2f}–{value['max']:.2f})")
     for row in rows:
