@@ -30,20 +30,25 @@ _set = object.__setattr__
 _UNKNOWN = SafeUUID.unknown
 
 
-def uuid4() -> UUID:
+def _random_16() -> int:
+    """16 random bytes of the pool, as an int."""
     global _pool, _offset
     if _offset >= _POOL_BYTES:
         _pool = os.urandom(_POOL_BYTES)
         _offset = 0
     chunk = _pool[_offset:_offset + 16]
     _offset += 16
+    return int.from_bytes(chunk, "big")
+
+
+def uuid4() -> UUID:
     value = _new(UUID)
-    _set(value, "int", (int.from_bytes(chunk, "big") & _CLEAR) | _SET)
+    _set(value, "int", (_random_16() & _CLEAR) | _SET)
     _set(value, "is_safe", _UNKNOWN)
     return value
 
 
-# Version 7 and the RFC 9562 variant over 80 random bits (12 of rand_a, 62 of rand_b kept; 6 bits are the marks).
+# Version 7 and the RFC 9562 variant over the low 80 random bits (12 of rand_a, 62 of rand_b; 6 bits are marks).
 _CLEAR7 = (1 << 80) - 1 & ~((0xF << 76) | (0x3 << 62))
 _SET7 = (7 << 76) | (0x2 << 62)
 
@@ -51,14 +56,8 @@ _SET7 = (7 << 76) | (0x2 << 62)
 def uuid7(now_ns: int | None = None) -> UUID:
     """A time-ordered UUID of ``now_ns`` (``time.time_ns()`` by default): ids made later sort after, a millisecond
     apart or more (within one millisecond their order is random)."""
-    global _pool, _offset
-    if _offset >= _POOL_BYTES:
-        _pool = os.urandom(_POOL_BYTES)
-        _offset = 0
-    chunk = _pool[_offset:_offset + 10]
-    _offset += 16
     ms = (time.time_ns() if now_ns is None else now_ns) // 1_000_000
     value = _new(UUID)
-    _set(value, "int", ((ms & 0xFFFFFFFFFFFF) << 80) | (int.from_bytes(chunk, "big") & _CLEAR7) | _SET7)
+    _set(value, "int", ((ms & 0xFFFFFFFFFFFF) << 80) | (_random_16() & _CLEAR7) | _SET7)
     _set(value, "is_safe", _UNKNOWN)
     return value

@@ -691,15 +691,21 @@ async def test_device_rpcs_reject_an_unknown_sort_property(repository):
         await repository.list_device_rpcs(device_id, link(sort_property="name"), None)
 
 
-@pytest_twisted.ensureDeferred
-async def test_active_rpcs_load_grouped_by_device_in_seq_order(repository):
+async def rpcs_of_two_devices(repository: Any, first: RpcStatus, last: RpcStatus) -> list[RpcRecord]:
+    """Six RPCs of two devices, interleaved, the first and the last in the statuses given, four others between."""
     tenant = await repository.create_tenant("Acme")
     d1 = await new_device(repository, tenant.id, "one")
     d2 = await new_device(repository, tenant.id, "two")
     inserted = []
-    for device_id, status in [(d2.id, RpcStatus.QUEUED), (d1.id, RpcStatus.SENT), (d2.id, RpcStatus.SUCCESSFUL),
-                              (d1.id, RpcStatus.QUEUED), (d2.id, RpcStatus.DELIVERED), (d1.id, RpcStatus.EXPIRED)]:
+    for device_id, status in [(d2.id, first), (d1.id, RpcStatus.SENT), (d2.id, RpcStatus.SUCCESSFUL),
+                              (d1.id, RpcStatus.QUEUED), (d2.id, RpcStatus.DELIVERED), (d1.id, last)]:
         inserted += await repository.insert_rpcs([make_rpc(tenant.id, device_id, status=status)])
+    return inserted
+
+
+@pytest_twisted.ensureDeferred
+async def test_active_rpcs_load_grouped_by_device_in_seq_order(repository):
+    inserted = await rpcs_of_two_devices(repository, RpcStatus.QUEUED, RpcStatus.EXPIRED)
     loaded = await repository.load_active_rpcs([RpcStatus.QUEUED, RpcStatus.SENT, RpcStatus.DELIVERED])
     expected = sorted((r for r in inserted if not r.status.is_terminal), key=lambda r: (r.device_id.hex, r.seq))
     assert loaded == expected
@@ -711,13 +717,7 @@ async def test_active_rpcs_load_grouped_by_device_in_seq_order(repository):
 async def test_every_unfinished_rpc_loads_by_device_through_the_partial_index(repository):
     """At start every command not finished (TIMEOUT too: it may be retried) comes back, each device's in seq order,
     read from ``ix_rpc_active_seq`` alone: no status change moves an entry of any other index (schema 6)."""
-    tenant = await repository.create_tenant("Acme")
-    d1 = await new_device(repository, tenant.id, "one")
-    d2 = await new_device(repository, tenant.id, "two")
-    inserted = []
-    for device_id, status in [(d2.id, RpcStatus.TIMEOUT), (d1.id, RpcStatus.SENT), (d2.id, RpcStatus.SUCCESSFUL),
-                              (d1.id, RpcStatus.QUEUED), (d2.id, RpcStatus.DELIVERED), (d1.id, RpcStatus.FAILED)]:
-        inserted += await repository.insert_rpcs([make_rpc(tenant.id, device_id, status=status)])
+    inserted = await rpcs_of_two_devices(repository, RpcStatus.TIMEOUT, RpcStatus.FAILED)
     await repository.update_rpc_statuses([(inserted[1].id, RpcStatus.SUCCESSFUL, UNCHANGED, None, None)])  # leaves it
     expected = sorted((r for r in inserted if not r.status.is_terminal and r.id != inserted[1].id),
                       key=lambda r: (r.device_id.hex, r.seq))
